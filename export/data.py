@@ -1,0 +1,144 @@
+"""Training data discovery, patient parsing and patient-disjoint splits.
+
+Images of one patient are near-duplicates, so every split here is grouped by patient: an
+image-level split inflates accuracy and is never offered.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from smearscan.preprocess import ImageDecodeError, Recipe, is_image_path, load_and_preprocess
+
+log = logging.getLogger(__name__)
+
+CNMC_PATIENT = re.compile(r"^UID_(H?\d+)_", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: str
+    patient: str
+
+
+def patient_of(path: Path, root: Path) -> str:
+    """C-NMC names carry the patient (``UID_<patient>_...``); otherwise the folder above the
+    label folder is the slide/patient."""
+    match = CNMC_PATIENT.match(path.name)
+    if match:
+        return match.group(1)
+    slide = path.parent.parent
+    try:
+        rel = slide.relative_to(root)
+    except ValueError:
+        rel = slide
+    return str(rel) if str(rel) != "." else path.parent.parent.name or "root"
+
+
+def discover_dataset(root: str | Path) -> list[Sample]:
+    """Every image under ``root``; the folder that directly holds an image is its label."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"training data folder not found: {root}")
+    samples = [
+        Sample(path, path.parent.name, patient_of(path, root))
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and is_image_path(path)
+    ]
+    labels = sorted({s.label for s in samples})
+    if len(labels) < 2:
+        raise ValueError(
+            f"need at least two classes (label folders) under {root}, found {labels or 'none'}"
+        )
+    return samples
+
+
+def patient_labels(samples: list[Sample]) -> dict[str, str]:
+    """Majority label per patient (in C-NMC every patient has one label)."""
+    per_patient: dict[str, Counter] = {}
+    for sample in samples:
+        per_patient.setdefault(sample.patient, Counter())[sample.label] += 1
+    return {p: c.most_common(1)[0][0] for p, c in per_patient.items()}
+
+
+def grouped_folds(samples: list[Sample], n_folds: int, seed: int) -> list[set[str]]:
+    """Partition patients into ``n_folds`` folds, stratified by the patient's label.
+
+    Patients of each class are shuffled with the seed and dealt round-robin, largest first
+    within a shuffled order, so each fold gets a similar share of each class.
+    """
+    labels = patient_labels(samples)
+    counts = Counter(s.patient for s in samples)
+    rng = np.random.default_rng(seed)
+    folds: list[set[str]] = [set() for _ in range(n_folds)]
+    fold_images = [0] * n_folds
+    for label in sorted(set(labels.values())):
+        patients = sorted(p for p, lab in labels.items() if lab == label)
+        if len(patients) < n_folds:
+            raise ValueError(
+                f"class {label!r} has {len(patients)} patients: too few for {n_folds} "
+                "patient-disjoint folds"
+            )
+        rng.shuffle(patients)
+        # deal patients of this class one per fold, giving each next patient to the fold
+        # with the fewest images of this class so far among those with the fewest patients
+        class_images = [0] * n_folds
+        class_patients = [0] * n_folds
+        for patient in patients:
+            fold = min(
+                range(n_folds),
+                key=lambda k: (class_patients[k], class_images[k], fold_images[k]),
+            )
+            folds[fold].add(patient)
+            class_patients[fold] += 1
+            class_images[fold] += counts[patient]
+            fold_images[fold] += counts[patient]
+    return folds
+
+
+def split_by_patient(
+    samples: list[Sample], n_folds: int = 4, fold: int = 0, seed: int = 0
+) -> tuple[list[Sample], list[Sample]]:
+    """(train, validation) with validation = patients of fold ``fold``; never shares a patient."""
+    if not 0 <= fold < n_folds:
+        raise ValueError(f"fold must be in [0, {n_folds})")
+    val_patients = grouped_folds(samples, n_folds, seed)[fold]
+    train = [s for s in samples if s.patient not in val_patients]
+    val = [s for s in samples if s.patient in val_patients]
+    return train, val
+
+
+def load_arrays(
+    samples: list[Sample], recipe: Recipe, workers: int = 2
+) -> tuple[np.ndarray, list[int]]:
+    """Preprocess samples into a uint8 array (N, S, S, 3); returns it and the kept indices.
+
+    Unreadable images are skipped and counted in the log rather than stopping training.
+    """
+
+    def one(sample: Sample) -> np.ndarray | None:
+        try:
+            image = load_and_preprocess(sample.path, recipe)
+        except ImageDecodeError as exc:
+            log.warning("skipping %s: %s", sample.path, exc)
+            return None
+        return np.round(image * 255.0).astype(np.uint8)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(one, samples))
+    kept = [i for i, r in enumerate(results) if r is not None]
+    skipped = len(samples) - len(kept)
+    if skipped:
+        log.warning("skipped %d unreadable image(s) of %d", skipped, len(samples))
+    size = recipe.input_size
+    if not kept:
+        return np.zeros((0, size, size, 3), np.uint8), kept
+    return np.stack([results[i] for i in kept]), kept

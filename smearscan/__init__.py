@@ -1,0 +1,38 @@
+"""smearscan: batch screening of white-cell crops for acute lymphoblastic leukemia.
+
+The public API is small and imported lazily, so ``smearscan --help`` stays fast::
+
+    from smearscan import load_classifier, scan_paths, ScanOptions
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Recipe": "smearscan.preprocess",
+    "preprocess": "smearscan.preprocess",
+    "read_image": "smearscan.preprocess",
+    "load_and_preprocess": "smearscan.preprocess",
+    "ImageDecodeError": "smearscan.preprocess",
+    "load_classifier": "smearscan.inference",
+    "Classifier": "smearscan.inference",
+    "DeviceError": "smearscan.inference",
+    "ModelInfo": "smearscan.modelfile",
+    "ModelFileError": "smearscan.modelfile",
+    "default_model_path": "smearscan.modelfile",
+    "ScanOptions": "smearscan.scan",
+    "ScanResult": "smearscan.scan",
+    "scan_paths": "smearscan.scan",
+    "classification_metrics": "smearscan.metrics",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'smearscan' has no attribute {name!r}")

@@ -1,0 +1,3 @@
+from smearscan.cli import main
+
+main()

@@ -1,0 +1,287 @@
+"""Command line: a thin click layer over the smearscan library.
+
+Heavy modules (numpy, OpenCV, onnxruntime) are imported inside commands so that
+``smearscan --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import click
+
+from smearscan import __version__
+from smearscan.exitstatus import ExitStatus
+
+log = logging.getLogger("smearscan")
+
+
+@dataclass
+class Environment:
+    """The process surroundings, injectable for tests (after httpie)."""
+
+    stdin: TextIO = field(default_factory=lambda: sys.stdin)
+    stderr: TextIO = field(default_factory=lambda: sys.stderr)
+    stderr_isatty: bool = field(default_factory=lambda: sys.stderr.isatty())
+
+
+def _setup_logging(env: Environment, quiet: bool, log_file: Path | None) -> None:
+    root = logging.getLogger("smearscan")
+    root.handlers.clear()
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    handler = logging.StreamHandler(env.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.ERROR if quiet else logging.INFO)
+    root.addHandler(handler)
+    if log_file:
+        file_handler = logging.FileHandler(log_file, encoding="utf-8")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        root.addHandler(file_handler)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="smearscan")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Screen white-cell crops for acute lymphoblastic leukemia (a screening aid, not a
+    diagnosis)."""
+    ctx.ensure_object(Environment)
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--out", "-o", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="Per-image report (CSV or JSONL). The summary JSON and HTML go beside it.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv",
+              show_default=True)
+@click.option("--summary", type=click.Path(path_type=Path, dir_okay=False),
+              help="Summary JSON [default: <out>.summary.json].")
+@click.option("--html", type=click.Path(path_type=Path, dir_okay=False),
+              help="HTML report [default: <out>.html].")
+@click.option("--no-html", is_flag=True, help="Skip the HTML report.")
+@click.option("--files-from", type=click.File("r", encoding="utf-8"),
+              help="Read file paths, one per line, from FILE ('-' for stdin).")
+@click.option("--glob", "pattern", help="Only files whose name or relative path matches.")
+@click.option("--recursive/--no-recursive", default=True, show_default=True)
+@click.option("--slide-depth", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Slide = first N folder levels under the root (0 = the crop's folder).")
+@click.option("--model", "-m", type=click.Path(path_type=Path, dir_okay=False),
+              envvar="SMEARSCAN_MODEL", help="ONNX model [default: the embedded model].")
+@click.option("--device", default="auto", envvar="SMEARSCAN_DEVICE", show_default=True,
+              help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, envvar="SMEARSCAN_WORKERS",
+              help="Decode threads (0 = one per core).")
+@click.option("--threads", type=click.IntRange(min=0), default=0, envvar="SMEARSCAN_THREADS",
+              help="onnxruntime intra-op threads (0 = its default).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32,
+              envvar="SMEARSCAN_BATCH_SIZE", show_default=True)
+@click.option("--threshold", type=click.FloatRange(0, 1),
+              help="P(positive class) cut-off [default: the model's operating point].")
+@click.option("--slide-threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Fraction of positive cells that flags a slide.")
+@click.option("--tta", is_flag=True, help="Average flips and 90° rotations (8x slower).")
+@click.option("--max-pixels", type=click.IntRange(min=64), envvar="SMEARSCAN_MAX_PIXELS",
+              help="Refuse images larger than this many pixels.")
+@click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False),
+              envvar="SMEARSCAN_LOG_FILE")
+@click.option("--log-interval", type=float, default=30.0, show_default=True,
+              help="Seconds between progress lines when stderr is not a terminal.")
+@click.option("-q", "--quiet", is_flag=True, help="Errors and the final line only.")
+@click.pass_obj
+def scan(env: Environment, inputs, out, fmt, summary, html, no_html, files_from, pattern,
+         recursive, slide_depth, model, device, workers, threads, batch_size, threshold,
+         slide_threshold, tta, max_pixels, log_file, log_interval, quiet) -> None:  # fmt: skip
+    """Classify every image under INPUTS (folders and/or files) and write reports."""
+    if not inputs and files_from is None:
+        raise click.UsageError("give at least one folder or file, or --files-from")
+    for item in inputs:
+        if not item.exists():
+            raise click.BadParameter(f"{item} does not exist", param_hint="INPUTS")
+    _setup_logging(env, quiet, log_file)
+
+    from smearscan.discover import read_file_list
+    from smearscan.inference import DeviceError, load_classifier
+    from smearscan.modelfile import ModelFileError
+    from smearscan.preprocess import DEFAULT_MAX_PIXELS
+    from smearscan.runner import ScanRequest, run_scan
+    from smearscan.scan import ScanOptions
+
+    options = ScanOptions(batch_size=batch_size, workers=workers, threshold=threshold, tta=tta,
+                          max_pixels=max_pixels or DEFAULT_MAX_PIXELS)  # fmt: skip
+    request = ScanRequest(
+        inputs=list(inputs),
+        files=list(read_file_list(files_from)) if files_from is not None else None,
+        out=out, fmt=fmt, summary=summary, html=Path("") if no_html else html,
+        recursive=recursive, pattern=pattern, slide_depth=slide_depth,
+        slide_threshold=slide_threshold, options=options,
+    )  # fmt: skip
+    try:
+        classifier = load_classifier(model, device=device, threads=threads)
+    except (ModelFileError, DeviceError) as exc:
+        log.error("%s", exc)
+        _final_line(env, "failed", 0, 0, 0, 0.0, ExitStatus.ERROR)
+        sys.exit(ExitStatus.ERROR)
+    if classifier.device_note:
+        log.warning("%s", classifier.device_note)
+    log.info("model %s (%s), execution provider %s", classifier.info.name,
+             classifier.info.sha256[:12], classifier.provider)  # fmt: skip
+
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum, _frame) -> None:
+        received.append(signum)
+        stop.set()
+        log.warning("signal %d: finishing the batch in flight, then writing a partial report",
+                    signum)  # fmt: skip
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def stop_status() -> ExitStatus:
+        if received and received[0] == signal.SIGTERM:
+            return ExitStatus.INTERRUPTED_TERM
+        return ExitStatus.INTERRUPTED_INT
+
+    progress = _Progress(env, quiet, log_interval, request)
+    try:
+        with progress:
+            outcome = run_scan(request, classifier, stop=stop, stop_status=stop_status,
+                               on_result=progress.advance)  # fmt: skip
+    except OSError as exc:
+        log.error("cannot write reports: %s", exc)
+        sys.exit(ExitStatus.ERROR)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    _final_line(env, "partial" if stop.is_set() else "done", outcome.files, outcome.ok,
+                outcome.errors, outcome.seconds, outcome.status)  # fmt: skip
+    sys.exit(outcome.status)
+
+
+def _final_line(env: Environment, state: str, files: int, ok: int, errors: int, seconds: float,
+                status: ExitStatus) -> None:  # fmt: skip
+    """One line for cron mail, printed even with --quiet."""
+    rate = files / seconds if seconds > 0 else 0.0
+    print(
+        f"smearscan {state}: {files} files, {ok} ok, {errors} errors in {seconds:.1f} s "
+        f"({rate:.1f} files/s); exit {int(status)} ({status.name.lower()})",
+        file=env.stderr,
+    )
+
+
+class _Progress:
+    """Rich progress bar on a terminal; plain periodic log lines otherwise (cron)."""
+
+    def __init__(self, env: Environment, quiet: bool, interval: float, request) -> None:
+        self.env, self.quiet, self.interval, self.request = env, quiet, interval, request
+        self.done = self.errors = 0
+        self.started = self.last = time.time()
+        self.bar = None
+
+    def __enter__(self) -> _Progress:
+        if self.quiet or not self.env.stderr_isatty:
+            return self
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("scanning"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+            TextColumn("{task.fields[rate]:.0f} files/s"), TimeRemainingColumn(),
+            console=Console(file=self.env.stderr), transient=False,
+        )  # fmt: skip
+        self.bar.start()
+        self.task = self.bar.add_task("scan", total=None, rate=0.0)
+        # count in the background so the bar gets a total (and an ETA) without delaying
+        # the first results
+        threading.Thread(target=self._count, daemon=True).start()
+        return self
+
+    def _count(self) -> None:
+        total = sum(1 for _ in self.request.found())
+        if self.bar is not None:
+            self.bar.update(self.task, total=total)
+
+    def advance(self, result) -> None:
+        self.done += 1
+        self.errors += 0 if result.ok else 1
+        now = time.time()
+        rate = self.done / max(now - self.started, 1e-9)
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, rate=rate)
+        elif not self.quiet and now - self.last >= self.interval:
+            self.last = now
+            log.info("progress: %d files (%d errors), %.1f files/s", self.done, self.errors, rate)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+@cli.group()
+def model() -> None:
+    """Inspect model files."""
+
+
+@model.command("info")
+@click.option("--model", "-m", type=click.Path(path_type=Path, dir_okay=False),
+              envvar="SMEARSCAN_MODEL", help="ONNX model [default: the embedded model].")
+@click.option("--json", "as_json", is_flag=True, help="Print all metadata as JSON.")
+@click.pass_obj
+def model_info(env: Environment, model, as_json) -> None:
+    """Print a model's self-description (labels, preprocessing, training data, metrics)."""
+    from smearscan.inference import load_classifier
+    from smearscan.modelfile import ModelFileError
+
+    try:
+        classifier = load_classifier(model, device="cpu")
+    except ModelFileError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(ExitStatus.ERROR)
+    info = classifier.info
+    metadata = {}
+    for key, value in sorted(info.metadata.items()):
+        try:
+            metadata[key] = json.loads(value)
+        except ValueError:
+            metadata[key] = value
+    if as_json:
+        click.echo(json.dumps({"path": str(info.path), "sha256": info.sha256,
+                               "metadata": metadata}, indent=2))  # fmt: skip
+        return
+    click.echo(f"model:        {info.path}")
+    click.echo(f"sha256:       {info.sha256}")
+    click.echo(f"labels:       {', '.join(info.labels)} (positive: {info.positive_class})")
+    click.echo(f"input:        {info.recipe.input_size}x{info.recipe.input_size} RGB")
+    click.echo(f"preprocess:   {info.recipe.to_json()}")
+    for key in sorted(metadata):
+        if key.startswith("smearscan.") and key not in ("smearscan.labels",
+                                                        "smearscan.preprocessing"):  # fmt: skip
+            value = metadata[key]
+            text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+            click.echo(f"{key.removeprefix('smearscan.') + ':':<14}{text}")
+
+
+def main(argv: list[str] | None = None, env: Environment | None = None) -> None:
+    """Console entry point."""
+    cli.main(args=argv, prog_name="smearscan", obj=env or Environment())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Lazy, deterministic discovery of image files under one or more roots.
+
+Walks with ``os.scandir`` (names sorted per folder) and yields as it goes, so the first
+results appear before a large share is fully listed. Symbolic links are followed only
+while they stay inside the scanned root, and each real folder is visited once (no loops).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from smearscan.preprocess import is_image_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Found:
+    """A discovered file: its path on disk, its path in reports and its slide."""
+
+    path: Path
+    rel: str
+    slide: str
+    problem: str = ""  # non-empty: report this file as an error without reading it
+
+
+def _inside(real: str, root_real: str) -> bool:
+    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
+
+
+def _slide_of(rel_parent: str, root_label: str, depth: int, prefix: str = "") -> str:
+    """The folder holding a crop, relative to the root (first ``depth`` levels if > 0)."""
+    if rel_parent in ("", "."):
+        return root_label
+    parts = rel_parent.split("/")
+    return prefix + ("/".join(parts[:depth]) if depth > 0 else rel_parent)
+
+
+def walk_root(
+    root: Path,
+    *,
+    prefix: str = "",
+    recursive: bool = True,
+    pattern: str | None = None,
+    slide_depth: int = 0,
+) -> Iterator[Found]:
+    """Image files under ``root`` in sorted depth-first order."""
+    root_real = os.path.realpath(root)
+    root_label = prefix.rstrip("/") or Path(root_real).name or "."
+    visited: set[tuple[int, int]] = set()
+
+    def matches(rel: str) -> bool:
+        return pattern is None or fnmatch.fnmatch(rel, pattern) or fnmatch.fnmatch(
+            rel.rsplit("/", 1)[-1], pattern
+        )
+
+    def walk(directory: str, rel_dir: str) -> Iterator[Found]:
+        try:
+            stat = os.stat(directory)
+        except OSError as exc:
+            log.warning("cannot open folder %s: %s", directory, exc.strerror)
+            return
+        key = (stat.st_dev, stat.st_ino)
+        if key in visited:
+            return
+        visited.add(key)
+        try:
+            with os.scandir(directory) as entries:
+                listed = sorted(entries, key=lambda e: e.name)
+        except OSError as exc:
+            log.warning("cannot list folder %s: %s", directory, exc.strerror)
+            return
+        subdirs = []
+        for entry in listed:
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            shown = f"{prefix}{rel}"
+            try:
+                is_link = entry.is_symlink()
+                is_dir = entry.is_dir()  # follows links
+            except OSError:
+                continue
+            if is_link:
+                real = os.path.realpath(entry.path)
+                if not _inside(real, root_real):
+                    if is_image_path(entry.name) and matches(rel):
+                        yield Found(
+                            Path(entry.path),
+                            shown,
+                            _slide_of(rel_dir, root_label, slide_depth, prefix),
+                            "symbolic link points outside the scanned folder; not followed",
+                        )
+                    else:
+                        log.warning("not following %s: link leaves the scanned folder", shown)
+                    continue
+            if is_dir:
+                if recursive:
+                    subdirs.append((entry.path, rel))
+                continue
+            if not is_image_path(entry.name) or not matches(rel):
+                continue
+            yield Found(
+                Path(entry.path), shown, _slide_of(rel_dir, root_label, slide_depth, prefix)
+            )
+        for path, rel in subdirs:
+            yield from walk(path, rel)
+
+    yield from walk(str(root), "")
+
+
+def discover(
+    inputs: Iterable[str | os.PathLike],
+    *,
+    recursive: bool = True,
+    pattern: str | None = None,
+    slide_depth: int = 0,
+) -> Iterator[Found]:
+    """Files and folders to scan, in the order given. With several folders, report paths are
+    prefixed by each folder's name so they stay unique."""
+    inputs = [Path(p) for p in inputs]
+    folders = [p for p in inputs if p.is_dir()]
+    several = len(folders) > 1
+    for item in inputs:
+        if item.is_dir():
+            prefix = f"{Path(os.path.realpath(item)).name}/" if several else ""
+            yield from walk_root(
+                item, prefix=prefix, recursive=recursive, pattern=pattern, slide_depth=slide_depth
+            )
+        else:
+            yield from explicit_files([item])
+
+
+def explicit_files(paths: Iterable[str | os.PathLike]) -> Iterator[Found]:
+    """Files named one by one (``--files-from``): reported as given, slide = parent folder.
+    Missing files and non-images still get a row, since the user asked for them by name."""
+    for raw in paths:
+        path = Path(raw)
+        parent = path.parent.name or Path(os.path.realpath(path.parent)).name or "."
+        problem = ""
+        if not path.exists() and not path.is_symlink():
+            problem = "file not found"
+        elif path.is_dir():
+            problem = "is a directory"
+        elif not is_image_path(path):
+            problem = f"not an image file type ({path.suffix or 'no extension'})"
+        yield Found(path, str(raw), parent, problem)
+
+
+def read_file_list(stream: Iterable[str]) -> Iterator[str]:
+    """Paths from a ``--files-from`` list: one per line, blank lines and ``#`` comments ignored."""
+    for line in stream:
+        line = line.rstrip("\r\n")
+        if line.strip() and not line.lstrip().startswith("#"):
+            yield line

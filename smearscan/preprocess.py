@@ -1,0 +1,218 @@
+"""Decoding and preprocessing shared by training (export/) and scanning.
+
+Training imports :func:`preprocess` from here and the recipe it used is stored in the ONNX
+metadata, so a scan always applies exactly the transformation the model was trained with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+#: Hard ceiling on decoded pixels (width x height). OpenCV reads this variable once, at first
+#: decode, so it must be set before cv2 is imported. It stops decompression bombs from
+#: exhausting memory; crops are ~0.2 MP, so 64 MP is generous.
+DEFAULT_MAX_PIXELS = 64_000_000
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS))
+
+import cv2  # noqa: E402  (must follow the environment variable above)
+
+IMAGE_SUFFIXES = frozenset({".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"})
+
+RECIPE_VERSION = 1
+CROP_MODES = ("full", "bbox", "window")
+INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}
+
+
+class ImageDecodeError(ValueError):
+    """A file that cannot be turned into an RGB image; the message is shown to the user."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that turns a decoded crop into a model input.
+
+    ``crop`` chooses how the cell is framed before resizing:
+    ``full`` resizes the whole frame; ``bbox`` crops a square around the cell's bounding box
+    (normalises cell size); ``window`` crops a fixed ``window``-pixel square around the cell's
+    centre (keeps cell size, which is a diagnostic cue).
+    """
+
+    input_size: int = 128
+    crop: str = "bbox"
+    margin: float = 0.08
+    window: int = 320
+    background_threshold: int = 12
+    interpolation: str = "area"
+    log_enhance: bool = False
+    log_sigma: float = 1.5
+    log_weight: float = 1.0
+    version: int = RECIPE_VERSION
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.crop not in CROP_MODES:
+            raise ValueError(f"crop must be one of {CROP_MODES}, not {self.crop!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}")
+        if self.version > RECIPE_VERSION:
+            raise ValueError(
+                f"preprocessing recipe version {self.version} is newer than this smearscan "
+                f"understands ({RECIPE_VERSION}); upgrade smearscan"
+            )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Recipe:
+        data = json.loads(text)
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown preprocessing recipe keys: {sorted(unknown)}")
+        return cls(**data)
+
+
+def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read a file and return an RGB uint8 array, or raise :class:`ImageDecodeError`.
+
+    Reads the bytes ourselves (not ``cv2.imread``) so that I/O errors keep their reason and
+    unicode or odd file names work everywhere.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ImageDecodeError("file vanished before it could be read") from None
+    except PermissionError:
+        raise ImageDecodeError("permission denied") from None
+    except IsADirectoryError:
+        raise ImageDecodeError("is a directory") from None
+    except OSError as exc:
+        raise ImageDecodeError(f"read error: {exc.strerror or exc}") from None
+    return decode_image(data, max_pixels=max_pixels)
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode encoded image bytes into RGB uint8, converting depth and channels as needed."""
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    try:
+        image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else "decoder error"
+        if "limit" in message.lower() or "exceeds" in message.lower():
+            raise ImageDecodeError("image too large (pixel limit exceeded)") from None
+        raise ImageDecodeError(f"not a decodable image ({message})") from None
+    if image is None:
+        raise ImageDecodeError("not a decodable image (unknown format, truncated or too large)")
+    height, width = image.shape[:2]
+    if height * width > max_pixels:
+        raise ImageDecodeError(f"image too large ({width}x{height} > {max_pixels} pixels)")
+    if height < 8 or width < 8:
+        raise ImageDecodeError(f"image too small ({width}x{height})")
+    return to_rgb8(image)
+
+
+def to_rgb8(image: np.ndarray) -> np.ndarray:
+    """Convert any decoded OpenCV array (BGR/BGRA/gray, 8/16-bit/float) to RGB uint8."""
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype in (np.float32, np.float64):
+        peak = 1.0 if float(np.nanmax(image)) <= 1.0 else 255.0
+        image = np.clip(np.nan_to_num(image) * (255.0 / peak), 0, 255).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise ImageDecodeError(f"unsupported pixel type {image.dtype}")
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    channels = image.shape[2]
+    if channels == 1:
+        return cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2RGB)
+    if channels == 3:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if channels == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    raise ImageDecodeError(f"unsupported channel count {channels}")
+
+
+def cell_box(rgb: np.ndarray, threshold: int) -> tuple[int, int, int, int] | None:
+    """Bounding box (x, y, w, h) of the non-background pixels, or None for an empty frame."""
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    _, mask = cv2.threshold(gray, threshold, 255, cv2.THRESH_BINARY)
+    x, y, w, h = cv2.boundingRect(mask)
+    if w == 0 or h == 0:
+        return None
+    return x, y, w, h
+
+
+def _square_crop(rgb: np.ndarray, cx: float, cy: float, side: int) -> np.ndarray:
+    """A side x side crop centred on (cx, cy), padded with black where it leaves the frame."""
+    side = max(int(round(side)), 1)
+    x0 = int(round(cx - side / 2))
+    y0 = int(round(cy - side / 2))
+    height, width = rgb.shape[:2]
+    top, left = max(0, -y0), max(0, -x0)
+    bottom, right = max(0, y0 + side - height), max(0, x0 + side - width)
+    cropped = rgb[max(0, y0) : min(height, y0 + side), max(0, x0) : min(width, x0 + side)]
+    if top or left or bottom or right:
+        cropped = cv2.copyMakeBorder(
+            cropped, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(0, 0, 0)
+        )
+    return cropped
+
+
+def frame_cell(rgb: np.ndarray, recipe: Recipe) -> np.ndarray:
+    """Apply the recipe's crop mode, returning a square RGB region (not yet resized)."""
+    if recipe.crop == "full":
+        height, width = rgb.shape[:2]
+        if height == width:
+            return rgb
+        return _square_crop(rgb, width / 2, height / 2, max(height, width))
+    box = cell_box(rgb, recipe.background_threshold)
+    if box is None:
+        height, width = rgb.shape[:2]
+        box = (0, 0, width, height)
+    x, y, w, h = box
+    cx, cy = x + w / 2, y + h / 2
+    if recipe.crop == "bbox":
+        side = max(w, h) * (1 + 2 * recipe.margin)
+    else:
+        side = recipe.window
+    return _square_crop(rgb, cx, cy, int(side))
+
+
+def log_enhance(rgb: np.ndarray, sigma: float, weight: float) -> np.ndarray:
+    """Laplacian-of-Gaussian edge enhancement (the paper's): I - weight * LoG(I)."""
+    image = rgb.astype(np.float32)
+    blurred = cv2.GaussianBlur(image, (0, 0), sigma)
+    laplacian = cv2.Laplacian(blurred, cv2.CV_32F, ksize=3)
+    return np.clip(image - weight * laplacian, 0, 255).astype(np.uint8)
+
+
+def preprocess(rgb: np.ndarray, recipe: Recipe) -> np.ndarray:
+    """RGB uint8 crop -> model input: float32 (size, size, 3) in [0, 1].
+
+    This is the one preprocessing function; training and scanning both call it.
+    """
+    framed = frame_cell(rgb, recipe)
+    size = recipe.input_size
+    resized = cv2.resize(framed, (size, size), interpolation=INTERPOLATIONS[recipe.interpolation])
+    if recipe.log_enhance:
+        resized = log_enhance(resized, recipe.log_sigma, recipe.log_weight)
+    return resized.astype(np.float32) * np.float32(1.0 / 255.0)
+
+
+def load_and_preprocess(
+    path: str | os.PathLike, recipe: Recipe, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Read a file and preprocess it; raises :class:`ImageDecodeError` for unusable files."""
+    return preprocess(read_image(path, max_pixels=max_pixels), recipe)
+
+
+def is_image_path(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
