@@ -64,7 +64,6 @@ def convert(keras_model, input_size: int):
     proto, _ = tf2onnx.convert.from_keras(keras_model, input_signature=spec, opset=OPSET)
     for value in list(proto.graph.input) + list(proto.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
-    proto.graph.output[0].name  # output kept as tf2onnx names it; scan uses index 0
     return proto
 
 
@@ -81,7 +80,9 @@ def fit_temperature(y: np.ndarray, probabilities: np.ndarray) -> float:
     return float(min(fine, key=nll))
 
 
-def threshold_for_sensitivity(positive_true: np.ndarray, scores: np.ndarray, target: float) -> float:
+def threshold_for_sensitivity(
+    positive_true: np.ndarray, scores: np.ndarray, target: float
+) -> float:
     """Largest threshold on P(positive) whose sensitivity on validation is >= target."""
     positives = np.sort(scores[positive_true])[::-1]
     if len(positives) == 0:
@@ -106,6 +107,7 @@ def write_atomic_model(proto, path: Path) -> None:
     os.close(fd)
     try:
         onnx.save_model(proto, tmp)
+        os.chmod(tmp, 0o644)  # a model file is not sensitive; mkstemp made it owner-only
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -124,13 +126,19 @@ def set_metadata(proto, entries: dict[str, str]) -> None:
 
 def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> None:
     """Static INT8, QDQ format, per-channel weights, calibrated on real images."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType
-    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
         def __init__(self, images: np.ndarray, input_name: str) -> None:
-            self.batches = iter([{input_name: images[i : i + 16]} for i in range(0, len(images), 16)])
+            self.batches = iter(
+                [{input_name: images[i : i + 16]} for i in range(0, len(images), 16)]
+            )
 
         def get_next(self):
             return next(self.batches, None)
@@ -242,7 +250,9 @@ def export(args: argparse.Namespace) -> dict:
     report = {"out": str(args.out), "parity_max_abs_diff": parity, "calibration": calibration_info}
 
     if args.int8:
-        report["int8"] = export_int8(args, recipe, labels, positive, train_samples, val_samples, rng)
+        report["int8"] = export_int8(
+            args, recipe, labels, positive, train_samples, val_samples, rng
+        )
     log.info("wrote %s", args.out)
     return report
 
@@ -253,9 +263,7 @@ def export_int8(args, recipe, labels, positive, train_samples, val_samples, rng)
 
     if args.calibration:
         pool = [
-            Sample(p, p.parent.name, "")
-            for p in sorted(args.calibration.rglob("*"))
-            if p.is_file()
+            Sample(p, p.parent.name, "") for p in sorted(args.calibration.rglob("*")) if p.is_file()
         ]
     else:
         pool = train_samples
@@ -275,7 +283,9 @@ def export_int8(args, recipe, labels, positive, train_samples, val_samples, rng)
         val_x = val_x.astype(np.float32) / np.float32(255.0)
         y_val = np.array([labels.index(val_samples[i].label) for i in kept])
         candidate = load_classifier(raw, device="cpu")
-        p32 = np.concatenate([fp32.predict_raw(val_x[i : i + 64]) for i in range(0, len(val_x), 64)])
+        p32 = np.concatenate(
+            [fp32.predict_raw(val_x[i : i + 64]) for i in range(0, len(val_x), 64)]
+        )
         p8 = np.concatenate(
             [candidate.predict_raw(val_x[i : i + 64]) for i in range(0, len(val_x), 64)]
         )

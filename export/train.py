@@ -81,7 +81,9 @@ def cached_arrays(
 ) -> tuple[np.ndarray, list[int]]:
     """Preprocess once per (file list, recipe) and keep the uint8 arrays on disk."""
     key = hashlib.sha256(
-        (recipe.to_json() + "\n".join(f"{s.path}:{s.path.stat().st_size}" for s in samples)).encode()
+        (
+            recipe.to_json() + "\n".join(f"{s.path}:{s.path.stat().st_size}" for s in samples)
+        ).encode()
     ).hexdigest()[:20]
     path = cache_dir / f"{key}.npz"
     if path.exists():
@@ -149,9 +151,7 @@ def epoch_indices(
     if args.balance == "oversample":
         classes, counts = np.unique(y[indices], return_counts=True)
         target = counts.max()
-        parts = [
-            rng.choice(indices[y[indices] == c], size=target, replace=True) for c in classes
-        ]
+        parts = [rng.choice(indices[y[indices] == c], size=target, replace=True) for c in classes]
         indices = np.concatenate(parts)
     return rng.permutation(indices)
 
@@ -228,7 +228,9 @@ def train(args: argparse.Namespace) -> dict:
         dropout=args.dropout,
         initializer=args.init,
     )
-    steps_per_epoch = max(1, len(epoch_indices(patients_train, y_train, args, rng)) // args.batch_size)
+    steps_per_epoch = max(
+        1, len(epoch_indices(patients_train, y_train, args, rng)) // args.batch_size
+    )
     schedule = keras.optimizers.schedules.CosineDecay(
         args.lr, decay_steps=steps_per_epoch * args.epochs, alpha=0.05
     )
@@ -319,7 +321,7 @@ def train(args: argparse.Namespace) -> dict:
     with open(args.out / "val_predictions.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "patient", "label", *[f"p_{c}" for c in labels]])
-        for sample, probs in zip(val_samples, best_probabilities):
+        for sample, probs in zip(val_samples, best_probabilities, strict=False):
             writer.writerow(
                 [str(sample.path), sample.patient, sample.label, *[f"{p:.6f}" for p in probs]]
             )

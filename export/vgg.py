@@ -39,11 +39,15 @@ def build_vgg(
         raise ValueError("need at least two classes")
     inputs = keras.Input((input_size, input_size, 3), name="image")
     x = inputs
-    for block, (convs, base) in enumerate(zip(BLOCK_CONVS[depth], BASE_WIDTHS), start=1):
+    blocks = zip(BLOCK_CONVS[depth], BASE_WIDTHS, strict=True)
+    for block, (convs, base) in enumerate(blocks, start=1):
         filters = max(4, int(round(base * width)))
         for index in range(1, convs + 1):
             x = layers.Conv2D(
-                filters, 3, padding="same", use_bias=not batch_norm,
+                filters,
+                3,
+                padding="same",
+                use_bias=not batch_norm,
                 kernel_initializer=initializer,
                 name=f"block{block}_conv{index}",
             )(x)

@@ -59,42 +59,105 @@ def cli(ctx: click.Context) -> None:
 
 @cli.command()
 @click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--out", "-o", type=click.Path(path_type=Path, dir_okay=False), required=True,
-              help="Per-image report (CSV or JSONL). The summary JSON and HTML go beside it.")
-@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv",
-              show_default=True)
-@click.option("--summary", type=click.Path(path_type=Path, dir_okay=False),
-              help="Summary JSON [default: <out>.summary.json].")
-@click.option("--html", type=click.Path(path_type=Path, dir_okay=False),
-              help="HTML report [default: <out>.html].")
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="Per-image report (CSV or JSONL). The summary JSON and HTML go beside it.",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True
+)
+@click.option(
+    "--summary",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Summary JSON [default: <out>.summary.json].",
+)
+@click.option(
+    "--html",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="HTML report [default: <out>.html].",
+)
 @click.option("--no-html", is_flag=True, help="Skip the HTML report.")
-@click.option("--files-from", type=click.File("r", encoding="utf-8"),
-              help="Read file paths, one per line, from FILE ('-' for stdin).")
+@click.option(
+    "--files-from",
+    type=click.File("r", encoding="utf-8"),
+    help="Read file paths, one per line, from FILE ('-' for stdin).",
+)
 @click.option("--glob", "pattern", help="Only files whose name or relative path matches.")
 @click.option("--recursive/--no-recursive", default=True, show_default=True)
-@click.option("--slide-depth", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Slide = first N folder levels under the root (0 = the crop's folder).")
-@click.option("--model", "-m", type=click.Path(path_type=Path, dir_okay=False),
-              envvar="SMEARSCAN_MODEL", help="ONNX model [default: the embedded model].")
-@click.option("--device", default="auto", envvar="SMEARSCAN_DEVICE", show_default=True,
-              help="auto, cpu, cuda or cuda:N.")
-@click.option("--workers", type=click.IntRange(min=0), default=0, envvar="SMEARSCAN_WORKERS",
-              help="Decode threads (0 = one per core).")
-@click.option("--threads", type=click.IntRange(min=0), default=0, envvar="SMEARSCAN_THREADS",
-              help="onnxruntime intra-op threads (0 = its default).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32,
-              envvar="SMEARSCAN_BATCH_SIZE", show_default=True)
-@click.option("--threshold", type=click.FloatRange(0, 1),
-              help="P(positive class) cut-off [default: the model's operating point].")
-@click.option("--slide-threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
-              help="Fraction of positive cells that flags a slide.")
+@click.option(
+    "--slide-depth",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Slide = first N folder levels under the root (0 = the crop's folder).",
+)
+@click.option(
+    "--model",
+    "-m",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="SMEARSCAN_MODEL",
+    help="ONNX model [default: the embedded model].",
+)
+@click.option(
+    "--device",
+    default="auto",
+    envvar="SMEARSCAN_DEVICE",
+    show_default=True,
+    help="auto, cpu, cuda or cuda:N.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=0,
+    envvar="SMEARSCAN_WORKERS",
+    help="Decode threads (0 = one per core).",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=0),
+    default=0,
+    envvar="SMEARSCAN_THREADS",
+    help="onnxruntime intra-op threads (0 = its default).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=32,
+    envvar="SMEARSCAN_BATCH_SIZE",
+    show_default=True,
+)
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0, 1),
+    help="P(positive class) cut-off [default: the model's operating point].",
+)
+@click.option(
+    "--slide-threshold",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="Fraction of positive cells that flags a slide.",
+)
 @click.option("--tta", is_flag=True, help="Average flips and 90° rotations (8x slower).")
-@click.option("--max-pixels", type=click.IntRange(min=64), envvar="SMEARSCAN_MAX_PIXELS",
-              help="Refuse images larger than this many pixels.")
-@click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False),
-              envvar="SMEARSCAN_LOG_FILE")
-@click.option("--log-interval", type=float, default=30.0, show_default=True,
-              help="Seconds between progress lines when stderr is not a terminal.")
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=64),
+    envvar="SMEARSCAN_MAX_PIXELS",
+    help="Refuse images larger than this many pixels.",
+)
+@click.option(
+    "--log-file", type=click.Path(path_type=Path, dir_okay=False), envvar="SMEARSCAN_LOG_FILE"
+)
+@click.option(
+    "--log-interval",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds between progress lines when stderr is not a terminal.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Errors and the final line only.")
 @click.pass_obj
 def scan(env: Environment, inputs, out, fmt, summary, html, no_html, files_from, pattern,
@@ -120,7 +183,7 @@ def scan(env: Environment, inputs, out, fmt, summary, html, no_html, files_from,
     request = ScanRequest(
         inputs=list(inputs),
         files=list(read_file_list(files_from)) if files_from is not None else None,
-        out=out, fmt=fmt, summary=summary, html=Path("") if no_html else html,
+        out=out, fmt=fmt, summary=summary, html=html, write_html=not no_html,
         recursive=recursive, pattern=pattern, slide_depth=slide_depth,
         slide_threshold=slide_threshold, options=options,
     )  # fmt: skip
@@ -240,8 +303,13 @@ def model() -> None:
 
 
 @model.command("info")
-@click.option("--model", "-m", type=click.Path(path_type=Path, dir_okay=False),
-              envvar="SMEARSCAN_MODEL", help="ONNX model [default: the embedded model].")
+@click.option(
+    "--model",
+    "-m",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="SMEARSCAN_MODEL",
+    help="ONNX model [default: the embedded model].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print all metadata as JSON.")
 @click.pass_obj
 def model_info(env: Environment, model, as_json) -> None:

@@ -55,8 +55,10 @@ def walk_root(
     visited: set[tuple[int, int]] = set()
 
     def matches(rel: str) -> bool:
-        return pattern is None or fnmatch.fnmatch(rel, pattern) or fnmatch.fnmatch(
-            rel.rsplit("/", 1)[-1], pattern
+        return (
+            pattern is None
+            or fnmatch.fnmatch(rel, pattern)
+            or fnmatch.fnmatch(rel.rsplit("/", 1)[-1], pattern)
         )
 
     def walk(directory: str, rel_dir: str) -> Iterator[Found]:

@@ -30,7 +30,7 @@ def roc_auc(y_true_binary: np.ndarray, scores: np.ndarray) -> float:
     boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
     starts = np.concatenate(([0], boundaries))
     ends = np.concatenate((boundaries, [len(scores)]))
-    for start, end in zip(starts, ends):
+    for start, end in zip(starts, ends, strict=False):
         ranks[order[start:end]] = (start + end + 1) / 2.0
     u = ranks[y].sum() - positives * (positives + 1) / 2.0
     return float(u / (positives * negatives))

@@ -6,6 +6,7 @@ metadata, so a scan always applies exactly the transformation the model was trai
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -13,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-#: Hard ceiling on decoded pixels (width x height). OpenCV reads this variable once, at first
-#: decode, so it must be set before cv2 is imported. It stops decompression bombs from
-#: exhausting memory; crops are ~0.2 MP, so 64 MP is generous.
+#: Default ceiling on decoded pixels (width x height); crops are ~0.2 MP, so 64 MP is generous.
+#: It is checked from the file header before decoding; OpenCV's own limit is also set to it
+#: when this module is imported before cv2 (OpenCV reads the variable when it loads).
 DEFAULT_MAX_PIXELS = 64_000_000
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS))
 
@@ -101,6 +102,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     """Decode encoded image bytes into RGB uint8, converting depth and channels as needed."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
+    header_size = header_dimensions(data)
+    if header_size is not None and header_size[0] * header_size[1] > max_pixels:
+        width, height = header_size
+        raise ImageDecodeError(f"image too large ({width}x{height} > {max_pixels} pixels)")
     buffer = np.frombuffer(data, dtype=np.uint8)
     try:
         image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
@@ -117,6 +122,19 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     if height < 8 or width < 8:
         raise ImageDecodeError(f"image too small ({width}x{height})")
     return to_rgb8(image)
+
+
+def header_dimensions(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the file header without decoding pixels, so that a small file
+    that expands to gigabytes (a decompression bomb) is refused before any allocation.
+    None when the header is not recognised; the decoder then has the last word."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except Exception:  # unknown or damaged header: let OpenCV decide and explain
+        return None
 
 
 def to_rgb8(image: np.ndarray) -> np.ndarray:
@@ -179,10 +197,7 @@ def frame_cell(rgb: np.ndarray, recipe: Recipe) -> np.ndarray:
         box = (0, 0, width, height)
     x, y, w, h = box
     cx, cy = x + w / 2, y + h / 2
-    if recipe.crop == "bbox":
-        side = max(w, h) * (1 + 2 * recipe.margin)
-    else:
-        side = recipe.window
+    side = max(w, h) * (1 + 2 * recipe.margin) if recipe.crop == "bbox" else recipe.window
     return _square_crop(rgb, cx, cy, int(side))
 
 

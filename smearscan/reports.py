@@ -70,7 +70,7 @@ def row_fields(labels: list[str]) -> list[str]:
 def row_values(result: CellResult, labels: list[str]) -> dict:
     probabilities = result.probabilities or [None] * len(labels)
     values = {"path": result.path, "slide": result.slide, "label": result.label}
-    for label, p in zip(labels, probabilities):
+    for label, p in zip(labels, probabilities, strict=False):
         values[f"p_{label}"] = None if p is None else round(float(p), 6)
     values["status"] = result.status
     values["error"] = result.error
@@ -377,7 +377,9 @@ def write_html(path: str | os.PathLike, summary: dict, builder: SummaryBuilder, 
             parts.append(f"<h3>{esc(name)}</h3><div class='thumbs'>")
             for score, rel, file in sorted(stats.suspicious, reverse=True):
                 uri = thumbnail_data_uri(file, recipe)
-                image = f"<img src='{uri}' width='112' height='112' alt='{esc(rel)}'>" if uri else ""
+                image = (
+                    f"<img src='{uri}' width='112' height='112' alt='{esc(rel)}'>" if uri else ""
+                )
                 parts.append(f"<figure>{image}<figcaption>{score:.3f}<br>{esc(rel)}"
                              "</figcaption></figure>")  # fmt: skip
             parts.append("</div>")

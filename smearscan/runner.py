@@ -39,7 +39,8 @@ class ScanRequest:
     out: Path = Path("report.csv")
     fmt: str = "csv"
     summary: Path | None = None  # default: <out stem>.summary.json
-    html: Path | None = None  # default: <out stem>.html; Path("") disables
+    html: Path | None = None  # default: <out stem>.html
+    write_html: bool = True
     recursive: bool = True
     pattern: str | None = None
     slide_depth: int = 0
@@ -50,8 +51,10 @@ class ScanRequest:
         return self.summary or self.out.with_name(self.out.stem + ".summary.json")
 
     def html_path(self) -> Path | None:
+        if not self.write_html:
+            return None
         if self.html is not None:
-            return self.html if str(self.html) else None
+            return self.html
         return self.out.with_name(self.out.stem + ".html")
 
     def found(self) -> Iterable[Found]:

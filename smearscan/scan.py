@@ -155,7 +155,7 @@ def scan_paths(
         if images:
             probabilities = predict_batch(classifier, np.stack(images), options.tta)
             decided = decide(probabilities, labels, positive, threshold)
-            rows = iter(zip(probabilities, decided))
+            rows = iter(zip(probabilities, decided, strict=False))
         for result, image in chunk:
             if image is not None:
                 probs, label = next(rows)

@@ -1,0 +1,147 @@
+import hashlib
+import json
+
+import cv2
+import numpy as np
+import pytest
+from conftest import FIXTURES, fixture_images, read_bgr
+
+from smearscan.preprocess import (
+    ImageDecodeError,
+    Recipe,
+    cell_box,
+    decode_image,
+    load_and_preprocess,
+    preprocess,
+    read_image,
+)
+
+
+def test_decoding_is_pixel_exact_against_the_dataset_manifest():
+    manifest = (FIXTURES / "cnmc-manifest.csv").read_text().splitlines()[1:]
+    expected = {line.split(",")[0].rsplit("/", 1)[1]: line.split(",")[5] for line in manifest}
+    for path in fixture_images():
+        rgb = read_image(path)
+        bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+        assert hashlib.sha256(bgr.tobytes()).hexdigest() == expected[path.name]
+
+
+@pytest.mark.parametrize("suffix", [".bmp", ".png", ".tif", ".tiff", ".jpg", ".jpeg", ".webp"])
+def test_every_lab_format_decodes_to_rgb(tmp_path, suffix):
+    source = fixture_images()[0]
+    target = tmp_path / f"cell{suffix.upper()}"
+    assert cv2.imwrite(str(target), read_bgr(source))
+    rgb = read_image(target)
+    assert rgb.shape == (450, 450, 3) and rgb.dtype == np.uint8
+    reference = read_image(source)
+    if suffix in (".jpg", ".jpeg"):
+        assert np.abs(rgb.astype(int) - reference).mean() < 3
+    else:
+        assert np.array_equal(rgb, reference)
+
+
+def test_depth_and_channel_conversions():
+    bgr = read_bgr(fixture_images()[0])
+    reference = bgr[:, :, ::-1]
+    ok, png16 = cv2.imencode(".png", bgr.astype(np.uint16) * 257)
+    assert np.array_equal(decode_image(png16.tobytes()), reference)
+    ok, gray = cv2.imencode(".png", cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY))
+    rgb = decode_image(gray.tobytes())
+    assert rgb.shape == (450, 450, 3) and np.array_equal(rgb[:, :, 0], rgb[:, :, 2])
+    ok, rgba = cv2.imencode(".png", cv2.cvtColor(bgr, cv2.COLOR_BGR2BGRA))
+    assert np.array_equal(decode_image(rgba.tobytes()), reference)
+
+
+def test_palette_png_is_converted(tmp_path):
+    image_module = pytest.importorskip("PIL.Image")
+    rgb = read_image(fixture_images()[0])
+    path = tmp_path / "palette.png"
+    image_module.fromarray(rgb).convert("P").save(path)
+    decoded = read_image(path)
+    assert decoded.shape == (450, 450, 3)
+    assert np.abs(decoded.astype(int) - rgb).mean() < 12
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty file"),
+        (b"GIF89a not really", "not a decodable image"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "not a decodable image"),
+    ],
+)
+def test_unusable_bytes_raise_with_a_reason(data, reason):
+    with pytest.raises(ImageDecodeError, match=reason):
+        decode_image(data)
+
+
+def test_truncated_file_is_an_error():
+    ok, png = cv2.imencode(".png", read_bgr(fixture_images()[0]))
+    with pytest.raises(ImageDecodeError):
+        decode_image(png.tobytes()[: len(png) // 2])
+
+
+def test_pixel_limit_refuses_large_images():
+    ok, png = cv2.imencode(".png", np.zeros((300, 400), np.uint8))
+    with pytest.raises(ImageDecodeError, match="too large"):
+        decode_image(png.tobytes(), max_pixels=100_000)
+    assert decode_image(png.tobytes(), max_pixels=120_000).shape == (300, 400, 3)
+
+
+def test_decompression_bomb_is_refused_from_its_header():
+    # 9000 x 9000 = 81 MP in a file of ~80 kB, over the default 64 MP ceiling
+    ok, png = cv2.imencode(".png", np.zeros((9000, 9000), np.uint8))
+    assert len(png) < 1_000_000
+    with pytest.raises(ImageDecodeError, match="too large"):
+        decode_image(png.tobytes())
+
+
+def test_read_errors_have_reasons(tmp_path):
+    with pytest.raises(ImageDecodeError, match="vanished"):
+        read_image(tmp_path / "gone.png")
+    with pytest.raises(ImageDecodeError, match="directory"):
+        read_image(tmp_path)
+
+
+@pytest.mark.parametrize("crop", ["full", "bbox", "window"])
+def test_preprocess_output(crop):
+    recipe = Recipe(crop=crop)
+    out = load_and_preprocess(fixture_images()[0], recipe)
+    assert out.shape == (128, 128, 3) and out.dtype == np.float32
+    assert out.min() >= 0.0 and out.max() <= 1.0 and out.max() > 0.2
+
+
+def test_bbox_crop_fills_the_frame_with_the_cell():
+    rgb = read_image(fixture_images()[0])
+    x, y, w, h = cell_box(rgb, 12)
+    assert w * h < 0.5 * rgb.shape[0] * rgb.shape[1]  # the crop has a black margin
+    framed = preprocess(rgb, Recipe(crop="bbox", margin=0.0))
+    x2, y2, w2, h2 = cell_box((framed * 255).astype(np.uint8), 12)
+    assert max(w2, h2) >= 120  # the cell's long side spans the model input
+
+
+def test_window_crop_keeps_scale():
+    rgb = read_image(fixture_images()[0])
+    _, _, w, h = cell_box(rgb, 12)
+    framed = preprocess(rgb, Recipe(crop="window", window=320))
+    _, _, w2, h2 = cell_box((framed * 255).astype(np.uint8), 12)
+    assert abs(w2 - w * 128 / 320) <= 3
+
+
+def test_log_enhancement_changes_edges_only_moderately():
+    rgb = read_image(fixture_images()[0])
+    plain = preprocess(rgb, Recipe())
+    enhanced = preprocess(rgb, Recipe(log_enhance=True))
+    assert not np.array_equal(plain, enhanced)
+    assert np.abs(plain - enhanced).mean() < 0.1
+
+
+def test_recipe_json_round_trip_and_validation():
+    recipe = Recipe(crop="window", window=300, log_enhance=True)
+    assert Recipe.from_json(recipe.to_json()) == recipe
+    with pytest.raises(ValueError, match="unknown"):
+        Recipe.from_json(json.dumps({**json.loads(recipe.to_json()), "sharpen": 1}))
+    with pytest.raises(ValueError, match="newer"):
+        Recipe.from_json(json.dumps({**json.loads(recipe.to_json()), "version": 99}))
+    with pytest.raises(ValueError, match="crop"):
+        Recipe(crop="zoom")
