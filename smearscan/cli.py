@@ -149,6 +149,39 @@ def cli(ctx: click.Context) -> None:
     help="Refuse images larger than this many pixels.",
 )
 @click.option(
+    "--state",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="SMEARSCAN_STATE",
+    help="SQLite state on local disk: rescan only new or changed files; locks the run.",
+)
+@click.option(
+    "--wait",
+    "lock_wait",
+    type=float,
+    is_flag=False,
+    flag_value=3600.0,
+    help="If another run holds the state lock, wait up to SECONDS (default 3600) "
+    "instead of exiting with code 4.",
+)
+@click.option(
+    "--min-age",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="With --state: leave files modified less than this many seconds ago for "
+    "the next run (a scanner may still be writing them).",
+)
+@click.option(
+    "--new-only", is_flag=True, help="With --state: report only this run's new or changed files."
+)
+@click.option(
+    "--anonymize-key-file",
+    type=click.File("rb"),
+    envvar="SMEARSCAN_ANONYMIZE_KEY_FILE",
+    help="Replace folder and file names in reports by a keyed hash (HMAC-SHA256 with "
+    "this file's contents), stable across runs.",
+)
+@click.option(
     "--log-file", type=click.Path(path_type=Path, dir_okay=False), envvar="SMEARSCAN_LOG_FILE"
 )
 @click.option(
@@ -162,10 +195,17 @@ def cli(ctx: click.Context) -> None:
 @click.pass_obj
 def scan(env: Environment, inputs, out, fmt, summary, html, no_html, files_from, pattern,
          recursive, slide_depth, model, device, workers, threads, batch_size, threshold,
-         slide_threshold, tta, max_pixels, log_file, log_interval, quiet) -> None:  # fmt: skip
+         slide_threshold, tta, max_pixels, state, lock_wait, min_age, new_only,
+         anonymize_key_file, log_file, log_interval, quiet) -> None:  # fmt: skip
     """Classify every image under INPUTS (folders and/or files) and write reports."""
     if not inputs and files_from is None:
         raise click.UsageError("give at least one folder or file, or --files-from")
+    if (new_only or lock_wait is not None) and state is None:
+        raise click.UsageError("--new-only and --wait need --state")
+    anonymize_key = anonymize_key_file.read() if anonymize_key_file else None
+    if anonymize_key is not None and len(anonymize_key.strip()) < 16:
+        raise click.BadParameter("the key file must hold at least 16 bytes",
+                                 param_hint="--anonymize-key-file")  # fmt: skip
     for item in inputs:
         if not item.exists():
             raise click.BadParameter(f"{item} does not exist", param_hint="INPUTS")
@@ -185,13 +225,14 @@ def scan(env: Environment, inputs, out, fmt, summary, html, no_html, files_from,
         files=list(read_file_list(files_from)) if files_from is not None else None,
         out=out, fmt=fmt, summary=summary, html=html, write_html=not no_html,
         recursive=recursive, pattern=pattern, slide_depth=slide_depth,
-        slide_threshold=slide_threshold, options=options,
+        slide_threshold=slide_threshold, options=options, state=state, lock_wait=lock_wait,
+        min_age=min_age, new_only=new_only, anonymize_key=anonymize_key,
     )  # fmt: skip
     try:
         classifier = load_classifier(model, device=device, threads=threads)
     except (ModelFileError, DeviceError) as exc:
         log.error("%s", exc)
-        _final_line(env, "failed", 0, 0, 0, 0.0, ExitStatus.ERROR)
+        _final_line(env, "failed", status=ExitStatus.ERROR)
         sys.exit(ExitStatus.ERROR)
     if classifier.device_note:
         log.warning("%s", classifier.device_note)
@@ -214,29 +255,37 @@ def scan(env: Environment, inputs, out, fmt, summary, html, no_html, files_from,
             return ExitStatus.INTERRUPTED_TERM
         return ExitStatus.INTERRUPTED_INT
 
+    from smearscan.state import StateError, StateLocked
+
     progress = _Progress(env, quiet, log_interval, request)
     try:
         with progress:
             outcome = run_scan(request, classifier, stop=stop, stop_status=stop_status,
                                on_result=progress.advance)  # fmt: skip
-    except OSError as exc:
-        log.error("cannot write reports: %s", exc)
+    except StateLocked as exc:
+        log.error("%s; exiting (use --wait to queue behind it)", exc)
+        _final_line(env, "locked", status=ExitStatus.LOCKED)
+        sys.exit(ExitStatus.LOCKED)
+    except (StateError, OSError) as exc:
+        log.error("%s", exc)
+        _final_line(env, "failed", status=ExitStatus.ERROR)
         sys.exit(ExitStatus.ERROR)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     _final_line(env, "partial" if stop.is_set() else "done", outcome.files, outcome.ok,
-                outcome.errors, outcome.seconds, outcome.status)  # fmt: skip
+                outcome.errors, outcome.seconds, outcome.status, outcome.pending,
+                outcome.reused)  # fmt: skip
     sys.exit(outcome.status)
 
 
-def _final_line(env: Environment, state: str, files: int, ok: int, errors: int, seconds: float,
-                status: ExitStatus) -> None:  # fmt: skip
+def _final_line(env: Environment, state: str, files: int = 0, ok: int = 0, errors: int = 0,
+                seconds: float = 0.0, status: ExitStatus = ExitStatus.SUCCESS, pending: int = 0,
+                reused: int = 0) -> None:  # fmt: skip
     """One line for cron mail, printed even with --quiet."""
-    rate = files / seconds if seconds > 0 else 0.0
     print(
-        f"smearscan {state}: {files} files, {ok} ok, {errors} errors in {seconds:.1f} s "
-        f"({rate:.1f} files/s); exit {int(status)} ({status.name.lower()})",
+        f"smearscan {state}: {files} files, {ok} ok, {errors} errors, {pending} pending, "
+        f"{reused} unchanged in {seconds:.1f} s; exit {int(status)} ({status.name.lower()})",
         file=env.stderr,
     )
 

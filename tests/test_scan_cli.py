@@ -58,7 +58,7 @@ def test_clean_scan_reports_every_cell(slide_tree, tmp_path):
         assert sum(slide["counts"].values()) == slide["cells"]
     assert out.with_name("report.html").stat().st_size > 1000
     assert "execution provider CPUExecutionProvider" in result.log
-    assert "smearscan done: 8 files, 8 ok, 0 errors" in result.log
+    assert "smearscan done: 8 files, 8 ok, 0 errors, 0 pending" in result.log
 
 
 def test_messy_folder_gets_one_row_per_file_and_keeps_going(messy_tree, tmp_path):

@@ -1,0 +1,219 @@
+"""Cron safety: incremental state, locking, kill -9 and SIGTERM, with real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TINY_3CLASS, fixture_images
+from test_scan_cli import image_files, rows, run
+
+from smearscan.exitstatus import ExitStatus
+from smearscan.state import RunLock
+
+
+def scan_state(tree: Path, tmp_path: Path, *extra: str):
+    out = tmp_path / "reports" / "r.csv"
+    result = run(["scan", str(tree), "--out", str(out), "--state", str(tmp_path / "state.db"),
+                  "--min-age", "0", *extra])  # fmt: skip
+    summary = json.loads(out.with_name("r.summary.json").read_text())
+    return result, rows(out), summary
+
+
+def test_rerun_reuses_unchanged_files_and_rescans_changed_ones(tmp_path, slide_tree):
+    result, first, summary = scan_state(slide_tree, tmp_path)
+    assert result.exit_code == 0 and len(first) == 8
+    assert summary["incremental"]["reused_from_earlier_runs"] == 0
+
+    result, second, summary = scan_state(slide_tree, tmp_path)
+    assert summary["incremental"]["reused_from_earlier_runs"] == 8
+    assert second == first  # merged report identical, nothing decoded
+
+    changed = sorted(image_files(slide_tree / "patient_A"))[0]
+    other = sorted(image_files(slide_tree / "patient_B"))[0]
+    shutil.copy(other, changed)  # new content (and size/mtime) under the old name
+    deleted = sorted(image_files(slide_tree / "patient_B"))[-1]
+    deleted.unlink()
+    result, third, summary = scan_state(slide_tree, tmp_path)
+    assert summary["incremental"]["reused_from_earlier_runs"] == 6
+    assert len(third) == 7  # the deleted file dropped out
+    rel = str(changed.relative_to(slide_tree))
+    before = next(r for r in first if r["path"] == rel)
+    after = next(r for r in third if r["path"] == rel)
+    assert after["p_all"] != before["p_all"]
+    assert [r["path"] for r in third] == sorted(r["path"] for r in third)
+
+
+def test_new_only_reports_just_this_runs_files(tmp_path, slide_tree):
+    scan_state(slide_tree, tmp_path)
+    extra = slide_tree / "patient_C"
+    extra.mkdir()
+    shutil.copy(fixture_images()[5], extra / "new.webp")
+    result, table, summary = scan_state(slide_tree, tmp_path, "--new-only")
+    assert [r["path"] for r in table] == ["patient_C/new.webp"]
+
+
+def test_a_different_model_rescans_everything(tmp_path, slide_tree):
+    scan_state(slide_tree, tmp_path)
+    result, table, summary = scan_state(slide_tree, tmp_path, "--model", str(TINY_3CLASS))
+    assert summary["incremental"]["reused_from_earlier_runs"] == 0
+    assert "p_aml" in table[0] and len(table) == 8
+
+
+def test_young_files_wait_for_the_next_run(tmp_path, slide_tree):
+    out = tmp_path / "r.csv"
+    state = tmp_path / "state.db"
+    result = run(["scan", str(slide_tree), "--out", str(out), "--state", str(state),
+                  "--min-age", "3600"])  # fmt: skip
+    assert "8 pending" in result.log and len(rows(out)) == 0
+    old = time.time() - 7200
+    for path in image_files(slide_tree):
+        os.utime(path, (old, old))
+    result = run(["scan", str(slide_tree), "--out", str(out), "--state", str(state),
+                  "--min-age", "3600"])  # fmt: skip
+    assert "0 pending" in result.log and len(rows(out)) == 8
+
+
+def test_errors_are_retried_every_run(tmp_path, messy_tree):
+    result, first, _ = scan_state(messy_tree, tmp_path)
+    assert result.exit_code == ExitStatus.SOME_UNREADABLE
+    empty = messy_tree / "patient_A" / "empty.png"
+    shutil.copy(fixture_images()[0], empty)
+    result, second, summary = scan_state(messy_tree, tmp_path)
+    row = next(r for r in second if r["path"].endswith("empty.png"))
+    assert row["status"] == "ok"
+
+
+def test_second_run_is_refused_while_the_lock_is_held(tmp_path, slide_tree):
+    state = tmp_path / "state.db"
+    out = tmp_path / "r.csv"
+    args = ["scan", str(slide_tree), "--out", str(out), "--state", str(state)]
+    with RunLock(state.with_name("state.db.lock")):
+        refused = run(args)
+        assert refused.exit_code == ExitStatus.LOCKED
+        assert "another smearscan run holds" in refused.log
+        started = time.monotonic()
+        waited = run([*args, "--wait", "0.6"])
+        assert waited.exit_code == ExitStatus.LOCKED and time.monotonic() - started >= 0.6
+    assert run(args).exit_code == 0
+
+
+def test_lock_of_a_killed_process_does_not_block(tmp_path, slide_tree):
+    state = tmp_path / "state.db"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys,time; from pathlib import Path; from smearscan.state import RunLock\n"
+         f"l = RunLock(Path({str(state) + '.lock'!r})).__enter__(); print('held', flush=True);"
+         " time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    args = ["scan", str(slide_tree), "--out", str(tmp_path / "r.csv"), "--state", str(state)]
+    assert run(args).exit_code == ExitStatus.LOCKED
+    holder.kill()
+    holder.wait()
+    assert run([*args, "--min-age", "0"]).exit_code == 0
+
+
+def many_files(tmp_path: Path, copies: int = 25) -> Path:
+    root = tmp_path / "share"
+    for i in range(copies):
+        slide = root / f"slide_{i:02d}"
+        slide.mkdir(parents=True)
+        for source in fixture_images():
+            shutil.copy(source, slide / source.name)
+    old = time.time() - 3600
+    for path in root.rglob("*.webp"):
+        os.utime(path, (old, old))
+    return root
+
+
+def start_scan(root: Path, out: Path, state: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "smearscan", "scan", str(root), "--out", str(out),
+         "--state", str(state), "--batch-size", "8", "--workers", "1", "--no-html"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+
+
+def wait_for_rows(state: Path, minimum: int, process: subprocess.Popen) -> int:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if state.exists():
+            try:
+                with sqlite3.connect(state, timeout=1) as db:
+                    count = db.execute("SELECT COUNT(*) FROM files").fetchone()[0]
+            except sqlite3.OperationalError:
+                count = 0
+            if count >= minimum:
+                return count
+        time.sleep(0.05)
+    pytest.fail("the scan finished or stalled before it could be interrupted")
+
+
+def test_kill_9_mid_run_then_rerun_reports_every_file_once(tmp_path):
+    root = many_files(tmp_path)
+    total = len(image_files(root))
+    out, state = tmp_path / "r.csv", tmp_path / "state.db"
+    out.write_text("yesterday's report\n")
+    process = start_scan(root, out, state)
+    wait_for_rows(state, 16, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert out.read_text() == "yesterday's report\n"  # atomic replace: old report intact
+    with sqlite3.connect(state) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        committed = db.execute("SELECT COUNT(*) FROM files").fetchone()[0]
+    assert 16 <= committed < total
+
+    process = start_scan(root, out, state)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    table = rows(out)
+    assert len(table) == total and len({r["path"] for r in table}) == total
+    summary = json.loads(out.with_name("r.summary.json").read_text())
+    assert summary["incremental"]["reused_from_earlier_runs"] == committed
+    assert not list(tmp_path.glob(".r.csv.*.tmp"))  # the killed run's temporary was cleaned
+
+
+def test_sigterm_finishes_the_batch_and_writes_a_partial_report(tmp_path):
+    root = many_files(tmp_path)
+    total = len(image_files(root))
+    out, state = tmp_path / "r.csv", tmp_path / "state.db"
+    process = start_scan(root, out, state)
+    wait_for_rows(state, 8, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == ExitStatus.INTERRUPTED_TERM, stderr
+    summary = json.loads(out.with_name("r.summary.json").read_text())
+    assert summary["partial"] is True
+    partial_rows = rows(out)
+    assert 8 <= len(partial_rows) < total
+    assert "exit 143" in stderr.strip().splitlines()[-1]
+    process = start_scan(root, out, state)
+    process.communicate(timeout=300)
+    assert process.returncode == 0 and len(rows(out)) == total
+
+
+def test_anonymized_reports_hide_names_stably(tmp_path, slide_tree):
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32))
+    out = tmp_path / "r.csv"
+    args = ["scan", str(slide_tree), "--out", str(out), "--anonymize-key-file", str(key)]
+    assert run(args).exit_code == 0
+    first = rows(out)
+    text = out.read_text() + out.with_name("r.summary.json").read_text()
+    text += out.with_name("r.html").read_text()
+    assert "patient_A" not in text and "UID_" not in text
+    assert all(len(r["slide"]) == 16 for r in first)
+    run(args)
+    assert rows(out) == first
