@@ -52,7 +52,7 @@ def build_vgg(
                 name=f"block{block}_conv{index}",
             )(x)
             if batch_norm:
-                x = layers.BatchNormalization(name=f"block{block}_bn{index}")(x)
+                x = layers.BatchNormalization(momentum=0.9, name=f"block{block}_bn{index}")(x)
             x = layers.ReLU(name=f"block{block}_relu{index}")(x)
         if block < 5:
             x = layers.MaxPooling2D(2, name=f"block{block}_pool")(x)

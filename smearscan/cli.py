@@ -346,6 +346,81 @@ class _Progress:
             self.bar = None
 
 
+@cli.command()
+@click.argument("root", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option(
+    "--labels",
+    "labels_csv",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="CSV with columns path,label (paths relative to ROOT). Default: each "
+    "crop's folder name is its label.",
+)
+@click.option(
+    "--out",
+    "-o",
+    "report_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="Folder for the evaluation and scan reports.",
+)
+@click.option(
+    "--model",
+    "-m",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="SMEARSCAN_MODEL",
+    help="ONNX model [default: the embedded model].",
+)
+@click.option("--device", default="auto", envvar="SMEARSCAN_DEVICE", show_default=True)
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0, 1),
+    help="P(positive class) cut-off [default: the model's operating point].",
+)
+@click.option("--slide-threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True)
+@click.option("--tta", is_flag=True, help="Average flips and 90° rotations.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("-q", "--quiet", is_flag=True)
+@click.pass_obj
+def evaluate(env: Environment, root, labels_csv, report_dir, model, device, threshold,
+             slide_threshold, tta, batch_size, quiet) -> None:  # fmt: skip
+    """Score a model on labelled crops under ROOT (same pipeline as scan)."""
+    _setup_logging(env, quiet, None)
+    from smearscan.evaluate import LabelsError
+    from smearscan.evaluate import evaluate as run_evaluation
+    from smearscan.inference import DeviceError, load_classifier
+    from smearscan.modelfile import ModelFileError
+    from smearscan.runner import ScanRequest
+    from smearscan.scan import ScanOptions
+
+    try:
+        classifier = load_classifier(model, device=device)
+        request = ScanRequest(
+            slide_threshold=slide_threshold,
+            options=ScanOptions(batch_size=batch_size, threshold=threshold, tta=tta),
+        )
+        outcome = run_evaluation(root, classifier, report_dir, labels_csv, request)
+    except LabelsError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(ExitStatus.USAGE)
+    except (ModelFileError, DeviceError, OSError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(ExitStatus.ERROR)
+    m = outcome.metrics
+    click.echo(
+        f"{m['n']} cells: sensitivity {m['sensitivity']:.4f}, specificity "
+        f"{m['specificity']:.4f}, accuracy {m['accuracy']:.4f}, weighted F1 "
+        f"{m['weighted_f1']:.4f}, ROC AUC {m['roc_auc']:.4f}, ECE "
+        f"{m['expected_calibration_error']:.4f}"
+    )
+    click.echo(
+        f"{len(outcome.slide_metrics['slides'])} slides: slide-call accuracy "
+        f"{outcome.slide_metrics['accuracy']:.4f} ({outcome.slide_metrics['rule']})"
+    )
+    if outcome.unlabelled:
+        click.echo(f"{outcome.unlabelled} classified cells had no label and were not scored")
+    click.echo(f"reports in {outcome.report_dir}")
+
+
 @cli.group()
 def model() -> None:
     """Inspect model files."""
