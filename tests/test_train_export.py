@@ -148,3 +148,25 @@ def test_vgg_architecture_follows_the_paper():
     assert pools == ["MaxPooling2D"] * 4 + ["GlobalAveragePooling2D"]
     assert model.output_shape == (None, 2)
     assert build_vgg(3, depth=19, width=0.125).output_shape == (None, 3)
+
+
+def test_table1_quick_path(tmp_path):
+    from export import table1
+
+    out = tmp_path / "table1.md"
+    work = tmp_path / "work"
+    args = ["--data", str(CNMC), "--out", str(out), "--work", str(work), "--width", "0.0625",
+            "--epochs", "1", "--folds", "3", "--per-patient", "4",
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert table1.main([*args, "--only", "KNN,SVM,VGG16,VGG16+RF"]) == 0
+    text = out.read_text()
+    for name in ["KNN", "SVM", "VGG16", "VGG16+RF"]:
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+        assert "not run" not in row and "86.23" in text
+    assert "| VGG19 | not run" in text
+    results = json.loads((work / "results.json").read_text())
+    assert set(results) == {"KNN", "SVM", "VGG16", "VGG16+RF"}
+    # resumable: a second call reuses finished rows instead of retraining
+    stamp = (work / "vgg16" / "model.keras").stat().st_mtime_ns
+    assert table1.main([*args, "--only", "KNN,VGG16"]) == 0
+    assert (work / "vgg16" / "model.keras").stat().st_mtime_ns == stamp
