@@ -77,13 +77,20 @@ def sklearn_row(name: str, x_train, y_train, x_val, y_val, labels, seed: int) ->
     if name == "KNN":
         classifier = KNeighborsClassifier(n_neighbors=min(7, len(x_train)), weights="distance")
     else:
-        classifier = SVC(kernel="rbf", C=3.0, class_weight="balanced", probability=True,
-                         random_state=seed)  # fmt: skip
+        classifier = SVC(kernel="rbf", C=3.0, class_weight="balanced", random_state=seed)
     components = min(100, len(x_train) - 1)
     model = make_pipeline(StandardScaler(), PCA(components, random_state=seed), classifier)
     model.fit(handcrafted_features(x_train), y_train)
-    probabilities = model.predict_proba(handcrafted_features(x_val))
-    return classification_metrics(y_val, probabilities, labels, positive="all")
+    features = handcrafted_features(x_val)
+    if name == "KNN":
+        return classification_metrics(y_val, model.predict_proba(features), labels, "all")
+    # SVM: labels from predict, ranking (AUC) from the decision function; binary data only
+    decision = model.decision_function(features)
+    if decision.ndim != 1:
+        raise ValueError("the SVM row supports two classes")
+    second = 1.0 / (1.0 + np.exp(-decision))  # towards classes_[1]
+    scores = np.stack([1.0 - second, second], axis=1)
+    return classification_metrics(y_val, scores, labels, "all", y_pred=model.predict(features))
 
 
 def train_vgg(depth: int, args, work: Path) -> Path:

@@ -1,0 +1,71 @@
+"""The installed entry point as a real process: version, help, progress on and off a TTY."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from smearscan import __version__
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def smearscan(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "smearscan", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300, **kwargs)  # fmt: skip
+
+
+def test_version_and_help():
+    assert smearscan("--version").stdout.strip() == f"smearscan, version {__version__}"
+    helped = smearscan("--help")
+    assert helped.returncode == 0
+    for command in ("scan", "evaluate", "model"):
+        assert command in helped.stdout
+    assert "--state" in smearscan("scan", "--help").stdout
+
+
+def test_help_does_not_import_the_heavy_modules():
+    code = ("import sys; from smearscan.cli import cli; "
+            "print(sorted(m for m in ('cv2', 'onnxruntime', 'numpy') if m in sys.modules))")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=ROOT, check=True)  # fmt: skip
+    assert result.stdout.strip() == "[]"
+
+
+def test_cron_mode_logs_progress_lines_and_a_final_line(slide_tree, tmp_path):
+    result = smearscan("scan", str(slide_tree), "--out", str(tmp_path / "r.csv"),
+                       "--log-interval", "0", "--batch-size", "2")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert sum("progress:" in line for line in lines) >= 4
+    assert lines[-1].startswith("smearscan done: 8 files, 8 ok, 0 errors")
+    quiet = smearscan("scan", str(slide_tree), "--out", str(tmp_path / "r.csv"), "-q")
+    assert quiet.stderr.strip().splitlines() == [quiet.stderr.strip()]  # only the final line
+
+
+def test_progress_bar_on_a_terminal(slide_tree, tmp_path):
+    primary, secondary = os.openpty()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "smearscan", "scan", str(slide_tree), "--out",
+             str(tmp_path / "r.csv")],
+            stderr=secondary, stdout=subprocess.DEVNULL, cwd=ROOT,
+            env={**os.environ, "COLUMNS": "120", "TERM": "xterm"},
+        )  # fmt: skip
+        os.close(secondary)
+        output = b""
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+        assert process.wait(timeout=120) == 0
+    finally:
+        os.close(primary)
+    text = output.decode("utf-8", "replace")
+    assert "scanning" in text and "files/s" in text and "8/8" in text
