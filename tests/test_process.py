@@ -27,8 +27,10 @@ def test_version_and_help():
 
 
 def test_help_does_not_import_the_heavy_modules():
-    code = ("import sys; from smearscan.cli import cli; "
-            "print(sorted(m for m in ('cv2', 'onnxruntime', 'numpy') if m in sys.modules))")  # fmt: skip
+    code = (
+        "import sys; from smearscan.cli import cli; "
+        "print(sorted(m for m in ('cv2', 'onnxruntime', 'numpy') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=ROOT, check=True)  # fmt: skip
     assert result.stdout.strip() == "[]"
