@@ -4,8 +4,8 @@
 
 For each N: builds a share of N crop files (hard links to a pool of 200 real 450x450 BMP
 crops, so that disk use stays small, spread over slides of 100), runs
-``smearscan scan --state`` once (peak RSS of the whole process, images/s) and then again with nothing changed (the no-op
-incremental rerun, files/s).
+``smearscan scan --state`` once (peak RSS of the whole process, images/s) and then again
+with nothing changed (the no-op incremental rerun, files/s).
 """
 
 from __future__ import annotations
