@@ -81,22 +81,26 @@ def load_classifier(
     """Open a model file on the requested device.
 
     ``auto`` uses CUDA when onnxruntime offers it and falls back to CPU with a note;
-    ``cuda`` fails loudly when CUDA is not usable. ``threads`` (0 = onnxruntime's default)
+    ``cuda`` fails loudly when CUDA is not usable. Without ``model_path`` the embedded model
+    is used: its INT8 twin on CPU, fp32 on CUDA. ``threads`` (0 = onnxruntime's default)
     sets intra-op threads for the CPU provider.
     """
     import onnxruntime as ort
 
-    path = Path(model_path) if model_path else default_model_path()
+    kind, device_id = parse_device(device)
+    available = ort.get_available_providers()
+    if model_path:
+        path = Path(model_path)
+    else:
+        path = default_model_path(int8=kind == "cpu" or CUDA not in available)
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
-    kind, device_id = parse_device(device)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    available = ort.get_available_providers()
     note = ""
     if kind == "cpu":
         providers: list = [CPU]
