@@ -31,6 +31,9 @@ class Classifier:
     session: object
     provider: str
     device_note: str = ""
+    #: pad batches up to this size (CUDA: cuDNN re-tunes for every new input shape, so a
+    #: short last batch would cost a re-tune); None leaves batches as they are
+    pad_to: int | None = None
 
     @property
     def labels(self) -> list[str]:
@@ -42,8 +45,13 @@ class Classifier:
 
     def predict_raw(self, batch: np.ndarray) -> np.ndarray:
         """Model probabilities for a float32 batch (N, S, S, 3), before calibration."""
-        outputs = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})
-        return np.asarray(outputs[0], np.float64)
+        count = len(batch)
+        batch = np.ascontiguousarray(batch, np.float32)
+        if self.pad_to and count < self.pad_to:
+            padding = np.zeros((self.pad_to - count, *batch.shape[1:]), np.float32)
+            batch = np.concatenate([batch, padding])
+        outputs = self.session.run(None, {self.input_name: batch})
+        return np.asarray(outputs[0][:count], np.float64)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities (temperature scaling stored in the model, if any)."""

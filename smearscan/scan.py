@@ -125,6 +125,8 @@ def scan_paths(
     if threshold is None:
         threshold = classifier.info.calibration().get("threshold")
     positive = classifier.info.positive_class
+    if classifier.provider == "CUDAExecutionProvider" and classifier.pad_to is None:
+        classifier.pad_to = options.batch_size
     workers = options.resolved_workers()
     window = max(options.batch_size * 2, workers * 4)
 

@@ -226,3 +226,18 @@ def test_examples_folder_scans(tmp_path):
 def test_fixture_images_exist():
     assert len(fixture_images()) == 24
     assert os.access(default_model_path(), os.R_OK)
+
+
+def test_padded_batches_give_the_same_probabilities(slide_tree):
+    import numpy as np
+
+    from smearscan.inference import load_classifier
+    from smearscan.preprocess import load_and_preprocess
+
+    classifier = load_classifier(device="cpu")
+    batch = np.stack([load_and_preprocess(p, classifier.info.recipe)
+                      for p in sorted(image_files(slide_tree))[:3]])  # fmt: skip
+    plain = classifier.predict(batch)
+    classifier.pad_to = 8
+    padded = classifier.predict(batch)
+    assert padded.shape == (3, 2) and np.allclose(plain, padded, atol=1e-6)
