@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.data import discover_dataset, split_by_patient
-from export.train import cached_arrays
+from export.train import load_split
 from smearscan.metrics import classification_metrics
 from smearscan.preprocess import Recipe, log_enhance
 
@@ -180,21 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     wanted = args.only.split(",") if args.only else ORDER
 
-    samples = discover_dataset(args.data)
-    labels = sorted({s.label for s in samples})
-    train_samples, val_samples = split_by_patient(samples, args.folds, args.fold, args.seed)
-    recipe = Recipe()
-    x_train, kept_train = cached_arrays(train_samples, recipe, args.cache_dir, 2)
-    x_val, kept_val = cached_arrays(val_samples, recipe, args.cache_dir, 2)
-    y_train = np.array([labels.index(train_samples[i].label) for i in kept_train])
-    y_val = np.array([labels.index(val_samples[i].label) for i in kept_val])
+    arrays = load_split(args.data, Recipe(), args.folds, args.fold, args.seed, args.cache_dir, 2)
+    labels = arrays.labels
+    x_train, y_train, x_val, y_val = arrays.x_train, arrays.y_train, arrays.x_val, arrays.y_val
     split = {
         "method": f"patient-disjoint, stratified by class, {args.folds} folds, fold {args.fold} "
         f"validates, seed {args.seed}",
-        "train_patients": len({s.patient for s in train_samples}),
-        "val_patients": len({s.patient for s in val_samples}),
-        "train_images": len(kept_train),
-        "val_images": len(kept_val),
+        "train_patients": len({s.patient for s in arrays.train_samples}),
+        "val_patients": len({s.patient for s in arrays.val_samples}),
+        "train_images": len(x_train),
+        "val_images": len(x_val),
     }
 
     def save(name: str, metrics: dict, started: float, seconds: float | None = None) -> None:

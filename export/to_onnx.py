@@ -194,6 +194,11 @@ def export(args: argparse.Namespace) -> dict:
     calibrated = apply_temperature(p_val, temperature)
     pos = labels.index(positive)
     threshold = threshold_for_sensitivity(y_val == pos, calibrated[:, pos], args.target_sensitivity)
+    at_threshold = classification_metrics(
+        y_val, calibrated, labels, positive,
+        y_pred=np.where(calibrated[:, pos] >= threshold, pos, 1 - pos) if len(labels) == 2
+        else None,
+    )  # fmt: skip
     calibration_info = {
         "temperature": round(temperature, 4),
         "ece_before": round(expected_calibration_error(y_val, p_val), 4),
@@ -202,6 +207,10 @@ def export(args: argparse.Namespace) -> dict:
         "threshold_rule": f"P({positive}) >= threshold gives sensitivity >= "
         f"{args.target_sensitivity:.2f} on the validation patients",
         "fitted_on": "validation patients",
+        "at_threshold": {
+            k: round(at_threshold[k], 4)
+            for k in ("sensitivity", "specificity", "accuracy", "weighted_f1")
+        },
     }
 
     proto = convert(model, recipe.input_size)

@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +95,38 @@ def cached_arrays(
     np.savez(tmp, x=x, kept=np.asarray(kept, np.int64))
     os.replace(tmp, path)
     return x, kept
+
+
+@dataclass
+class SplitArrays:
+    """A patient-disjoint split, preprocessed; unreadable images are already dropped."""
+
+    labels: list[str]
+    samples: list[Sample]
+    train_samples: list[Sample]
+    val_samples: list[Sample]
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+
+def load_split(
+    data: Path, recipe: Recipe, folds: int, fold: int, seed: int, cache_dir: Path, workers: int
+) -> SplitArrays:
+    """Discover, split by patient and preprocess (cached) a training folder."""
+    samples = discover_dataset(data)
+    labels = sorted({s.label for s in samples})
+    train_samples, val_samples = split_by_patient(samples, folds, fold, seed)
+    x_train, kept_train = cached_arrays(train_samples, recipe, cache_dir, workers)
+    x_val, kept_val = cached_arrays(val_samples, recipe, cache_dir, workers)
+    train_samples = [train_samples[i] for i in kept_train]
+    val_samples = [val_samples[i] for i in kept_val]
+    return SplitArrays(
+        labels, samples, train_samples, val_samples,
+        x_train, np.array([labels.index(s.label) for s in train_samples], dtype=np.int64),
+        x_val, np.array([labels.index(s.label) for s in val_samples], dtype=np.int64),
+    )  # fmt: skip
 
 
 def make_dataset(tf, x, y, args, training: bool, rng: np.random.Generator, patients=None):
@@ -193,10 +225,12 @@ def train(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(args.seed)
     started = time.time()
 
-    samples = discover_dataset(args.data)
-    labels = sorted({s.label for s in samples})
-    train_samples, val_samples = split_by_patient(samples, args.folds, args.fold, args.seed)
     recipe = recipe_from_args(args)
+    split = load_split(args.data, recipe, args.folds, args.fold, args.seed, args.cache_dir,
+                       args.workers)  # fmt: skip
+    labels, samples = split.labels, split.samples
+    train_samples, val_samples = split.train_samples, split.val_samples
+    x_train, y_train, x_val, y_val = split.x_train, split.y_train, split.x_val, split.y_val
     log.info(
         "%d images, %d patients, classes %s; train %d images / %d patients, validation %d / %d",
         len(samples),
@@ -207,12 +241,6 @@ def train(args: argparse.Namespace) -> dict:
         len(val_samples),
         len({s.patient for s in val_samples}),
     )
-    x_train, kept_train = cached_arrays(train_samples, recipe, args.cache_dir, args.workers)
-    x_val, kept_val = cached_arrays(val_samples, recipe, args.cache_dir, args.workers)
-    train_samples = [train_samples[i] for i in kept_train]
-    val_samples = [val_samples[i] for i in kept_val]
-    y_train = np.array([labels.index(s.label) for s in train_samples])
-    y_val = np.array([labels.index(s.label) for s in val_samples])
     patients_train = np.array([s.patient for s in train_samples])
     if len(set(y_val.tolist())) < 2:
         raise ValueError("validation patients cover fewer than two classes: use fewer --folds")

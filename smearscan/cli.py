@@ -48,6 +48,22 @@ def _setup_logging(env: Environment, quiet: bool, log_file: Path | None) -> None
         root.addHandler(file_handler)
 
 
+model_option = click.option(
+    "--model",
+    "-m",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="SMEARSCAN_MODEL",
+    help="ONNX model [default: the embedded model].",
+)
+device_option = click.option(
+    "--device",
+    default="auto",
+    envvar="SMEARSCAN_DEVICE",
+    show_default=True,
+    help="auto, cpu, cuda or cuda:N.",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="smearscan")
 @click.pass_context
@@ -94,20 +110,8 @@ def cli(ctx: click.Context) -> None:
     show_default=True,
     help="Slide = first N folder levels under the root (0 = the crop's folder).",
 )
-@click.option(
-    "--model",
-    "-m",
-    type=click.Path(path_type=Path, dir_okay=False),
-    envvar="SMEARSCAN_MODEL",
-    help="ONNX model [default: the embedded model].",
-)
-@click.option(
-    "--device",
-    default="auto",
-    envvar="SMEARSCAN_DEVICE",
-    show_default=True,
-    help="auto, cpu, cuda or cuda:N.",
-)
+@model_option
+@device_option
 @click.option(
     "--workers",
     type=click.IntRange(min=0),
@@ -363,14 +367,8 @@ class _Progress:
     required=True,
     help="Folder for the evaluation and scan reports.",
 )
-@click.option(
-    "--model",
-    "-m",
-    type=click.Path(path_type=Path, dir_okay=False),
-    envvar="SMEARSCAN_MODEL",
-    help="ONNX model [default: the embedded model].",
-)
-@click.option("--device", default="auto", envvar="SMEARSCAN_DEVICE", show_default=True)
+@model_option
+@device_option
 @click.option(
     "--threshold",
     type=click.FloatRange(0, 1),
@@ -427,13 +425,7 @@ def model() -> None:
 
 
 @model.command("info")
-@click.option(
-    "--model",
-    "-m",
-    type=click.Path(path_type=Path, dir_okay=False),
-    envvar="SMEARSCAN_MODEL",
-    help="ONNX model [default: the embedded model].",
-)
+@model_option
 @click.option("--json", "as_json", is_flag=True, help="Print all metadata as JSON.")
 @click.pass_obj
 def model_info(env: Environment, model, as_json) -> None:

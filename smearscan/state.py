@@ -182,15 +182,18 @@ class StateStore:
             yield item
         self._flush_seen()
 
+    def _write(self, statement: str, rows: list[tuple]) -> None:
+        """Run ``statement`` for every row in one transaction."""
+        if rows:
+            with self.db:
+                self.db.execute("BEGIN")
+                self.db.executemany(statement, rows)
+
     def _flush_seen(self) -> None:
-        if not self._seen_updates:
-            return
-        with self.db:
-            self.db.execute("BEGIN")
-            self.db.executemany(
-                "UPDATE files SET seen_run=?, seen_order=?, rel=?, slide=? WHERE file=?",
-                self._seen_updates,
-            )
+        self._write(
+            "UPDATE files SET seen_run=?, seen_order=?, rel=?, slide=? WHERE file=?",
+            self._seen_updates,
+        )
         self._seen_updates = []
 
     def record(self, result: CellResult) -> None:
@@ -205,14 +208,9 @@ class StateStore:
         )  # fmt: skip
 
     def commit(self) -> None:
-        if not self._pending_rows:
-            return
-        with self.db:
-            self.db.execute("BEGIN")
-            self.db.executemany(
-                "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                self._pending_rows,
-            )
+        self._write(
+            "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", self._pending_rows
+        )
         self._pending_rows = []
 
     def finish(self, status: str) -> None:
