@@ -102,6 +102,7 @@ def train_vgg(depth: int, args, work: Path) -> Path:
             "--width", str(args.width), "--epochs", str(args.epochs), "--batch-norm",
             "--lr", "1e-3", "--batch-size", "32", "--per-patient", str(args.per_patient),
             "--folds", str(args.folds), "--fold", str(args.fold), "--seed", str(args.seed),
+            "--split-seed", str(args.seed),
             "--cache-dir", str(args.cache_dir), "--quiet",
         ])  # fmt: skip
         if code != 0:

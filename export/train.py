@@ -41,12 +41,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pooling", default="global", choices=("global", "avg2"))
     p.add_argument("--dense", default="256,128", help="dense layer sizes, comma separated")
     p.add_argument("--dropout", type=float, default=0.3)
-    p.add_argument("--batch-norm", action="store_true", help="BatchNorm after each conv")
+    p.add_argument(
+        "--batch-norm",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="BatchNorm after each conv (without it, training did not start on C-NMC)",
+    )
     p.add_argument("--init", default="he_normal", help="Keras kernel initializer name")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-4, help="peak Adam learning rate (cosine decay)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak Adam learning rate (cosine decay)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and sampling seed")
+    p.add_argument(
+        "--split-seed",
+        type=int,
+        default=0,
+        help="seed of the patient split (kept apart from "
+        "--seed so that several initialisations can be compared on the same patients)",
+    )
     p.add_argument("--folds", type=int, default=4, help="patient-disjoint folds")
     p.add_argument("--fold", type=int, default=0, help="which fold validates")
     p.add_argument("--crop", default="bbox", choices=("full", "bbox", "window"))
@@ -58,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--per-patient",
         type=int,
-        default=0,
+        default=100,
         help="images drawn per patient per epoch (0 = all); evens out patients' influence",
     )
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -226,7 +238,7 @@ def train(args: argparse.Namespace) -> dict:
     started = time.time()
 
     recipe = recipe_from_args(args)
-    split = load_split(args.data, recipe, args.folds, args.fold, args.seed, args.cache_dir,
+    split = load_split(args.data, recipe, args.folds, args.fold, args.split_seed, args.cache_dir,
                        args.workers)  # fmt: skip
     labels, samples = split.labels, split.samples
     train_samples, val_samples = split.train_samples, split.val_samples
@@ -289,7 +301,7 @@ def train(args: argparse.Namespace) -> dict:
         },
         "split": {
             "method": f"patient-disjoint, stratified by class, {args.folds} folds, fold {args.fold}"
-            f" validates, seed {args.seed}",
+            f" validates, split seed {args.split_seed}",
             "train_patients": sorted({s.patient for s in train_samples}),
             "val_patients": sorted({s.patient for s in val_samples}),
             "train_images": len(train_samples),

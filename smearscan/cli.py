@@ -287,11 +287,15 @@ def _final_line(env: Environment, state: str, files: int = 0, ok: int = 0, error
                 seconds: float = 0.0, status: ExitStatus = ExitStatus.SUCCESS, pending: int = 0,
                 reused: int = 0) -> None:  # fmt: skip
     """One line for cron mail, printed even with --quiet."""
-    print(
+    line = (
         f"smearscan {state}: {files} files, {ok} ok, {errors} errors, {pending} pending, "
-        f"{reused} unchanged in {seconds:.1f} s; exit {int(status)} ({status.name.lower()})",
-        file=env.stderr,
+        f"{reused} unchanged in {seconds:.1f} s; exit {int(status)} ({status.name.lower()})"
     )
+    print(line, file=env.stderr)
+    record = log.makeRecord(log.name, logging.INFO, __file__, 0, line, None, None)
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.emit(record)
 
 
 class _Progress:

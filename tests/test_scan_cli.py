@@ -241,3 +241,50 @@ def test_padded_batches_give_the_same_probabilities(slide_tree):
     classifier.pad_to = 8
     padded = classifier.predict(batch)
     assert padded.shape == (3, 2) and np.allclose(plain, padded, atol=1e-6)
+
+
+def test_discovery_is_lazy(tmp_path, monkeypatch):
+    import smearscan.discover as discover_module
+
+    source = fixture_images()[0].read_bytes()
+    for i in range(30):
+        folder = tmp_path / f"slide_{i:02d}"
+        folder.mkdir()
+        (folder / "cell.webp").write_bytes(source)
+    listed = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(discover_module.os, "scandir",
+                        lambda path: listed.append(path) or real_scandir(path))  # fmt: skip
+    first = next(discover_module.discover([tmp_path]))
+    assert first.rel == "slide_00/cell.webp"
+    assert len(listed) <= 2  # the root and the first slide, not all 31 folders
+
+
+def test_unreadable_file_gets_an_error_row(tmp_path, slide_tree):
+    if os.geteuid() == 0:
+        pytest.skip("root reads files whatever their permissions")
+    locked = sorted(image_files(slide_tree))[0]
+    locked.chmod(0)
+    out = tmp_path / "r.csv"
+    result = run(["scan", str(slide_tree), "--out", str(out)])
+    assert result.exit_code == ExitStatus.SOME_UNREADABLE
+    row = next(r for r in rows(out) if r["path"] == str(locked.relative_to(slide_tree)))
+    assert row["error"] == "permission denied"
+
+
+def test_a_folder_named_like_an_image_is_reported_not_crashed_on(tmp_path, slide_tree):
+    (slide_tree / "patient_A" / "scan.png").mkdir()
+    (slide_tree / "patient_A" / "scan.png" / "inner.bmp").write_bytes(b"")
+    out = tmp_path / "r.csv"
+    result = run(["scan", str(slide_tree), "--out", str(out)])
+    table = rows(out)
+    assert len(table) == 9 and result.exit_code == ExitStatus.SOME_UNREADABLE
+    assert next(r for r in table if r["path"].endswith("inner.bmp"))["error"].startswith("empty")
+
+
+def test_log_file_gets_the_run_log(tmp_path, slide_tree):
+    log_file = tmp_path / "scan.log"
+    run(["scan", str(slide_tree), "--out", str(tmp_path / "r.csv"), "--log-file", str(log_file)])
+    text = log_file.read_text()
+    assert "execution provider CPUExecutionProvider" in text
+    assert text.strip().splitlines()[-1].endswith("exit 0 (success)")
