@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 class Found:
     """A discovered file: its path on disk, its path in reports and its slide."""
 
-    path: Path
+    path: str  # on disk; absolute for files found by walking a folder
     rel: str
     slide: str
     problem: str = ""  # non-empty: report this file as an error without reading it
@@ -42,7 +42,7 @@ def _slide_of(rel_parent: str, root_label: str, depth: int, prefix: str = "") ->
 
 
 def walk_root(
-    root: Path,
+    root: str | os.PathLike,
     *,
     prefix: str = "",
     recursive: bool = True,
@@ -50,6 +50,7 @@ def walk_root(
     slide_depth: int = 0,
 ) -> Iterator[Found]:
     """Image files under ``root`` in sorted depth-first order."""
+    root = os.path.abspath(root)
     root_real = os.path.realpath(root)
     root_label = prefix.rstrip("/") or Path(root_real).name or "."
     visited: set[tuple[int, int]] = set()
@@ -91,7 +92,7 @@ def walk_root(
                 if not _inside(real, root_real):
                     if is_image_path(entry.name) and matches(rel):
                         yield Found(
-                            Path(entry.path),
+                            entry.path,
                             shown,
                             _slide_of(rel_dir, root_label, slide_depth, prefix),
                             "symbolic link points outside the scanned folder; not followed",
@@ -105,9 +106,7 @@ def walk_root(
                 continue
             if not is_image_path(entry.name) or not matches(rel):
                 continue
-            yield Found(
-                Path(entry.path), shown, _slide_of(rel_dir, root_label, slide_depth, prefix)
-            )
+            yield Found(entry.path, shown, _slide_of(rel_dir, root_label, slide_depth, prefix))
         for path, rel in subdirs:
             yield from walk(path, rel)
 
@@ -149,7 +148,7 @@ def explicit_files(paths: Iterable[str | os.PathLike]) -> Iterator[Found]:
             problem = "is a directory"
         elif not is_image_path(path):
             problem = f"not an image file type ({path.suffix or 'no extension'})"
-        yield Found(path, str(raw), parent, problem)
+        yield Found(str(path), str(raw), parent, problem)
 
 
 def read_file_list(stream: Iterable[str]) -> Iterator[str]:

@@ -230,4 +230,5 @@ def load_and_preprocess(
 
 
 def is_image_path(path: str | os.PathLike) -> bool:
-    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+    """By extension, case-insensitive (cheap: called for every file of a share)."""
+    return os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES

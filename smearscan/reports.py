@@ -85,21 +85,25 @@ class RowWriter:
             raise ValueError("format must be csv or jsonl")
         self.handle, self.labels, self.fmt = handle, labels, fmt
         self.fields = row_fields(labels)
+        self.empty_probabilities = [""] * len(labels)
         if fmt == "csv":
-            self.writer = csv.DictWriter(handle, fieldnames=self.fields, lineterminator="\n")
-            self.writer.writeheader()
+            self.writer = csv.writer(handle, lineterminator="\n")
+            self.writer.writerow(self.fields)
 
     def write(self, result: CellResult) -> None:
-        values = row_values(result, self.labels)
         if self.fmt == "jsonl":
+            values = row_values(result, self.labels)
             self.handle.write(json.dumps(values, ensure_ascii=False) + "\n")
             return
-        self.writer.writerow(
-            {
-                k: ("" if v is None else neutralize(v) if isinstance(v, str) else f"{v:.6f}")
-                for k, v in values.items()
-            }
+        probabilities = (
+            [f"{p:.6f}" for p in result.probabilities]
+            if result.probabilities
+            else self.empty_probabilities
         )
+        self.writer.writerow(
+            [neutralize(result.path), neutralize(result.slide), neutralize(result.label),
+             *probabilities, result.status, neutralize(result.error)]
+        )  # fmt: skip
 
 
 @dataclass
@@ -117,10 +121,8 @@ class SlideStats:
             return
         self.cells += 1
         self.counts[result.label] = self.counts.get(result.label, 0) + 1
-        if not self.probability_sums:
-            self.probability_sums = [0.0] * len(labels)
-        for i, p in enumerate(result.probabilities):
-            self.probability_sums[i] += p
+        sums = self.probability_sums or [0.0] * len(labels)
+        self.probability_sums = [a + b for a, b in zip(sums, result.probabilities, strict=True)]
         if positive_index is not None:
             score = result.probabilities[positive_index]
             self.positive_scores.append(score)

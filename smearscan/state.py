@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import sqlite3
 import time
@@ -35,7 +34,7 @@ CREATE TABLE IF NOT EXISTS files (
     status TEXT NOT NULL,
     error TEXT NOT NULL,
     label TEXT NOT NULL,
-    probabilities TEXT NOT NULL, -- JSON list, in the model's label order
+    probabilities TEXT NOT NULL, -- comma-separated, in the model's label order
     scanned_run INTEGER NOT NULL,
     seen_run INTEGER NOT NULL,
     seen_order INTEGER NOT NULL
@@ -160,7 +159,7 @@ class StateStore:
         min_age_ns = int(min_age * 1e9)
         for item in found:
             counters.discovered += 1
-            file = os.path.abspath(item.path)
+            file = item.path if os.path.isabs(item.path) else os.path.abspath(item.path)
             try:
                 st = os.stat(item.path)
                 size, mtime_ns = st.st_size, st.st_mtime_ns
@@ -178,7 +177,7 @@ class StateStore:
                     self._flush_seen()
                 continue
             counters.to_scan += 1
-            self._orders[str(item.path)] = self._order
+            self._orders[item.path] = self._order
             yield item
         self._flush_seen()
 
@@ -203,7 +202,7 @@ class StateStore:
             (
                 os.path.abspath(result.file), result.path, result.slide, result.size,
                 result.mtime_ns, self.model_sha256, result.status, result.error, result.label,
-                json.dumps(result.probabilities), self.run_id, self.run_id, order,
+                ",".join(map(repr, result.probabilities)), self.run_id, self.run_id, order,
             )
         )  # fmt: skip
 
@@ -232,5 +231,6 @@ class StateStore:
             file, rel, slide, size, mtime_ns, status, error, label, probabilities = row
             yield CellResult(
                 path=rel, slide=slide, status=status, error=error, label=label,
-                probabilities=json.loads(probabilities), size=size, mtime_ns=mtime_ns, file=file,
+                probabilities=[float(p) for p in probabilities.split(",")] if probabilities else [],
+                size=size, mtime_ns=mtime_ns, file=file,
             )  # fmt: skip
