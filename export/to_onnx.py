@@ -49,6 +49,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--int8", action="store_true", help="also write <out>.int8.onnx (static QDQ)")
     p.add_argument("--calibration", type=Path, help="images for INT8 calibration")
     p.add_argument("--calibration-images", type=int, default=256)
+    p.add_argument(
+        "--int8-min-agreement",
+        type=float,
+        default=0.995,
+        help="write the INT8 file only if its argmax agrees with fp32 on at least this share "
+        "of validation images",
+    )
     p.add_argument("--parity-images", type=int, default=64)
     p.add_argument("--target-sensitivity", type=float, default=0.95)
     p.add_argument("--description", help="training data description for the metadata")
@@ -124,10 +131,20 @@ def set_metadata(proto, entries: dict[str, str]) -> None:
             item.key, item.value = key, value
 
 
-def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> None:
-    """Static INT8, QDQ format, per-channel weights, calibrated on real images."""
+def quantize_int8(
+    fp32_path: Path,
+    out_path: Path,
+    calibration: np.ndarray,
+    method: str = "minmax",
+    exclude_ops: tuple[str, ...] = (),
+) -> None:
+    """Static INT8, QDQ format, per-channel weights, calibrated on real images.
+
+    ``method``: minmax, percentile or entropy activation ranges; ``exclude_ops``: operator
+    types left in fp32 (e.g. the dense layers, which cost little and are sensitive)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
+        CalibrationMethod,
         QuantFormat,
         QuantType,
         quantize_static,
@@ -145,7 +162,14 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> N
 
     import onnx
 
-    input_name = onnx.load(str(fp32_path), load_external_data=False).graph.input[0].name
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }
+    graph = onnx.load(str(fp32_path), load_external_data=False).graph
+    input_name = graph.input[0].name
+    excluded = [node.name for node in graph.node if node.op_type in exclude_ops]
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
@@ -154,6 +178,8 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> N
             str(out_path),
             Reader(calibration, input_name),
             quant_format=QuantFormat.QDQ,
+            calibrate_method=methods[method],
+            nodes_to_exclude=excluded,
             per_channel=True,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
@@ -310,10 +336,14 @@ def export_int8(args, recipe, labels, positive, train_samples, val_samples, rng)
             "max_abs_prob_diff": round(float(np.abs(p32 - p8).max()), 5),
             "evaluated_on": f"{len(val_x)} validation-patient images",
         }
+        if agreement < args.int8_min_agreement:
+            log.warning("INT8 not written: agreement %.4f < %.4f", agreement,
+                        args.int8_min_agreement)  # fmt: skip
+            return {"path": None, "written": False, **quant}
         set_metadata(proto, {**dict(fp32.info.metadata), mf.KEY_QUANTIZATION: json.dumps(quant)})
         write_atomic_model(proto, int8_path)
     log.info("INT8: %s", quant)
-    return {"path": str(int8_path), **quant}
+    return {"path": str(int8_path), "written": True, **quant}
 
 
 def main(argv: list[str] | None = None) -> int:

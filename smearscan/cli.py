@@ -453,17 +453,17 @@ def model_info(env: Environment, model, as_json) -> None:
         click.echo(json.dumps({"path": str(info.path), "sha256": info.sha256,
                                "metadata": metadata}, indent=2))  # fmt: skip
         return
-    click.echo(f"model:        {info.path}")
-    click.echo(f"sha256:       {info.sha256}")
-    click.echo(f"labels:       {', '.join(info.labels)} (positive: {info.positive_class})")
-    click.echo(f"input:        {info.recipe.input_size}x{info.recipe.input_size} RGB")
-    click.echo(f"preprocess:   {info.recipe.to_json()}")
+    click.echo(f"model:            {info.path}")
+    click.echo(f"sha256:           {info.sha256}")
+    click.echo(f"labels:           {', '.join(info.labels)} (positive: {info.positive_class})")
+    click.echo(f"input:            {info.recipe.input_size}x{info.recipe.input_size} RGB")
+    click.echo(f"preprocess:       {info.recipe.to_json()}")
     for key in sorted(metadata):
         if key.startswith("smearscan.") and key not in ("smearscan.labels",
                                                         "smearscan.preprocessing"):  # fmt: skip
             value = metadata[key]
             text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
-            click.echo(f"{key.removeprefix('smearscan.') + ':':<14}{text}")
+            click.echo(f"{key.removeprefix('smearscan.') + ':':<18}{text}")
 
 
 def main(argv: list[str] | None = None, env: Environment | None = None) -> None:

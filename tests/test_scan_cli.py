@@ -199,7 +199,7 @@ def test_three_class_model_columns_come_from_metadata(tmp_path, slide_tree):
 def test_model_info_prints_metadata():
     result = run(["model", "info"])
     assert result.exit_code == 0
-    assert "labels:       all, hem" in result.output
+    assert "labels:           all, hem" in result.output
     assert "training_data" in result.output
     as_json = json.loads(run(["model", "info", "--json"]).output)
     assert json.loads(as_json["metadata"]["smearscan.preprocessing"]["crop"] and "1") == 1

@@ -61,7 +61,8 @@ def test_training_is_deterministic_for_a_seed(trained_run, tmp_path):
 def test_export_parity_metadata_and_scan(trained_run, tmp_path, slide_tree):
     model_path = tmp_path / "model.onnx"
     code = to_onnx.main([str(trained_run), "--out", str(model_path), "--int8",
-                         "--parity-images", "8", "--calibration-images", "16"])  # fmt: skip
+                         "--parity-images", "8", "--calibration-images", "16",
+                         "--int8-min-agreement", "0"])  # fmt: skip
     assert code == 0
     classifier = load_classifier(model_path, device="cpu")
     info = classifier.info
@@ -91,6 +92,15 @@ def test_export_parity_metadata_and_scan(trained_run, tmp_path, slide_tree):
     assert run(["scan", str(slide_tree), "--out", str(out), "--model", str(model_path)]
                ).exit_code == 0  # fmt: skip
     assert len(rows(out)) == 8
+
+
+def test_int8_below_the_agreement_gate_is_not_written(trained_run, tmp_path):
+    model_path = tmp_path / "model.onnx"
+    code = to_onnx.main([str(trained_run), "--out", str(model_path), "--int8",
+                         "--parity-images", "4", "--calibration-images", "8",
+                         "--int8-min-agreement", "1.01"])  # fmt: skip
+    assert code == 0 and model_path.exists()
+    assert not model_path.with_suffix(".int8.onnx").exists()
 
 
 def test_export_refuses_a_model_that_breaks_parity(trained_run, tmp_path, monkeypatch):
