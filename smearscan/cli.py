@@ -117,14 +117,14 @@ def cli(ctx: click.Context) -> None:
     type=click.IntRange(min=0),
     default=0,
     envvar="SMEARSCAN_WORKERS",
-    help="Decode threads (0 = one per core).",
+    help="Decode threads (0 = half the cores).",
 )
 @click.option(
     "--threads",
     type=click.IntRange(min=0),
     default=0,
     envvar="SMEARSCAN_THREADS",
-    help="onnxruntime intra-op threads (0 = its default).",
+    help="onnxruntime intra-op threads (0 = the cores decoding leaves).",
 )
 @click.option(
     "--batch-size",

@@ -44,7 +44,7 @@ class Recipe:
     """
 
     input_size: int = 128
-    crop: str = "bbox"
+    crop: str = "window"
     margin: float = 0.08
     window: int = 320
     background_threshold: int = 12

@@ -30,13 +30,13 @@ class ScanOptions:
     """Tuning knobs of a scan; the defaults suit a 2-core machine."""
 
     batch_size: int = 32
-    workers: int = 0  # 0: one per core
+    workers: int = 0  # 0: half the cores (the other half run onnxruntime)
     max_pixels: int = DEFAULT_MAX_PIXELS
     threshold: float | None = None  # P(positive) cut-off; None: the model's, else argmax
     tta: bool = False
 
     def resolved_workers(self) -> int:
-        return self.workers if self.workers > 0 else max(1, os.cpu_count() or 1)
+        return self.workers if self.workers > 0 else max(1, (os.cpu_count() or 1) // 2)
 
 
 @dataclass
