@@ -2,7 +2,7 @@
 
 The public API is small and imported lazily, so ``smearscan --help`` stays fast::
 
-    from smearscan import load_classifier, scan_paths, ScanOptions
+    from smearscan import load_classifier, run_scan, ScanRequest
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ _LAZY = {
     "ModelFileError": "smearscan.modelfile",
     "default_model_path": "smearscan.modelfile",
     "ScanOptions": "smearscan.scan",
-    "ScanResult": "smearscan.scan",
+    "ScanRequest": "smearscan.runner",
+    "run_scan": "smearscan.runner",
     "scan_paths": "smearscan.scan",
     "classification_metrics": "smearscan.metrics",
 }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -58,19 +58,6 @@ class CellResult:
         return self.status == STATUS_OK
 
 
-@dataclass
-class ScanResult:
-    """Totals of a finished :func:`scan_paths` run (the rows went to the callback)."""
-
-    ok: int = 0
-    errors: int = 0
-    interrupted: bool = False
-
-    @property
-    def files(self) -> int:
-        return self.ok + self.errors
-
-
 def decide(probabilities: np.ndarray, labels: list[str], positive: str | None,
            threshold: float | None) -> list[str]:  # fmt: skip
     """Labels from probabilities: P(positive) >= threshold for two-class models with a
@@ -110,7 +97,6 @@ def scan_paths(
     found: Iterable[Found],
     classifier: Classifier,
     options: ScanOptions | None = None,
-    on_result: Callable[[CellResult], None] | None = None,
     stop: threading.Event | None = None,
 ) -> Iterator[CellResult]:
     """Classify every discovered file, yielding results in input order.
@@ -163,8 +149,6 @@ def scan_paths(
                 probs, label = next(rows)
                 result.probabilities = [float(p) for p in probs]
                 result.label = label
-            if on_result:
-                on_result(result)
             yield result
         chunk, ready = [], 0
 
