@@ -117,14 +117,15 @@ def cli(ctx: click.Context) -> None:
     type=click.IntRange(min=0),
     default=0,
     envvar="SMEARSCAN_WORKERS",
-    help="Decode threads (0 = half the cores).",
+    help="Worker threads, each decoding a batch and running the model on it (0 = one per core).",
 )
 @click.option(
     "--threads",
-    type=click.IntRange(min=0),
-    default=0,
+    type=click.IntRange(min=1),
+    default=1,
     envvar="SMEARSCAN_THREADS",
-    help="onnxruntime intra-op threads (0 = the cores decoding leaves).",
+    show_default=True,
+    help="onnxruntime threads per inference; the workers already fill the cores.",
 )
 @click.option(
     "--batch-size",

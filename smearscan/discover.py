@@ -11,17 +11,20 @@ import fnmatch
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
-from smearscan.preprocess import is_image_path
+from smearscan.preprocess import IMAGE_SUFFIXES, is_image_path
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Found:
-    """A discovered file: its path on disk, its path in reports and its slide."""
+class Found(NamedTuple):
+    """A discovered file: its path on disk, its path in reports and its slide.
+
+    A named tuple, not a dataclass: one is built per file of a share, and a no-op nightly
+    rerun over tens of thousands of files is mostly this bookkeeping.
+    """
 
     path: str  # on disk; absolute for files found by walking a folder
     rel: str
@@ -31,6 +34,14 @@ class Found:
 
 def _inside(real: str, root_real: str) -> bool:
     return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
+
+
+def _is_image_name(name: str) -> bool:
+    """:func:`is_image_path` for a bare file name, without ``os.path`` overhead (same
+    answers: leading dots are part of the name, not an extension)."""
+    stripped = name.lstrip(".")
+    dot = stripped.rfind(".")
+    return dot >= 0 and stripped[dot:].lower() in IMAGE_SUFFIXES
 
 
 def _slide_of(rel_parent: str, root_label: str, depth: int, prefix: str = "") -> str:
@@ -79,6 +90,7 @@ def walk_root(
             log.warning("cannot list folder %s: %s", directory, exc.strerror)
             return
         subdirs = []
+        slide = _slide_of(rel_dir, root_label, slide_depth, prefix)
         for entry in listed:
             rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
             shown = f"{prefix}{rel}"
@@ -90,11 +102,11 @@ def walk_root(
             if is_link:
                 real = os.path.realpath(entry.path)
                 if not _inside(real, root_real):
-                    if is_image_path(entry.name) and matches(rel):
+                    if _is_image_name(entry.name) and matches(rel):
                         yield Found(
                             entry.path,
                             shown,
-                            _slide_of(rel_dir, root_label, slide_depth, prefix),
+                            slide,
                             "symbolic link points outside the scanned folder; not followed",
                         )
                     else:
@@ -104,9 +116,9 @@ def walk_root(
                 if recursive:
                     subdirs.append((entry.path, rel))
                 continue
-            if not is_image_path(entry.name) or not matches(rel):
+            if not _is_image_name(entry.name) or not matches(rel):
                 continue
-            yield Found(entry.path, shown, _slide_of(rel_dir, root_label, slide_depth, prefix))
+            yield Found(entry.path, shown, slide)
         for path, rel in subdirs:
             yield from walk(path, rel)
 

@@ -9,18 +9,36 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 #: Default ceiling on decoded pixels (width x height); crops are ~0.2 MP, so 64 MP is generous.
-#: It is checked from the file header before decoding; OpenCV's own limit is also set to it
-#: when this module is imported before cv2 (OpenCV reads the variable when it loads).
+#: OpenCV checks its own limit (OPENCV_IO_MAX_IMAGE_PIXELS, read once when cv2 loads) from
+#: the header before allocating; this module sets it when imported before cv2.
 DEFAULT_MAX_PIXELS = 64_000_000
+_CV2_LOADED_EARLIER = "cv2" in sys.modules
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS))
 
 import cv2  # noqa: E402  (must follow the environment variable above)
+
+
+def _opencv_pixel_limit() -> int | None:
+    """The header limit OpenCV enforces in this process, when we know it (None if cv2 was
+    loaded before we could set it)."""
+    if _CV2_LOADED_EARLIER:
+        return None
+    try:
+        return int(os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"])
+    except ValueError:
+        return None
+
+
+#: When set, decoding skips the Pillow header check for limits at or above it: OpenCV
+#: refuses an oversized header itself, before any allocation (a decompression bomb).
+OPENCV_PIXEL_LIMIT = _opencv_pixel_limit()
 
 IMAGE_SUFFIXES = frozenset({".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"})
 
@@ -79,8 +97,11 @@ class Recipe:
         return cls(**data)
 
 
-def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Read a file and return an RGB uint8 array, or raise :class:`ImageDecodeError`.
+def read_image(
+    path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, order: str = "rgb"
+) -> np.ndarray:
+    """Read a file and return a uint8 3-channel array (``order`` "rgb" or "bgr"), or raise
+    :class:`ImageDecodeError`.
 
     Reads the bytes ourselves (not ``cv2.imread``) so that I/O errors keep their reason and
     unicode or odd file names work everywhere.
@@ -95,23 +116,27 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         raise ImageDecodeError("is a directory") from None
     except OSError as exc:
         raise ImageDecodeError(f"read error: {exc.strerror or exc}") from None
-    return decode_image(data, max_pixels=max_pixels)
+    return decode_image(data, max_pixels=max_pixels, order=order)
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode encoded image bytes into RGB uint8, converting depth and channels as needed."""
+def decode_image(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, order: str = "rgb"
+) -> np.ndarray:
+    """Decode encoded image bytes into uint8 RGB (or BGR, OpenCV's native order, which
+    saves a full-size channel swap), converting depth and channels as needed."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
-    header_size = header_dimensions(data)
-    if header_size is not None and header_size[0] * header_size[1] > max_pixels:
-        width, height = header_size
-        raise ImageDecodeError(f"image too large ({width}x{height} > {max_pixels} pixels)")
+    if OPENCV_PIXEL_LIMIT is None or max_pixels < OPENCV_PIXEL_LIMIT:
+        header_size = header_dimensions(data)
+        if header_size is not None and header_size[0] * header_size[1] > max_pixels:
+            width, height = header_size
+            raise ImageDecodeError(f"image too large ({width}x{height} > {max_pixels} pixels)")
     buffer = np.frombuffer(data, dtype=np.uint8)
     try:
         image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:
         message = str(exc).strip().splitlines()[-1] if str(exc).strip() else "decoder error"
-        if "limit" in message.lower() or "exceeds" in message.lower():
+        if "CV_IO_MAX_IMAGE" in message or "limit" in message.lower():
             raise ImageDecodeError("image too large (pixel limit exceeded)") from None
         raise ImageDecodeError(f"not a decodable image ({message})") from None
     if image is None:
@@ -121,7 +146,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         raise ImageDecodeError(f"image too large ({width}x{height} > {max_pixels} pixels)")
     if height < 8 or width < 8:
         raise ImageDecodeError(f"image too small ({width}x{height})")
-    return to_rgb8(image)
+    return to_uint8_color(image, order)
 
 
 def header_dimensions(data: bytes) -> tuple[int, int] | None:
@@ -137,8 +162,20 @@ def header_dimensions(data: bytes) -> tuple[int, int] | None:
         return None
 
 
-def to_rgb8(image: np.ndarray) -> np.ndarray:
-    """Convert any decoded OpenCV array (BGR/BGRA/gray, 8/16-bit/float) to RGB uint8."""
+_CONVERSIONS = {
+    ("gray", "rgb"): cv2.COLOR_GRAY2RGB,
+    ("gray", "bgr"): cv2.COLOR_GRAY2BGR,
+    ("bgr", "rgb"): cv2.COLOR_BGR2RGB,
+    ("bgra", "rgb"): cv2.COLOR_BGRA2RGB,
+    ("bgra", "bgr"): cv2.COLOR_BGRA2BGR,
+}
+
+
+def to_uint8_color(image: np.ndarray, order: str = "rgb") -> np.ndarray:
+    """Convert any decoded OpenCV array (BGR/BGRA/gray, 8/16-bit/float) to 3-channel uint8
+    in ``order`` ("rgb" or "bgr")."""
+    if order not in ("rgb", "bgr"):
+        raise ValueError(f"order must be 'rgb' or 'bgr', not {order!r}")
     if image.dtype == np.uint16:
         image = (image >> 8).astype(np.uint8)
     elif image.dtype in (np.float32, np.float64):
@@ -146,21 +183,22 @@ def to_rgb8(image: np.ndarray) -> np.ndarray:
         image = np.clip(np.nan_to_num(image) * (255.0 / peak), 0, 255).astype(np.uint8)
     elif image.dtype != np.uint8:
         raise ImageDecodeError(f"unsupported pixel type {image.dtype}")
-    if image.ndim == 2:
-        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-    channels = image.shape[2]
-    if channels == 1:
-        return cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2RGB)
-    if channels == 3:
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    if channels == 4:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
-    raise ImageDecodeError(f"unsupported channel count {channels}")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    source = {1: "gray", 3: "bgr", 4: "bgra"}.get(channels)
+    if source is None:
+        raise ImageDecodeError(f"unsupported channel count {channels}")
+    if source == order:
+        return image
+    return cv2.cvtColor(image, _CONVERSIONS[(source, order)])
 
 
-def cell_box(rgb: np.ndarray, threshold: int) -> tuple[int, int, int, int] | None:
+def cell_box(
+    image: np.ndarray, threshold: int, order: str = "rgb"
+) -> tuple[int, int, int, int] | None:
     """Bounding box (x, y, w, h) of the non-background pixels, or None for an empty frame."""
-    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY if order == "rgb" else cv2.COLOR_BGR2GRAY)
     _, mask = cv2.threshold(gray, threshold, 255, cv2.THRESH_BINARY)
     x, y, w, h = cv2.boundingRect(mask)
     if w == 0 or h == 0:
@@ -168,15 +206,15 @@ def cell_box(rgb: np.ndarray, threshold: int) -> tuple[int, int, int, int] | Non
     return x, y, w, h
 
 
-def _square_crop(rgb: np.ndarray, cx: float, cy: float, side: int) -> np.ndarray:
+def _square_crop(image: np.ndarray, cx: float, cy: float, side: int) -> np.ndarray:
     """A side x side crop centred on (cx, cy), padded with black where it leaves the frame."""
     side = max(int(round(side)), 1)
     x0 = int(round(cx - side / 2))
     y0 = int(round(cy - side / 2))
-    height, width = rgb.shape[:2]
+    height, width = image.shape[:2]
     top, left = max(0, -y0), max(0, -x0)
     bottom, right = max(0, y0 + side - height), max(0, x0 + side - width)
-    cropped = rgb[max(0, y0) : min(height, y0 + side), max(0, x0) : min(width, x0 + side)]
+    cropped = image[max(0, y0) : min(height, y0 + side), max(0, x0) : min(width, x0 + side)]
     if top or left or bottom or right:
         cropped = cv2.copyMakeBorder(
             cropped, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(0, 0, 0)
@@ -184,21 +222,22 @@ def _square_crop(rgb: np.ndarray, cx: float, cy: float, side: int) -> np.ndarray
     return cropped
 
 
-def frame_cell(rgb: np.ndarray, recipe: Recipe) -> np.ndarray:
-    """Apply the recipe's crop mode, returning a square RGB region (not yet resized)."""
+def frame_cell(image: np.ndarray, recipe: Recipe, order: str = "rgb") -> np.ndarray:
+    """Apply the recipe's crop mode, returning a square region (not yet resized) in the
+    channel order of the input."""
     if recipe.crop == "full":
-        height, width = rgb.shape[:2]
+        height, width = image.shape[:2]
         if height == width:
-            return rgb
-        return _square_crop(rgb, width / 2, height / 2, max(height, width))
-    box = cell_box(rgb, recipe.background_threshold)
+            return image
+        return _square_crop(image, width / 2, height / 2, max(height, width))
+    box = cell_box(image, recipe.background_threshold, order)
     if box is None:
-        height, width = rgb.shape[:2]
+        height, width = image.shape[:2]
         box = (0, 0, width, height)
     x, y, w, h = box
     cx, cy = x + w / 2, y + h / 2
     side = max(w, h) * (1 + 2 * recipe.margin) if recipe.crop == "bbox" else recipe.window
-    return _square_crop(rgb, cx, cy, int(side))
+    return _square_crop(image, cx, cy, int(side))
 
 
 def log_enhance(rgb: np.ndarray, sigma: float, weight: float) -> np.ndarray:
@@ -209,24 +248,32 @@ def log_enhance(rgb: np.ndarray, sigma: float, weight: float) -> np.ndarray:
     return np.clip(image - weight * laplacian, 0, 255).astype(np.uint8)
 
 
-def preprocess(rgb: np.ndarray, recipe: Recipe) -> np.ndarray:
-    """RGB uint8 crop -> model input: float32 (size, size, 3) in [0, 1].
+def preprocess(image: np.ndarray, recipe: Recipe, order: str = "rgb") -> np.ndarray:
+    """Decoded uint8 crop (RGB, or BGR with ``order="bgr"``) -> model input: float32 RGB
+    (size, size, 3) in [0, 1].
 
-    This is the one preprocessing function; training and scanning both call it.
+    This is the one preprocessing function; training and scanning both call it (through
+    :func:`load_and_preprocess`). Every step is per channel except the cell mask, which
+    uses the matching grey conversion, so both orders give identical inputs; BGR lets the
+    channel swap run on the small resized image instead of the full frame.
     """
-    framed = frame_cell(rgb, recipe)
+    framed = frame_cell(image, recipe, order)
     size = recipe.input_size
     resized = cv2.resize(framed, (size, size), interpolation=INTERPOLATIONS[recipe.interpolation])
+    if order == "bgr":
+        resized = cv2.cvtColor(resized, cv2.COLOR_BGR2RGB)
     if recipe.log_enhance:
         resized = log_enhance(resized, recipe.log_sigma, recipe.log_weight)
-    return resized.astype(np.float32) * np.float32(1.0 / 255.0)
+    scaled = resized.astype(np.float32)
+    scaled *= np.float32(1.0 / 255.0)
+    return scaled
 
 
 def load_and_preprocess(
     path: str | os.PathLike, recipe: Recipe, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> np.ndarray:
     """Read a file and preprocess it; raises :class:`ImageDecodeError` for unusable files."""
-    return preprocess(read_image(path, max_pixels=max_pixels), recipe)
+    return preprocess(read_image(path, max_pixels=max_pixels, order="bgr"), recipe, order="bgr")
 
 
 def is_image_path(path: str | os.PathLike) -> bool:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from smearscan import __version__
-from smearscan.scan import CellResult
+from smearscan.scan import STATUS_OK, CellResult
 
 REPORT_MODE = 0o640
 CSV_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
@@ -116,21 +116,36 @@ class SlideStats:
     suspicious: list[tuple[float, str, str]] = field(default_factory=list)  # min-heap
 
     def add(self, result: CellResult, labels: list[str], positive_index: int | None) -> None:
-        if not result.ok:
+        if result.status != STATUS_OK:
             self.errors += 1
             return
         self.cells += 1
         self.counts[result.label] = self.counts.get(result.label, 0) + 1
-        sums = self.probability_sums or [0.0] * len(labels)
-        self.probability_sums = [a + b for a, b in zip(sums, result.probabilities, strict=True)]
+        probabilities = result.probabilities
+        sums = self.probability_sums
+        if not sums:
+            self.probability_sums = list(probabilities)
+        else:
+            for i, p in enumerate(probabilities):
+                sums[i] += p
         if positive_index is not None:
-            score = result.probabilities[positive_index]
+            score = probabilities[positive_index]
             self.positive_scores.append(score)
-            entry = (score, result.path, result.file)
             if len(self.suspicious) < THUMBNAILS_PER_SLIDE:
-                heapq.heappush(self.suspicious, entry)
+                heapq.heappush(self.suspicious, (score, result.path, result.file))
             elif score > self.suspicious[0][0]:
-                heapq.heapreplace(self.suspicious, entry)
+                heapq.heapreplace(self.suspicious, (score, result.path, result.file))
+
+    def merge(self, other: SlideStats) -> None:
+        """Add another slide's counts (for the overall totals)."""
+        self.cells += other.cells
+        self.errors += other.errors
+        for label, count in other.counts.items():
+            self.counts[label] = self.counts.get(label, 0) + count
+        if other.probability_sums:
+            sums = self.probability_sums or [0.0] * len(other.probability_sums)
+            self.probability_sums = [a + b for a, b in zip(sums, other.probability_sums,
+                                                            strict=True)]  # fmt: skip
 
     def to_dict(self, labels: list[str], positive: str | None, slide_threshold: float) -> dict:
         cells = self.cells
@@ -170,17 +185,24 @@ class SummaryBuilder:
         self.positive = positive if positive in labels else None
         self.positive_index = labels.index(positive) if self.positive else None
         self.slide_threshold = slide_threshold
-        self.overall = SlideStats()
         self.slides: dict[str, SlideStats] = {}
-        self.histogram = np.zeros(HISTOGRAM_BINS, np.int64)
+        self.histogram = [0] * HISTOGRAM_BINS
         self.error_reasons: dict[str, int] = {}
 
+    @property
+    def overall(self) -> SlideStats:
+        """Totals over all slides (summed at the end rather than once more per cell)."""
+        total = SlideStats()
+        for stats in self.slides.values():
+            total.merge(stats)
+        return total
+
     def add(self, result: CellResult) -> None:
-        self.overall.add(result, self.labels, None)
-        self.slides.setdefault(result.slide, SlideStats()).add(
-            result, self.labels, self.positive_index
-        )
-        if not result.ok:
+        stats = self.slides.get(result.slide)
+        if stats is None:
+            stats = self.slides[result.slide] = SlideStats()
+        stats.add(result, self.labels, self.positive_index)
+        if result.status != STATUS_OK:
             reason = result.error.split(" (")[0]
             self.error_reasons[reason] = self.error_reasons.get(reason, 0) + 1
         elif self.positive_index is not None:
@@ -209,7 +231,7 @@ class SummaryBuilder:
             "histogram": {
                 "of": f"p_{self.positive}" if self.positive else None,
                 "bins": HISTOGRAM_BINS,
-                "counts": self.histogram.tolist(),
+                "counts": list(self.histogram),
             },
         }
 

@@ -1,13 +1,17 @@
-"""The scanning pipeline: discovered files -> parallel decode/preprocess -> batched inference.
+"""The scanning pipeline: discovered files -> batches -> (decode, preprocess, infer) in parallel.
 
-Decoding runs in a thread pool (OpenCV and onnxruntime release the GIL), with a bounded
-window of files in flight, so memory stays flat however many files there are. Inference runs
-in the calling thread on full batches while the pool decodes the next ones. Results come out
-in discovery order, one :class:`CellResult` per input file, errors included.
+Each worker thread takes a whole batch of files, decodes and preprocesses them and runs the
+model on them (OpenCV and onnxruntime release the GIL). With one onnxruntime thread per
+worker, every core works on its own batch from start to end: decoding and inference overlap
+without the hand-offs and idle waits of a decode pool feeding a separate inference stage
+(measured in docs/performance.md). At most a few batches per worker are in flight, so memory
+stays flat however many files there are. Results come out in discovery order, one
+:class:`CellResult` per input file, errors included.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections import deque
@@ -30,13 +34,13 @@ class ScanOptions:
     """Tuning knobs of a scan; the defaults suit a 2-core machine."""
 
     batch_size: int = 32
-    workers: int = 0  # 0: half the cores (the other half run onnxruntime)
+    workers: int = 0  # 0: one per core; each decodes a batch and runs the model on it
     max_pixels: int = DEFAULT_MAX_PIXELS
     threshold: float | None = None  # P(positive) cut-off; None: the model's, else argmax
     tta: bool = False
 
     def resolved_workers(self) -> int:
-        return self.workers if self.workers > 0 else max(1, (os.cpu_count() or 1) // 2)
+        return self.workers if self.workers > 0 else max(1, os.cpu_count() or 1)
 
 
 @dataclass
@@ -93,6 +97,11 @@ def _stat(path) -> tuple[int, int]:
         return -1, -1
 
 
+def _batches(items: Iterator[Found], size: int) -> Iterator[list[Found]]:
+    while batch := list(itertools.islice(items, size)):
+        yield batch
+
+
 def scan_paths(
     found: Iterable[Found],
     classifier: Classifier,
@@ -101,8 +110,8 @@ def scan_paths(
 ) -> Iterator[CellResult]:
     """Classify every discovered file, yielding results in input order.
 
-    ``stop`` (for SIGINT/SIGTERM) stops submitting files; the few already in flight are
-    finished and reported, the rest are left for the next run.
+    ``stop`` (for SIGINT/SIGTERM) stops submitting batches and cancels those not started;
+    batches already running are finished and reported, the rest are left for the next run.
     """
     options = options or ScanOptions()
     recipe = classifier.info.recipe
@@ -111,12 +120,12 @@ def scan_paths(
     if threshold is None:
         threshold = classifier.info.calibration().get("threshold")
     positive = classifier.info.positive_class
+    batch_size = max(1, options.batch_size)
     if classifier.provider == "CUDAExecutionProvider" and classifier.pad_to is None:
-        classifier.pad_to = options.batch_size
+        classifier.pad_to = batch_size
     workers = options.resolved_workers()
-    window = max(options.batch_size * 2, workers * 4)
 
-    def work(item: Found) -> tuple[CellResult, np.ndarray | None]:
+    def load(item: Found) -> tuple[CellResult, np.ndarray | None]:
         size, mtime = _stat(item.path)
         base = CellResult(item.rel, item.slide, STATUS_OK, size=size, mtime_ns=mtime,
                           file=str(item.path))  # fmt: skip
@@ -133,45 +142,34 @@ def scan_paths(
             return base, None
         return base, image
 
-    pending: deque[Future] = deque()
-    chunk: list[tuple[CellResult, np.ndarray | None]] = []
-    ready = 0
-
-    def flush() -> Iterator[CellResult]:
-        nonlocal chunk, ready
-        images = [image for _, image in chunk if image is not None]
+    def work(items: list[Found]) -> list[CellResult]:
+        loaded = [load(item) for item in items]
+        images = [image for _, image in loaded if image is not None]
         if images:
             probabilities = predict_batch(classifier, np.stack(images), options.tta)
-            decided = decide(probabilities, labels, positive, threshold)
-            rows = iter(zip(probabilities, decided, strict=False))
-        for result, image in chunk:
-            if image is not None:
-                probs, label = next(rows)
-                result.probabilities = [float(p) for p in probs]
-                result.label = label
-            yield result
-        chunk, ready = [], 0
+            decided = iter(zip(probabilities, decide(probabilities, labels, positive, threshold),
+                               strict=True))  # fmt: skip
+            for result, image in loaded:
+                if image is not None:
+                    probs, label = next(decided)
+                    result.probabilities = [float(p) for p in probs]
+                    result.label = label
+        return [result for result, _ in loaded]
 
-    iterator = iter(found)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-        exhausted = False
+    batches = _batches(iter(found), batch_size)
+    in_flight: deque[Future] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scan") as pool:
         while True:
-            while not exhausted and len(pending) < window:
-                if stop is not None and stop.is_set():
-                    exhausted = True
+            while len(in_flight) < 2 * workers and not (stop is not None and stop.is_set()):
+                batch = next(batches, None)
+                if batch is None:
                     break
-                item = next(iterator, None)
-                if item is None:
-                    exhausted = True
-                    break
-                pending.append(pool.submit(work, item))
-            if not pending:
+                in_flight.append(pool.submit(work, batch))
+            if stop is not None and stop.is_set():
+                # not-yet-started batches are left for the next run (FIFO: always a suffix)
+                for future in list(in_flight):
+                    if future.cancel():
+                        in_flight.remove(future)
+            if not in_flight:
                 break
-            result, image = pending.popleft().result()
-            chunk.append((result, image))
-            if image is not None:
-                ready += 1
-            if ready >= options.batch_size:
-                yield from flush()
-        if chunk:
-            yield from flush()
+            yield from in_flight.popleft().result()

@@ -134,10 +134,16 @@ class StateStore:
         self.run_id = self.db.execute(
             "INSERT INTO runs (started, model_sha256) VALUES (?, ?)", (time.time(), model_sha256)
         ).lastrowid
+        # which files this run saw, in discovery order: a per-connection table, so that an
+        # unchanged file costs one in-memory insert instead of an update of the file itself
+        self.db.execute(
+            "CREATE TEMP TABLE seen (seen_order INTEGER PRIMARY KEY, file TEXT NOT NULL UNIQUE, "
+            "rel TEXT NOT NULL, slide TEXT NOT NULL)"
+        )
         self._order = 0
         self._orders: dict[str, int] = {}
         self._pending_rows: list[tuple] = []
-        self._seen_updates: list[tuple] = []
+        self._seen_rows: list[tuple] = []
 
     def close(self) -> None:
         self.db.close()
@@ -157,11 +163,13 @@ class StateStore:
         known = self.known()
         now_ns = time.time_ns()
         min_age_ns = int(min_age * 1e9)
+        model = self.model_sha256
         for item in found:
             counters.discovered += 1
-            file = item.path if os.path.isabs(item.path) else os.path.abspath(item.path)
+            path = item.path
+            file = path if os.path.isabs(path) else os.path.abspath(path)
             try:
-                st = os.stat(item.path)
+                st = os.stat(path)
                 size, mtime_ns = st.st_size, st.st_mtime_ns
             except OSError:
                 size = mtime_ns = -1
@@ -169,15 +177,14 @@ class StateStore:
                 counters.pending += 1
                 continue
             self._order += 1
-            previous = known.get(file)
-            if previous == (size, mtime_ns, self.model_sha256, STATUS_OK) and not item.problem:
+            if known.get(file) == (size, mtime_ns, model, STATUS_OK) and not item.problem:
                 counters.reused += 1
-                self._seen_updates.append((self.run_id, self._order, item.rel, item.slide, file))
-                if len(self._seen_updates) >= 5000:
+                self._seen_rows.append((self._order, file, item.rel, item.slide))
+                if len(self._seen_rows) >= 5000:
                     self._flush_seen()
                 continue
             counters.to_scan += 1
-            self._orders[item.path] = self._order
+            self._orders[path] = self._order
             yield item
         self._flush_seen()
 
@@ -189,28 +196,29 @@ class StateStore:
                 self.db.executemany(statement, rows)
 
     def _flush_seen(self) -> None:
-        self._write(
-            "UPDATE files SET seen_run=?, seen_order=?, rel=?, slide=? WHERE file=?",
-            self._seen_updates,
-        )
-        self._seen_updates = []
+        # a file named twice (overlapping inputs) is reported once, at its last position
+        self._write("INSERT OR REPLACE INTO temp.seen VALUES (?,?,?,?)", self._seen_rows)
+        self._seen_rows = []
 
     def record(self, result: CellResult) -> None:
         """Queue a fresh result; :meth:`commit` writes queued results in one transaction."""
         order = self._orders.pop(result.file, self._order)
+        file = os.path.abspath(result.file)
         self._pending_rows.append(
             (
-                os.path.abspath(result.file), result.path, result.slide, result.size,
-                result.mtime_ns, self.model_sha256, result.status, result.error, result.label,
+                file, result.path, result.slide, result.size, result.mtime_ns,
+                self.model_sha256, result.status, result.error, result.label,
                 ",".join(map(repr, result.probabilities)), self.run_id, self.run_id, order,
             )
         )  # fmt: skip
+        self._seen_rows.append((order, file, result.path, result.slide))
 
     def commit(self) -> None:
         self._write(
             "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", self._pending_rows
         )
         self._pending_rows = []
+        self._flush_seen()
 
     def finish(self, status: str) -> None:
         self.commit()
@@ -222,12 +230,13 @@ class StateStore:
     def results(self, new_only: bool = False) -> Iterator[CellResult]:
         """This run's report rows in discovery order: every file seen now (merged), or only
         those scanned now. Files deleted since earlier runs are not seen, so they drop out."""
-        column = "scanned_run" if new_only else "seen_run"
         query = (
-            "SELECT file, rel, slide, size, mtime_ns, status, error, label, probabilities "
-            f"FROM files WHERE {column}=? AND seen_run=? ORDER BY seen_order"
+            "SELECT f.file, s.rel, s.slide, f.size, f.mtime_ns, f.status, f.error, f.label, "
+            "f.probabilities FROM temp.seen s JOIN files f ON f.file = s.file"
+            + (" WHERE f.scanned_run = ?" if new_only else "")
+            + " ORDER BY s.seen_order"
         )
-        for row in self.db.execute(query, (self.run_id, self.run_id)):
+        for row in self.db.execute(query, (self.run_id,) if new_only else ()):
             file, rel, slide, size, mtime_ns, status, error, label, probabilities = row
             yield CellResult(
                 path=rel, slide=slide, status=status, error=error, label=label,

@@ -1,5 +1,6 @@
 import hashlib
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -145,3 +146,55 @@ def test_recipe_json_round_trip_and_validation():
         Recipe.from_json(json.dumps({**json.loads(recipe.to_json()), "version": 99}))
     with pytest.raises(ValueError, match="crop"):
         Recipe(crop="zoom")
+
+
+@pytest.mark.parametrize("recipe", [Recipe(), Recipe(crop="bbox"), Recipe(crop="full"),
+                                    Recipe(log_enhance=True)])  # fmt: skip
+def test_bgr_fast_path_gives_identical_inputs(tmp_path, recipe):
+    """Scanning and training decode to BGR and swap channels after resizing; that must give
+    bit-identical model inputs to preprocessing the RGB image, for every kind of file."""
+    bgr = read_bgr(fixture_images()[0])
+    variants = {
+        "colour.bmp": bgr,
+        "gray.png": cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY),
+        "deep.png": bgr.astype(np.uint16) * 257,
+        "alpha.png": cv2.cvtColor(bgr, cv2.COLOR_BGR2BGRA),
+        "colour.tif": bgr,
+    }
+    for name, array in variants.items():
+        path = tmp_path / name
+        cv2.imwrite(str(path), array)
+        expected = preprocess(read_image(path), recipe)
+        assert np.array_equal(load_and_preprocess(path, recipe), expected), name
+    for path in fixture_images():
+        assert np.array_equal(load_and_preprocess(path, recipe),
+                              preprocess(read_image(path), recipe))  # fmt: skip
+
+
+BOMB_CHECK = """
+import sys
+if sys.argv[1] == "cv2-first":
+    import cv2
+from smearscan.preprocess import OPENCV_PIXEL_LIMIT, ImageDecodeError, decode_image
+import cv2, numpy as np
+ok, png = cv2.imencode(".png", np.zeros((9000, 9000), np.uint8))
+try:
+    decode_image(png.tobytes())
+    print("DECODED")
+except ImageDecodeError as exc:
+    print(OPENCV_PIXEL_LIMIT, exc)
+"""
+
+
+@pytest.mark.parametrize("import_order", ["smearscan-first", "cv2-first"])
+def test_bomb_is_refused_whichever_module_loads_first(import_order):
+    """With smearscan loaded first OpenCV enforces the limit from the header itself; with
+    cv2 loaded first (its limit unknown) the Pillow header check does."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", BOMB_CHECK, import_order], capture_output=True,
+                          text=True, check=True, cwd=Path(__file__).parents[1])  # fmt: skip
+    limit, _, message = done.stdout.strip().partition(" ")
+    assert "too large" in message
+    assert limit == ("64000000" if import_order == "smearscan-first" else "None")

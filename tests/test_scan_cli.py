@@ -288,3 +288,29 @@ def test_log_file_gets_the_run_log(tmp_path, slide_tree):
     text = log_file.read_text()
     assert "execution provider CPUExecutionProvider" in text
     assert text.strip().splitlines()[-1].endswith("exit 0 (success)")
+
+
+@pytest.mark.parametrize(("workers", "batch_size"), [(1, 32), (2, 3), (3, 1)])
+def test_parallel_batches_keep_order_and_match_one_big_batch(slide_tree, workers, batch_size):
+    """Workers run whole batches concurrently on one session; results must come back in
+    discovery order, each with the probabilities of its own image."""
+    import numpy as np
+
+    from smearscan.discover import discover
+    from smearscan.inference import load_classifier
+    from smearscan.preprocess import load_and_preprocess
+    from smearscan.scan import ScanOptions, scan_paths
+
+    (slide_tree / "patient_A" / "broken.png").write_bytes(b"not an image")
+    classifier = load_classifier(device="cpu")
+    found = list(discover([slide_tree]))
+    options = ScanOptions(batch_size=batch_size, workers=workers, threshold=0.5)
+    results = list(scan_paths(found, classifier, options))
+    assert [r.path for r in results] == [f.rel for f in found]
+    good = [f for f in found if not f.rel.endswith("broken.png")]
+    reference = classifier.predict(np.stack([load_and_preprocess(f.path, classifier.info.recipe)
+                                             for f in good]))  # fmt: skip
+    by_path = {r.path: r for r in results}
+    assert by_path["patient_A/broken.png"].status == "error"
+    for item, expected in zip(good, reference, strict=True):
+        assert np.allclose(by_path[item.rel].probabilities, expected, atol=1e-5)
