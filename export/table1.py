@@ -131,12 +131,21 @@ def vgg16_rf_row(run: Path, x_train, y_train, x_val, y_val, labels, seed: int) -
     return classification_metrics(y_val, forest.predict_proba(f_val), labels, positive="all")
 
 
+def results_json_path(out: Path) -> Path:
+    """The table's raw numbers, committed beside it (``docs/table1.md`` ->
+    ``docs/table1-results.json``)."""
+    return out.with_name(out.stem + "-results.json")
+
+
 def render(results: dict, args, split: dict) -> str:
     lines = [
         "# Table I, reproduced on a patient-disjoint split",
         "",
         f"Command: `python -m export.table1 --data {args.data} --out {args.out} "
-        f"--width {args.width} --epochs {args.epochs} --seed {args.seed}`",
+        f"--width {args.width} --epochs {args.epochs} --seed {args.seed}"
+        + (f" --vgg13-run {args.vgg13_run}" if args.vgg13_run else "")
+        + f"` (per-row results: `{results_json_path(args.out).name}`; copy it to "
+        "`<work>/results.json` to resume or re-render without retraining)",
         "",
         f"Split: {split['method']}; {split['train_patients']} training patients "
         f"({split['train_images']} images), {split['val_patients']} validation patients "
@@ -228,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             save(name, metrics, started, seconds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(results, args, split))
-    log.info("wrote %s", args.out)
+    results_json_path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    log.info("wrote %s and %s", args.out, results_json_path(args.out))
     return 0
 
 

@@ -44,6 +44,10 @@ def _is_image_name(name: str) -> bool:
     return dot >= 0 and stripped[dot:].lower() in IMAGE_SUFFIXES
 
 
+def _entry_name(entry: os.DirEntry) -> str:
+    return entry.name
+
+
 def _slide_of(rel_parent: str, root_label: str, depth: int, prefix: str = "") -> str:
     """The folder holding a crop, relative to the root (first ``depth`` levels if > 0)."""
     if rel_parent in ("", "."):
@@ -85,15 +89,15 @@ def walk_root(
         visited.add(key)
         try:
             with os.scandir(directory) as entries:
-                listed = sorted(entries, key=lambda e: e.name)
+                listed = sorted(entries, key=_entry_name)
         except OSError as exc:
             log.warning("cannot list folder %s: %s", directory, exc.strerror)
             return
         subdirs = []
         slide = _slide_of(rel_dir, root_label, slide_depth, prefix)
+        rel_prefix = f"{rel_dir}/" if rel_dir else ""
         for entry in listed:
-            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-            shown = f"{prefix}{rel}"
+            name = entry.name
             try:
                 is_link = entry.is_symlink()
                 is_dir = entry.is_dir()  # follows links
@@ -102,23 +106,28 @@ def walk_root(
             if is_link:
                 real = os.path.realpath(entry.path)
                 if not _inside(real, root_real):
-                    if _is_image_name(entry.name) and matches(rel):
+                    rel = rel_prefix + name
+                    if _is_image_name(name) and matches(rel):
                         yield Found(
                             entry.path,
-                            shown,
+                            prefix + rel,
                             slide,
                             "symbolic link points outside the scanned folder; not followed",
                         )
                     else:
-                        log.warning("not following %s: link leaves the scanned folder", shown)
+                        log.warning("not following %s: link leaves the scanned folder",
+                                    prefix + rel)  # fmt: skip
                     continue
             if is_dir:
                 if recursive:
-                    subdirs.append((entry.path, rel))
+                    subdirs.append((entry.path, rel_prefix + name))
                 continue
-            if not _is_image_name(entry.name) or not matches(rel):
+            if not _is_image_name(name):
                 continue
-            yield Found(entry.path, shown, slide)
+            rel = rel_prefix + name
+            if pattern is not None and not matches(rel):
+                continue
+            yield Found(entry.path, prefix + rel, slide)
         for path, rel in subdirs:
             yield from walk(path, rel)
 

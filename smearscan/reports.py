@@ -28,7 +28,7 @@ from smearscan import __version__
 from smearscan.scan import STATUS_OK, CellResult
 
 REPORT_MODE = 0o640
-CSV_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+CSV_FORMULA_STARTS = frozenset("=+-@\t\r")
 HISTOGRAM_BINS = 20
 THUMBNAILS_PER_SLIDE = 6
 THUMBNAIL_SLIDES = 200
@@ -58,7 +58,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[io.IOBase
 def neutralize(value: str) -> str:
     """OWASP CSV-injection guard: a cell that a spreadsheet would run as a formula gets a
     leading apostrophe."""
-    if value and value.startswith(CSV_FORMULA_PREFIXES):
+    if value and value[0] in CSV_FORMULA_STARTS:
         return "'" + value
     return value
 
@@ -95,14 +95,12 @@ class RowWriter:
             values = row_values(result, self.labels)
             self.handle.write(json.dumps(values, ensure_ascii=False) + "\n")
             return
-        probabilities = (
-            [f"{p:.6f}" for p in result.probabilities]
-            if result.probabilities
-            else self.empty_probabilities
-        )
+        probabilities = result.probabilities
+        error = result.error
         self.writer.writerow(
             [neutralize(result.path), neutralize(result.slide), neutralize(result.label),
-             *probabilities, result.status, neutralize(result.error)]
+             *([f"{p:.6f}" for p in probabilities] if probabilities else self.empty_probabilities),
+             result.status, neutralize(error) if error else error]
         )  # fmt: skip
 
 

@@ -43,9 +43,9 @@ class ScanOptions:
         return self.workers if self.workers > 0 else max(1, os.cpu_count() or 1)
 
 
-@dataclass
+@dataclass(slots=True)
 class CellResult:
-    """One row of the per-image report."""
+    """One row of the per-image report (slots: a merged nightly report builds one per file)."""
 
     path: str
     slide: str

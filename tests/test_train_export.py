@@ -176,6 +176,7 @@ def test_table1_quick_path(tmp_path):
     assert "| VGG19 | not run" in text
     results = json.loads((work / "results.json").read_text())
     assert set(results) == {"KNN", "SVM", "VGG16", "VGG16+RF"}
+    assert json.loads((tmp_path / "table1-results.json").read_text()) == results
     # resumable: a second call reuses finished rows instead of retraining
     stamp = (work / "vgg16" / "model.keras").stat().st_mtime_ns
     assert table1.main([*args, "--only", "KNN,VGG16"]) == 0
