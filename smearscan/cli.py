@@ -250,7 +250,7 @@ def scan(env: Environment, inputs, out, fmt, summary, html, no_html, files_from,
     def on_signal(signum, _frame) -> None:
         received.append(signum)
         stop.set()
-        log.warning("signal %d: finishing the batch in flight, then writing a partial report",
+        log.warning("signal %d: finishing the batches in flight, then writing a partial report",
                     signum)  # fmt: skip
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}

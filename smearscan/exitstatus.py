@@ -11,5 +11,5 @@ class ExitStatus(IntEnum):
     USAGE = 2  # bad command line or options
     SOME_UNREADABLE = 3  # finished, but some files got an error row
     LOCKED = 4  # another run holds the state lock
-    INTERRUPTED_INT = 130  # SIGINT: batch in flight finished, partial report written
+    INTERRUPTED_INT = 130  # SIGINT: batches in flight finished, partial report written
     INTERRUPTED_TERM = 143  # SIGTERM: likewise
