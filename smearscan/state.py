@@ -168,7 +168,7 @@ class StateStore:
         seen: set[str] = set()
         now_ns = time.time_ns()
         min_age_ns = int(min_age * 1e9)
-        stat, abspath, seen_rows = os.stat, os.path.abspath, self._seen_rows
+        stat, abspath = os.stat, os.path.abspath
         # plain locals in this per-file loop (a no-op rerun over 50,000 files is this loop)
         discovered = pending = reused = to_scan = 0
         try:
@@ -190,10 +190,10 @@ class StateStore:
                 self._order += 1
                 if reusable.get(file) == (size, mtime_ns) and not item.problem:
                     reused += 1
-                    seen_rows.append((self._order, file, item.rel, item.slide))
-                    if len(seen_rows) >= 5000:
+                    # not a local alias: commit() (between our yields) replaces the list
+                    self._seen_rows.append((self._order, file, item.rel, item.slide))
+                    if len(self._seen_rows) >= 5000:
                         self._flush_seen()
-                        seen_rows = self._seen_rows
                     continue
                 to_scan += 1
                 self._orders[path] = self._order

@@ -52,6 +52,33 @@ def test_rerun_reuses_unchanged_files_and_rescans_changed_ones(tmp_path, slide_t
     assert [r["path"] for r in third] == sorted(r["path"] for r in third)
 
 
+def test_merged_report_keeps_every_file_when_new_and_reused_files_interleave(tmp_path):
+    """Many slides, every other one new on the rerun: results are committed batch by batch
+    while discovery is still marking unchanged files as seen; none may be lost."""
+    sources = fixture_images()
+    tree = tmp_path / "slides"
+    for i in range(24):
+        folder = tree / f"slide_{i:02d}"
+        folder.mkdir(parents=True)
+        for j in range(3):
+            shutil.copy(sources[(i + j) % len(sources)], folder / f"cell_{j}.webp")
+    hidden = tmp_path / "later"
+    hidden.mkdir()
+    for i in range(1, 24, 2):  # the odd slides arrive after the first run
+        shutil.move(str(tree / f"slide_{i:02d}"), str(hidden / f"slide_{i:02d}"))
+    result, first, _ = scan_state(tree, tmp_path, "--batch-size", "2", "--workers", "1")
+    assert result.exit_code == 0 and len(first) == 36
+    for folder in sorted(hidden.iterdir()):
+        shutil.move(str(folder), str(tree / folder.name))
+    result, second, summary = scan_state(tree, tmp_path, "--batch-size", "2", "--workers", "1")
+    assert summary["incremental"]["reused_from_earlier_runs"] == 36
+    assert len(second) == 72 and summary["overall"]["files"] == 72
+    assert [r["path"] for r in second] == sorted(r["path"] for r in second)
+    assert {r["path"]: r for r in second if r["path"] in {f["path"] for f in first}} == {
+        r["path"]: r for r in first
+    }
+
+
 def test_new_only_reports_just_this_runs_files(tmp_path, slide_tree):
     scan_state(slide_tree, tmp_path)
     extra = slide_tree / "patient_C"
