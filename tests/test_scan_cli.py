@@ -314,3 +314,14 @@ def test_parallel_batches_keep_order_and_match_one_big_batch(slide_tree, workers
     assert by_path["patient_A/broken.png"].status == "error"
     for item, expected in zip(good, reference, strict=True):
         assert np.allclose(by_path[item.rel].probabilities, expected, atol=1e-5)
+
+
+def test_thread_options_do_not_change_results(slide_tree, tmp_path):
+    default, tuned = tmp_path / "default.csv", tmp_path / "tuned.csv"
+    assert run(["scan", str(slide_tree), "--out", str(default), "--no-html"]).exit_code == 0
+    result = run(["scan", str(slide_tree), "--out", str(tuned), "--no-html", "--workers", "3",
+                  "--threads", "2", "--batch-size", "3"])  # fmt: skip
+    assert result.exit_code == 0
+    for a, b in zip(rows(default), rows(tuned), strict=True):
+        assert a["path"] == b["path"] and a["label"] == b["label"]
+        assert abs(float(a["p_all"]) - float(b["p_all"])) < 1e-5
