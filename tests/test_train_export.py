@@ -181,3 +181,27 @@ def test_table1_quick_path(tmp_path):
     stamp = (work / "vgg16" / "model.keras").stat().st_mtime_ns
     assert table1.main([*args, "--only", "KNN,VGG16"]) == 0
     assert (work / "vgg16" / "model.keras").stat().st_mtime_ns == stamp
+
+
+def test_cv_summary_over_patient_folds(trained_run, tmp_path, capsys):
+    import csv
+
+    from export import summarize_runs
+
+    other = tmp_path / "fold1"
+    code = train.main(["--data", str(CNMC), "--out", str(other), "--width", "0.0625",
+                       "--epochs", "1", "--folds", "3", "--fold", "1", "--batch-size", "8",
+                       "--quiet", "--cache-dir", str(trained_run.parent / "cache")])  # fmt: skip
+    assert code == 0
+    fold0 = json.loads((trained_run / "config.json").read_text())["split"]["val_patients"]
+    fold1 = json.loads((other / "config.json").read_text())["split"]["val_patients"]
+    assert not set(fold0) & set(fold1)  # different patients validate each fold
+    assert summarize_runs.main(["--cv", str(trained_run), str(other)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    last = []
+    for run_dir in (trained_run, other):
+        with open(run_dir / "history.csv", newline="") as handle:
+            last.append(float(list(csv.DictReader(handle))[-1]["val_weighted_f1"]))
+    mean_row = next(line for line in table if line.startswith("| **mean**"))
+    assert mean_row.split("|")[4].strip() == f"{sum(last) / 2:.4f}"
+    assert sum(line.startswith("| `") for line in table) == 2
