@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import heapq
 import os
 import sqlite3
 import time
@@ -134,25 +135,22 @@ class StateStore:
         self.run_id = self.db.execute(
             "INSERT INTO runs (started, model_sha256) VALUES (?, ?)", (time.time(), model_sha256)
         ).lastrowid
-        # which files this run saw, in discovery order: a per-connection table, so that an
-        # unchanged file costs one in-memory insert instead of an update of the file itself
-        self.db.execute(
-            "CREATE TEMP TABLE seen (seen_order INTEGER PRIMARY KEY, file TEXT NOT NULL, "
-            "rel TEXT NOT NULL, slide TEXT NOT NULL)"
-        )
         self._order = 0
         self._orders: dict[str, int] = {}
         self._pending_rows: list[tuple] = []
-        self._seen_rows: list[tuple] = []
+        # unchanged files seen by this run, as report rows in discovery order (their results
+        # come from earlier runs and are not written again)
+        self._reused: list[tuple] = []
 
     def close(self) -> None:
         self.db.close()
 
-    def reusable(self) -> dict[str, tuple[int, int]]:
-        """file -> (size, mtime_ns) of the results that a rerun may reuse (read successfully
-        with this model), loaded once for speed."""
+    def reusable(self) -> dict[str, tuple[int, int, str, str]]:
+        """file -> (size, mtime_ns, label, probabilities) of the results a rerun may reuse
+        (read successfully with this model), loaded in one query for speed."""
         rows = self.db.execute(
-            "SELECT file, size, mtime_ns FROM files WHERE model_sha256=? AND status=?",
+            "SELECT file, size, mtime_ns, label, probabilities FROM files "
+            "WHERE model_sha256=? AND status=?",
             (self.model_sha256, STATUS_OK),
         )
         return {row[0]: row[1:] for row in rows}
@@ -188,17 +186,16 @@ class StateStore:
                     pending += 1
                     continue
                 self._order += 1
-                if reusable.get(file) == (size, mtime_ns) and not item.problem:
+                previous = reusable.pop(file, None)  # popped: its data moves to the report row
+                if (previous is not None and previous[0] == size and previous[1] == mtime_ns
+                        and not item.problem):  # fmt: skip
                     reused += 1
-                    # not a local alias: commit() (between our yields) replaces the list
-                    self._seen_rows.append((self._order, file, item.rel, item.slide))
-                    if len(self._seen_rows) >= 5000:
-                        self._flush_seen()
+                    self._reused.append((self._order, item.rel, item.slide, file, size, mtime_ns,
+                                         STATUS_OK, "", previous[2], previous[3]))  # fmt: skip
                     continue
                 to_scan += 1
                 self._orders[path] = self._order
                 yield item
-            self._flush_seen()
         finally:
             counters.discovered += discovered
             counters.pending += pending
@@ -212,10 +209,6 @@ class StateStore:
                 self.db.execute("BEGIN")
                 self.db.executemany(statement, rows)
 
-    def _flush_seen(self) -> None:
-        self._write("INSERT INTO temp.seen VALUES (?,?,?,?)", self._seen_rows)
-        self._seen_rows = []
-
     def record(self, result: CellResult) -> None:
         """Queue a fresh result; :meth:`commit` writes queued results in one transaction."""
         order = self._orders.pop(result.file, self._order)
@@ -227,32 +220,32 @@ class StateStore:
                 ",".join(map(repr, result.probabilities)), self.run_id, self.run_id, order,
             )
         )  # fmt: skip
-        self._seen_rows.append((order, file, result.path, result.slide))
 
     def commit(self) -> None:
         self._write(
             "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", self._pending_rows
         )
         self._pending_rows = []
-        self._flush_seen()
 
     def finish(self, status: str) -> None:
         self.commit()
-        self._flush_seen()
         self.db.execute(
             "UPDATE runs SET finished=?, status=? WHERE id=?", (time.time(), status, self.run_id)
         )
 
     def results(self, new_only: bool = False) -> Iterator[CellResult]:
         """This run's report rows in discovery order: every file seen now (merged), or only
-        those scanned now. Files deleted since earlier runs are not seen, so they drop out."""
-        query = (
-            "SELECT f.file, s.rel, s.slide, f.size, f.mtime_ns, f.status, f.error, f.label, "
-            "f.probabilities FROM temp.seen s JOIN files f ON f.file = s.file"
-            + (" WHERE f.scanned_run = ?" if new_only else "")
-            + " ORDER BY s.seen_order"
+        those scanned now. Files deleted since earlier runs are not seen, so they drop out.
+
+        Rows scanned by this run come from the database (indexed by run and order); rows
+        reused from earlier runs were collected by :meth:`select`; both are in discovery
+        order, so a merge keeps the report in that order without sorting."""
+        scanned = self.db.execute(
+            "SELECT seen_order, rel, slide, file, size, mtime_ns, status, error, label, "
+            "probabilities FROM files WHERE seen_run=? ORDER BY seen_order",
+            (self.run_id,),
         )
-        for row in self.db.execute(query, (self.run_id,) if new_only else ()):
-            file, rel, slide, size, mtime_ns, status, error, label, probabilities = row
+        rows = scanned if new_only else heapq.merge(self._reused, scanned)
+        for _, rel, slide, file, size, mtime_ns, status, error, label, probabilities in rows:
             parsed = list(map(float, probabilities.split(","))) if probabilities else []
             yield CellResult(rel, slide, status, error, label, parsed, size, mtime_ns, file)
