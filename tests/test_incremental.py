@@ -244,3 +244,14 @@ def test_anonymized_reports_hide_names_stably(tmp_path, slide_tree):
     assert all(len(r["slide"]) == 16 for r in first)
     run(args)
     assert rows(out) == first
+
+
+def test_overlapping_inputs_are_scanned_and_reported_once(tmp_path, slide_tree):
+    out = tmp_path / "r.csv"
+    state = tmp_path / "state.db"
+    result = run(["scan", str(slide_tree), str(slide_tree / "patient_A"), "--out", str(out),
+                  "--state", str(state), "--min-age", "0", "--no-html"])  # fmt: skip
+    assert result.exit_code == 0
+    table = rows(out)
+    assert len(table) == len(image_files(slide_tree)) == 8
+    assert all(r["path"].startswith("slides/") for r in table)  # first mention wins
