@@ -11,10 +11,11 @@ import fnmatch
 import logging
 import os
 from collections.abc import Iterable, Iterator
+from operator import attrgetter
 from pathlib import Path
 from typing import NamedTuple
 
-from smearscan.preprocess import IMAGE_SUFFIXES, is_image_path
+from smearscan.preprocess import is_image_name, is_image_path
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +35,6 @@ class Found(NamedTuple):
 
 def _inside(real: str, root_real: str) -> bool:
     return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
-
-
-def _is_image_name(name: str) -> bool:
-    """:func:`is_image_path` for a bare file name, without ``os.path`` overhead (same
-    answers: leading dots are part of the name, not an extension)."""
-    stripped = name.lstrip(".")
-    dot = stripped.rfind(".")
-    return dot >= 0 and stripped[dot:].lower() in IMAGE_SUFFIXES
-
-
-def _entry_name(entry: os.DirEntry) -> str:
-    return entry.name
 
 
 def _slide_of(rel_parent: str, root_label: str, depth: int, prefix: str = "") -> str:
@@ -89,7 +78,7 @@ def walk_root(
         visited.add(key)
         try:
             with os.scandir(directory) as entries:
-                listed = sorted(entries, key=_entry_name)
+                listed = sorted(entries, key=attrgetter("name"))
         except OSError as exc:
             log.warning("cannot list folder %s: %s", directory, exc.strerror)
             return
@@ -107,7 +96,7 @@ def walk_root(
                 real = os.path.realpath(entry.path)
                 if not _inside(real, root_real):
                     rel = rel_prefix + name
-                    if _is_image_name(name) and matches(rel):
+                    if is_image_name(name) and matches(rel):
                         yield Found(
                             entry.path,
                             prefix + rel,
@@ -122,7 +111,7 @@ def walk_root(
                 if recursive:
                     subdirs.append((entry.path, rel_prefix + name))
                 continue
-            if not _is_image_name(name):
+            if not is_image_name(name):
                 continue
             rel = rel_prefix + name
             if pattern is not None and not matches(rel):

@@ -276,6 +276,14 @@ def load_and_preprocess(
     return preprocess(read_image(path, max_pixels=max_pixels, order="bgr"), recipe, order="bgr")
 
 
+def is_image_name(name: str) -> bool:
+    """By the extension of a bare file name, case-insensitive (called for every file of a
+    share, so plain string work; leading dots are part of the name, as for ``splitext``)."""
+    stripped = name.lstrip(".")
+    dot = stripped.rfind(".")
+    return dot >= 0 and stripped[dot:].lower() in IMAGE_SUFFIXES
+
+
 def is_image_path(path: str | os.PathLike) -> bool:
-    """By extension, case-insensitive (cheap: called for every file of a share)."""
-    return os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES
+    """:func:`is_image_name` of the path's last component."""
+    return is_image_name(os.path.basename(os.fspath(path)))

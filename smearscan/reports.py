@@ -113,7 +113,7 @@ class SlideStats:
     positive_scores: list[float] = field(default_factory=list)
     suspicious: list[tuple[float, str, str]] = field(default_factory=list)  # min-heap
 
-    def add(self, result: CellResult, labels: list[str], positive_index: int | None) -> None:
+    def add(self, result: CellResult, positive_index: int | None) -> None:
         if result.status != STATUS_OK:
             self.errors += 1
             return
@@ -199,7 +199,7 @@ class SummaryBuilder:
         stats = self.slides.get(result.slide)
         if stats is None:
             stats = self.slides[result.slide] = SlideStats()
-        stats.add(result, self.labels, self.positive_index)
+        stats.add(result, self.positive_index)
         if result.status != STATUS_OK:
             reason = result.error.split(" (")[0]
             self.error_reasons[reason] = self.error_reasons.get(reason, 0) + 1

@@ -202,13 +202,6 @@ class StateStore:
             counters.reused += reused
             counters.to_scan += to_scan
 
-    def _write(self, statement: str, rows: list[tuple]) -> None:
-        """Run ``statement`` for every row in one transaction."""
-        if rows:
-            with self.db:
-                self.db.execute("BEGIN")
-                self.db.executemany(statement, rows)
-
     def record(self, result: CellResult) -> None:
         """Queue a fresh result; :meth:`commit` writes queued results in one transaction."""
         order = self._orders.pop(result.file, self._order)
@@ -222,9 +215,15 @@ class StateStore:
         )  # fmt: skip
 
     def commit(self) -> None:
-        self._write(
-            "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", self._pending_rows
-        )
+        """Write the queued results in one transaction."""
+        if not self._pending_rows:
+            return
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany(
+                "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                self._pending_rows,
+            )
         self._pending_rows = []
 
     def finish(self, status: str) -> None:
