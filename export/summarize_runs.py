@@ -1,8 +1,12 @@
-"""Markdown tables of training runs: the ablation table in docs/ablation.md, or, with
-``--cv``, the grouped cross-validation of one configuration over its patient folds.
+"""Markdown tables of training runs: single runs, the folds of one configuration
+(``--cv``), or recipes compared by donor-level cross-validation and the shift suite
+(``--recipes``, over ``python -m export.cv`` folders: the ablation table).
 
-python -m export.summarize_runs runs/abl_*
-python -m export.summarize_runs --cv export/default_run runs/cv_fold1 runs/cv_fold2 ...
+Run from the repository root:
+
+    python -m export.summarize_runs runs/abl_*
+    python -m export.summarize_runs --cv runs/cv-NAME/fold_*
+    python -m export.summarize_runs --recipes runs/cv-*
 """
 
 from __future__ import annotations
@@ -66,22 +70,72 @@ def cv_table(runs: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def recipes_table(folders: list[Path]) -> str:
+    """One row per cross-validated recipe: out-of-fold donor-level numbers with cross-fitted
+    rules, the shift suite's scale checks and worst other shift, training minutes."""
+    lines = [
+        "| recipe | pooled wF1 | ROC AUC | donor-macro sensitivity | donor-macro specificity "
+        "| worst normal donor | slide calls right | labels kept 0.8x / 1.25x | specificity "
+        "0.8x / 1.25x | worst wF1 drop (other shifts) | train minutes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for folder in folders:
+        report = json.loads((folder / "cv.json").read_text())
+        fitted = report["cross_fitted"]
+        pooled = fitted["pooled"]
+        shift_cells = "| | |"
+        shift_path = folder / "shift.json"
+        if shift_path.exists():
+            shifts = json.loads(shift_path.read_text())["shifts"]
+            base = shifts["none"]["weighted_f1"]
+            small, large = shifts["scale 0.8x"], shifts["scale 1.25x"]
+            drops = [base - r["weighted_f1"] for name, r in shifts.items()
+                     if not name.startswith("scale") and name != "none"]  # fmt: skip
+            shift_cells = (
+                f"| {small['agreement']:.1%} / {large['agreement']:.1%} | "
+                f"{small['specificity']:.3f} / {large['specificity']:.3f} | {max(drops):.3f} |"
+            )
+        lines.append(
+            f"| `{folder.name}` | {pooled['weighted_f1']:.4f} | {pooled['roc_auc']:.4f} | "
+            f"{fitted['macro_sensitivity']:.4f} | {fitted['macro_specificity']:.4f} | "
+            f"{fitted['worst_negative_donor']} {fitted['worst_specificity']:.3f} | "
+            f"{round(fitted['slide_call_accuracy'] * fitted['donors'])}/{fitted['donors']} "
+            f"{shift_cells} {report.get('train_minutes', '')} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m export.summarize_runs",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("runs", nargs="+", type=Path)
-    parser.add_argument(
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
         "--cv", action="store_true", help="the runs are folds of one configuration: mean and sd"
     )
+    mode.add_argument(
+        "--recipes", action="store_true", help="the folders are python -m export.cv outputs"
+    )
     args = parser.parse_args(argv)
+    marker = "cv.json" if args.recipes else ("history.csv" if args.cv else "metrics.json")
+    found = [run for run in args.runs if (run / marker).exists()]
+    if not found:
+        print(f"no finished runs among {len(args.runs)} path(s): none holds {marker}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if args.recipes:
+        print(recipes_table(found))
+        return 0
     if args.cv:
-        print(cv_table(args.runs))
+        print(cv_table(found))
         return 0
     print("| run | configuration | best epoch | weighted F1 | ROC AUC | sensitivity | "
           "specificity | accuracy | minutes |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
-    for run in args.runs:
-        if not (run / "metrics.json").exists():
-            continue
+    for run in found:
         config = json.loads((run / "config.json").read_text())
         metrics = json.loads((run / "metrics.json").read_text())
         v = metrics["validation"]

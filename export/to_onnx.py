@@ -1,31 +1,43 @@
-"""Export a training run to a self-describing ONNX model (and optionally static INT8).
+"""Export a training run, or a cross-validated recipe, to a self-describing ONNX model.
 
-    python -m export.to_onnx runs/NAME --out model.onnx [--int8 [--calibration DIR]]
+    python -m export.to_onnx runs/NAME --out model.onnx                  # one training run
+    python -m export.to_onnx runs/cv-NAME --out model.onnx               # the folds' ensemble
+    python -m export.to_onnx runs/cv-NAME --weights runs/all-NAME --out model.onnx
 
-The export fails (and leaves no file) if the ONNX model's outputs differ from Keras' by more
-than 1e-4 on real validation images.
+From a cross-validation folder (``python -m export.cv``) the file gets the rules fitted on
+the pooled out-of-fold predictions of every donor (temperature, cell threshold, slide rule)
+and the out-of-fold metrics; its weights are the fold models averaged inside one graph
+(``--weights ensemble``, the default) or one run trained on every donor with the same
+recipe. From a single run, the rules are fitted on that run's validation patients.
+
+Every file carries its labels, preprocessing, decision rule, quality-control limits
+(percentiles of its training crops), provenance and intended use. The export fails, and
+leaves no file, if ONNX differs from Keras by more than 1e-4 on real crops.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import hashlib
 import json
 import logging
 import os
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from export.data import Sample, discover_dataset, load_arrays
-from smearscan import __version__
+from export.donors import Rules, fit_rules, parse_operating_point, read_predictions
+from smearscan import __version__, qc
 from smearscan import modelfile as mf
 from smearscan.inference import apply_temperature, load_classifier
-from smearscan.metrics import classification_metrics, expected_calibration_error
-from smearscan.preprocess import Recipe
+from smearscan.metrics import classification_metrics
+from smearscan.policy import DecisionPolicy
+from smearscan.preprocess import Recipe, framed_and_resized, gray_of, read_image
 
 log = logging.getLogger("export.to_onnx")
 
@@ -42,10 +54,29 @@ class ExportError(RuntimeError):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m export.to_onnx", description=__doc__.split("\n")[0])
-    p.add_argument("run", type=Path, help="training run folder (python -m export.train --out)")
+    p = argparse.ArgumentParser(
+        prog="python -m export.to_onnx",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("run", type=Path, help="a training run folder or an export.cv folder")
     p.add_argument("--out", required=True, type=Path, help="ONNX file to write")
+    p.add_argument(
+        "--weights",
+        default="ensemble",
+        help="with a CV folder: 'ensemble' (the fold models averaged in one graph) or a run "
+        "folder trained on every donor with the same recipe",
+    )
     p.add_argument("--data", type=Path, help="training data folder (default: the run's)")
+    p.add_argument("--positive", help="the positive class (default: 'all' if present)")
+    p.add_argument(
+        "--operating-point",
+        default="balanced",
+        help="single runs: 'balanced' or 'sensitivity:X' (a CV folder brings its own)",
+    )
+    p.add_argument("--slide-rule", default="mean", choices=("mean", "fraction"),
+                   help="single runs: the slide score (a CV folder brings its own)")  # fmt: skip
+    p.add_argument("--min-cells", type=int, default=10, help="fewer usable cells: 'insufficient'")
     p.add_argument("--int8", action="store_true", help="also write <out>.int8.onnx (static QDQ)")
     p.add_argument("--calibration", type=Path, help="images for INT8 calibration")
     p.add_argument("--calibration-images", type=int, default=256)
@@ -53,12 +84,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--int8-min-agreement",
         type=float,
         default=0.995,
-        help="write the INT8 file only if its argmax agrees with fp32 on at least this share "
-        "of validation images",
+        help="write the INT8 file only if, on every class of validation crops, at least this "
+        "share get the label the fp32 model gives (calibrated, at the stored threshold)",
     )
     p.add_argument("--parity-images", type=int, default=64)
-    p.add_argument("--target-sensitivity", type=float, default=0.95)
+    p.add_argument("--qc-images", type=int, default=0,
+                   help="training crops measured for QC limits (0 = all)")  # fmt: skip
     p.add_argument("--description", help="training data description for the metadata")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     return p.parse_args(argv)
 
 
@@ -72,38 +105,6 @@ def convert(keras_model, input_size: int):
     for value in list(proto.graph.input) + list(proto.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
     return proto
-
-
-def fit_temperature(y: np.ndarray, probabilities: np.ndarray) -> float:
-    """Temperature minimising validation negative log-likelihood (grid then refine)."""
-
-    def nll(t: float) -> float:
-        p = apply_temperature(probabilities, t)
-        return float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, 1.0))))
-
-    grid = np.exp(np.linspace(np.log(0.25), np.log(8.0), 61))
-    best = min(grid, key=nll)
-    fine = np.linspace(best * 0.93, best * 1.07, 29)
-    return float(min(fine, key=nll))
-
-
-def threshold_for_sensitivity(
-    positive_true: np.ndarray, scores: np.ndarray, target: float
-) -> float:
-    """Largest threshold on P(positive) whose sensitivity on validation is >= target."""
-    positives = np.sort(scores[positive_true])[::-1]
-    if len(positives) == 0:
-        return 0.5
-    k = int(np.ceil(target * len(positives))) - 1
-    return float(positives[min(max(k, 0), len(positives) - 1)])
-
-
-def read_val_predictions(run: Path, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    with open(run / "val_predictions.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    y = np.array([labels.index(r["label"]) for r in rows])
-    p = np.array([[float(r[f"p_{c}"]) for c in labels] for r in rows])
-    return y, p
 
 
 def write_atomic_model(proto, path: Path) -> None:
@@ -131,17 +132,256 @@ def set_metadata(proto, entries: dict[str, str]) -> None:
             item.key, item.value = key, value
 
 
-def quantize_int8(
-    fp32_path: Path,
-    out_path: Path,
-    calibration: np.ndarray,
-    method: str = "minmax",
-    exclude_ops: tuple[str, ...] = (),
-) -> None:
-    """Static INT8, QDQ format, per-channel weights, calibrated on real images.
+def qc_features(samples: list[Sample], recipe: Recipe, workers: int) -> list[qc.QCFeatures]:
+    """The QC measurements of training crops, through the scanner's own functions."""
 
-    ``method``: minmax, percentile or entropy activation ranges; ``exclude_ops``: operator
-    types left in fp32 (e.g. the dense layers, which cost little and are sensitive)."""
+    def one(sample: Sample) -> qc.QCFeatures | None:
+        try:
+            image = read_image(sample.path, order="bgr")
+        except ValueError:
+            return None
+        gray = gray_of(image, "bgr")
+        return qc.measure(gray, framed_and_resized(image, recipe, "bgr", gray),
+                          recipe.background_threshold)  # fmt: skip
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return [f for f in pool.map(one, samples) if f is not None]
+
+
+def load_keras(path: Path):
+    import keras
+
+    return keras.models.load_model(path, compile=False)
+
+
+def ensemble_model(members: list, input_size: int):
+    """One Keras graph averaging ``members``' probabilities: one file, one session."""
+    import keras
+
+    inputs = keras.Input((input_size, input_size, 3), name="image")
+    outputs = []
+    for index, member in enumerate(members):
+        renamed = keras.Model(member.input, member.output, name=f"member_{index}")
+        outputs.append(renamed(inputs))
+    averaged = keras.layers.Average(name="probabilities")(outputs)
+    return keras.Model(inputs, averaged, name=f"ensemble_of_{len(members)}")
+
+
+def read_recipe(config: dict) -> Recipe:
+    return Recipe.from_json(json.dumps(config["recipe"]))
+
+
+class Source:
+    """What an export starts from: weights, labels, recipe, rules and metrics."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        run = args.run
+        self.cv = (run / "cv.json").exists()
+        if self.cv:
+            self.report = json.loads((run / "cv.json").read_text())
+            folds = sorted(run.glob("fold_*"), key=lambda p: int(p.name.split("_")[1]))
+            self.config = json.loads((folds[0] / "config.json").read_text())
+            if args.weights == "ensemble":
+                self.members = [f / "model.keras" for f in folds]
+                self.weights_config = None
+            else:
+                weights = Path(args.weights)
+                self.members = [weights / "model.keras"]
+                self.weights_config = json.loads((weights / "config.json").read_text())
+                if read_recipe(self.weights_config) != read_recipe(self.config):
+                    raise ExportError(f"{weights} was trained with another preprocessing")
+        else:
+            self.report = None
+            self.config = json.loads((run / "config.json").read_text())
+            self.members = [run / "model.keras"]
+            self.weights_config = None
+        self.labels: list[str] = self.config["labels"]
+        self.recipe = read_recipe(self.config)
+        self.positive = args.positive or self.config.get("positive_class") or (
+            "all" if "all" in self.labels else self.labels[0])  # fmt: skip
+        if self.positive not in self.labels:
+            raise ExportError(f"--positive {self.positive!r} is not one of {self.labels}")
+
+    def training_patients(self, samples: list[Sample]) -> list[Sample]:
+        """The crops the shipped weights saw (QC limits come from them)."""
+        if self.cv and self.weights_config is None:
+            return samples  # the folds together saw every donor
+        config = self.weights_config or self.config
+        validation = set(config["split"]["val_patients"])
+        return [s for s in samples if s.patient not in validation]
+
+    def rules_and_metrics(self, args) -> tuple[Rules, dict, str]:
+        if self.cv:
+            final = self.report["rules_on_all_donors"]
+            rules = Rules(final["temperature"], final["threshold"], final["slide_rule"],
+                          final["slide_cutoff"])  # fmt: skip
+            fitted = self.report["cross_fitted"]
+            metrics = {
+                "evaluated_on": f"out-of-fold predictions of all {fitted['donors']} donors "
+                "(grouped cross-validation; each donor predicted by the fold model that never "
+                "saw it; thresholds cross-fitted)",
+                "out_of_fold": {
+                    **fitted["pooled"],
+                    "macro_sensitivity": fitted["macro_sensitivity"],
+                    "macro_specificity": fitted["macro_specificity"],
+                    "worst_sensitivity": fitted["worst_sensitivity"],
+                    "worst_specificity": fitted["worst_specificity"],
+                    "slide_call_accuracy": fitted["slide_call_accuracy"],
+                },
+                "recipe": self.report.get("recipe"),
+            }
+            where = "pooled out-of-fold predictions of every donor"
+            return rules, metrics, where
+        predictions = read_predictions(args.run / "val_predictions.csv", self.labels)
+        rules = fit_rules(predictions, self.positive, parse_operating_point(args.operating_point),
+                          args.slide_rule)  # fmt: skip
+        calibrated = apply_temperature(predictions.probabilities, rules.temperature)
+        policy = DecisionPolicy(tuple(self.labels), self.positive, rules.threshold,
+                                rules.slide_rule, rules.slide_cutoff, 1)  # fmt: skip
+        from export.donors import summarize
+
+        summary = summarize(predictions, calibrated, policy)
+        metrics = {
+            "evaluated_on": f"{summary['donors']} validation patients of one split "
+            "(rules fitted on the same patients: optimistic)",
+            "validation": {**summary["pooled"],
+                           "macro_specificity": summary["macro_specificity"],
+                           "macro_sensitivity": summary["macro_sensitivity"],
+                           "slide_call_accuracy": summary["slide_call_accuracy"]},
+        }  # fmt: skip
+        return rules, metrics, "validation patients of one split"
+
+
+def export(args: argparse.Namespace) -> dict:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import onnx
+
+    source = Source(args)
+    labels, recipe, positive = source.labels, source.recipe, source.positive
+    members = [load_keras(path) for path in source.members]
+    model = members[0] if len(members) == 1 else ensemble_model(members, recipe.input_size)
+
+    data_root = args.data or Path(source.config["data"])
+    samples = discover_dataset(data_root)
+    rng = np.random.default_rng(0)
+
+    def pick(pool: list[Sample], n: int) -> list[Sample]:
+        order = rng.permutation(len(pool))[:n]
+        return [pool[i] for i in sorted(order)]
+
+    parity_x, _ = load_arrays(pick(samples, args.parity_images), recipe)
+    parity_x = parity_x.astype(np.float32) / np.float32(255.0)
+
+    rules, metrics, fitted_on = source.rules_and_metrics(args)
+    trained_on = source.training_patients(samples)
+    qc_samples = pick(trained_on, args.qc_images) if args.qc_images else trained_on
+    qc_metadata = qc.fit(qc_features(qc_samples, recipe, args.workers),
+                         f"{len(qc_samples)} training crops")  # fmt: skip
+    decision = {
+        "cell": {"rule": "threshold", "threshold": round(rules.threshold, 4)}
+        if rules.threshold is not None and len(labels) == 2 else {"rule": "argmax"},
+        "slide": {"rule": rules.slide_rule, "cutoff": round(rules.slide_cutoff, 4),
+                  "min_cells": args.min_cells},
+        "fitted_on": fitted_on,
+        "operating_point": (source.report or {}).get("operating_point", args.operating_point),
+    }  # fmt: skip
+    calibration_info = {"temperature": round(rules.temperature, 4), "fitted_on": fitted_on}
+    if rules.threshold is not None:
+        calibration_info["threshold"] = round(rules.threshold, 4)
+
+    proto = convert(model, recipe.input_size)
+    description = args.description or (
+        CNMC_DESCRIPTION if "cnmc" in str(data_root).lower() else f"folder {data_root.name}"
+    )
+    split = source.config["split"]
+    training = {
+        "description": description,
+        "donors": len({s.patient for s in trained_on}),
+        "crops": len(trained_on),
+        "split": "grouped cross-validation over donors; the weights are the average of the "
+        f"{len(members)} fold models" if source.cv and len(members) > 1
+        else split["method"],
+        "val_patients": [] if source.cv else split["val_patients"],
+    }  # fmt: skip
+    entries = {
+        mf.KEY_SCHEMA: str(mf.METADATA_VERSION),
+        mf.KEY_LABELS: json.dumps(labels),
+        mf.KEY_POSITIVE: positive,
+        mf.KEY_RECIPE: recipe.to_json(),
+        mf.KEY_ARCHITECTURE: json.dumps(source.config["architecture"]),
+        mf.KEY_TRAINING_DATA: json.dumps(training),
+        mf.KEY_METRICS: json.dumps(metrics),
+        mf.KEY_CALIBRATION: json.dumps(calibration_info),
+        mf.KEY_DECISION: json.dumps(decision),
+        mf.KEY_QC: json.dumps(qc_metadata),
+        mf.KEY_CREATED: datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        mf.KEY_VERSION: __version__,
+        mf.KEY_QUANTIZATION: "fp32",
+        mf.KEY_INTENDED_USE: mf.INTENDED_USE,
+    }
+    if len(members) > 1:
+        entries[mf.KEY_ENSEMBLE] = json.dumps({
+            "members": len(members),
+            "description": "the probabilities of the fold models of a grouped "
+            "cross-validation, averaged inside this graph",
+            "member_sha256": [hashlib.sha256(p.read_bytes()).hexdigest() for p in source.members],
+        })  # fmt: skip
+    parent = source.config.get("parent")
+    if parent:
+        entries[mf.KEY_PARENT] = json.dumps(parent)
+    set_metadata(proto, entries)
+    proto.producer_name = "smearscan"
+    onnx.checker.check_model(proto)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        candidate = Path(tmp) / "model.onnx"
+        onnx.save_model(proto, str(candidate))
+        classifier = load_classifier(candidate, device="cpu")
+        onnx_out = classifier.predict_raw(parity_x)
+        keras_out = model.predict(parity_x, verbose=0)
+        parity = float(np.abs(onnx_out - keras_out).max())
+        log.info("parity on %d real images: max |keras - onnx| = %.2e", len(parity_x), parity)
+        if not parity <= PARITY_TOLERANCE:
+            raise ExportError(f"ONNX differs from Keras by {parity:.2e} > {PARITY_TOLERANCE}")
+        write_atomic_model(proto, args.out)
+    report = {"out": str(args.out), "parity_max_abs_diff": parity,
+              "calibration": calibration_info, "decision": decision,
+              "qc_default_limits": qc_metadata["limits"]["default"]}  # fmt: skip
+    if args.int8:
+        validation = [s for s in samples if s.patient in set(split["val_patients"])] or samples
+        report["int8"] = export_int8(args, recipe, labels, trained_on, validation, rng)
+    log.info("wrote %s", args.out)
+    return report
+
+
+def int8_agreement(fp32, int8, images: np.ndarray, y: np.ndarray) -> dict:
+    """How an INT8 twin changes what the scanner would report: the labels it gives
+    (calibrated, at the stored decision rule) per true class, and max |delta P|."""
+    from smearscan.policy import policy_for_model
+
+    info = fp32.info
+    policy = policy_for_model(info.labels, info.positive_class, info.metadata)
+    p32 = np.concatenate([fp32.predict(images[i : i + 64]) for i in range(0, len(images), 64)])
+    p8 = np.concatenate([int8.predict(images[i : i + 64]) for i in range(0, len(images), 64)])
+    l32, l8 = policy.label_indices(p32), policy.label_indices(p8)
+    per_class = {
+        label: round(float((l32[y == i] == l8[y == i]).mean()), 5) if (y == i).any() else None
+        for i, label in enumerate(info.labels)
+    }
+    m32 = classification_metrics(y, p32, info.labels, info.positive_class, l32)
+    m8 = classification_metrics(y, p8, info.labels, info.positive_class, l8)
+    return {
+        "label_agreement_per_class": per_class,
+        "label_agreement_min": min(v for v in per_class.values() if v is not None),
+        "max_abs_prob_diff": round(float(np.abs(p32 - p8).max()), 5),
+        "weighted_f1_fp32": round(m32["weighted_f1"], 5),
+        "weighted_f1_int8": round(m8["weighted_f1"], 5),
+        "evaluated_on": f"{len(images)} crops",
+    }
+
+
+def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> None:
+    """Static INT8, QDQ format, per-channel weights, calibrated on real images."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -162,14 +402,7 @@ def quantize_int8(
 
     import onnx
 
-    methods = {
-        "minmax": CalibrationMethod.MinMax,
-        "percentile": CalibrationMethod.Percentile,
-        "entropy": CalibrationMethod.Entropy,
-    }
-    graph = onnx.load(str(fp32_path), load_external_data=False).graph
-    input_name = graph.input[0].name
-    excluded = [node.name for node in graph.node if node.op_type in exclude_ops]
+    input_name = onnx.load(str(fp32_path), load_external_data=False).graph.input[0].name
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
@@ -178,8 +411,7 @@ def quantize_int8(
             str(out_path),
             Reader(calibration, input_name),
             quant_format=QuantFormat.QDQ,
-            calibrate_method=methods[method],
-            nodes_to_exclude=excluded,
+            calibrate_method=CalibrationMethod.MinMax,
             per_channel=True,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
@@ -187,119 +419,13 @@ def quantize_int8(
         )
 
 
-def export(args: argparse.Namespace) -> dict:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
-    import onnx
-
-    run = args.run
-    config = json.loads((run / "config.json").read_text())
-    metrics = json.loads((run / "metrics.json").read_text())
-    labels: list[str] = config["labels"]
-    recipe = Recipe(**config["recipe"])
-    positive = "all" if "all" in labels else labels[0]
-    model = keras.models.load_model(run / "model.keras")
-
-    data_root = args.data or Path(config["data"])
-    samples = discover_dataset(data_root)
-    val_patients = set(config["split"]["val_patients"])
-    val_samples = [s for s in samples if s.patient in val_patients]
-    train_samples = [s for s in samples if s.patient not in val_patients]
-    rng = np.random.default_rng(0)
-
-    def pick(pool: list[Sample], n: int) -> list[Sample]:
-        order = rng.permutation(len(pool))[:n]
-        return [pool[i] for i in sorted(order)]
-
-    parity_x, _ = load_arrays(pick(val_samples, args.parity_images), recipe)
-    parity_x = parity_x.astype(np.float32) / np.float32(255.0)
-
-    # calibration and operating threshold, fitted on the validation patients' predictions
-    y_val, p_val = read_val_predictions(run, labels)
-    temperature = fit_temperature(y_val, p_val)
-    calibrated = apply_temperature(p_val, temperature)
-    pos = labels.index(positive)
-    threshold = threshold_for_sensitivity(y_val == pos, calibrated[:, pos], args.target_sensitivity)
-    at_threshold = classification_metrics(
-        y_val, calibrated, labels, positive,
-        y_pred=np.where(calibrated[:, pos] >= threshold, pos, 1 - pos) if len(labels) == 2
-        else None,
-    )  # fmt: skip
-    calibration_info = {
-        "temperature": round(temperature, 4),
-        "ece_before": round(expected_calibration_error(y_val, p_val), 4),
-        "ece_after": round(expected_calibration_error(y_val, calibrated), 4),
-        "threshold": round(threshold, 4),
-        "threshold_rule": f"P({positive}) >= threshold gives sensitivity >= "
-        f"{args.target_sensitivity:.2f} on the validation patients",
-        "fitted_on": "validation patients",
-        "at_threshold": {
-            k: round(at_threshold[k], 4)
-            for k in ("sensitivity", "specificity", "accuracy", "weighted_f1")
-        },
-    }
-
-    proto = convert(model, recipe.input_size)
-    description = args.description or (
-        CNMC_DESCRIPTION if "cnmc" in str(data_root).lower() else f"folder {data_root.name}"
-    )
-    entries = {
-        mf.KEY_SCHEMA: str(mf.METADATA_VERSION),
-        mf.KEY_LABELS: json.dumps(labels),
-        mf.KEY_POSITIVE: positive,
-        mf.KEY_RECIPE: recipe.to_json(),
-        mf.KEY_ARCHITECTURE: json.dumps(config["architecture"]),
-        mf.KEY_TRAINING_DATA: json.dumps(
-            {
-                "description": description,
-                "split": config["split"]["method"],
-                "train_patients": len(config["split"]["train_patients"]),
-                "val_patients": sorted(val_patients),
-                "train_images": config["split"]["train_images"],
-                "val_images": config["split"]["val_images"],
-            }
-        ),
-        mf.KEY_METRICS: json.dumps(
-            {"validation": metrics["validation"], "best_epoch": metrics["best_epoch"]}
-        ),
-        mf.KEY_CALIBRATION: json.dumps(calibration_info),
-        mf.KEY_CREATED: datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        mf.KEY_VERSION: __version__,
-        mf.KEY_QUANTIZATION: "fp32",
-    }
-    set_metadata(proto, entries)
-    proto.producer_name = "smearscan"
-    onnx.checker.check_model(proto)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        candidate = Path(tmp) / "model.onnx"
-        onnx.save_model(proto, str(candidate))
-        classifier = load_classifier(candidate, device="cpu")
-        onnx_out = classifier.predict_raw(parity_x)
-        keras_out = model.predict(parity_x, verbose=0)
-        parity = float(np.abs(onnx_out - keras_out).max())
-        log.info("parity on %d real images: max |keras - onnx| = %.2e", len(parity_x), parity)
-        if not parity <= PARITY_TOLERANCE:
-            raise ExportError(f"ONNX differs from Keras by {parity:.2e} > {PARITY_TOLERANCE}")
-        write_atomic_model(proto, args.out)
-    report = {"out": str(args.out), "parity_max_abs_diff": parity, "calibration": calibration_info}
-
-    if args.int8:
-        report["int8"] = export_int8(
-            args, recipe, labels, positive, train_samples, val_samples, rng
-        )
-    log.info("wrote %s", args.out)
-    return report
-
-
-def export_int8(args, recipe, labels, positive, train_samples, val_samples, rng) -> dict:
-    """Write <out>.int8.onnx and measure it against fp32 on every validation image."""
+def export_int8(args, recipe, labels, train_samples, val_samples, rng) -> dict:
+    """Write <out>.int8.onnx only if the scanner would report the same labels with it."""
     import onnx
 
     if args.calibration:
-        pool = [
-            Sample(p, p.parent.name, "") for p in sorted(args.calibration.rglob("*")) if p.is_file()
-        ]
+        pool = [Sample(p, p.parent.name, "") for p in sorted(args.calibration.rglob("*"))
+                if p.is_file()]  # fmt: skip
     else:
         pool = train_samples
     order = rng.permutation(len(pool))[: args.calibration_images]
@@ -313,34 +439,20 @@ def export_int8(args, recipe, labels, positive, train_samples, val_samples, rng)
         quantize_int8(args.out, raw, calibration_x)
         fp32 = load_classifier(args.out, device="cpu")
         proto = onnx.load(str(raw))
-        # quantize_static keeps metadata_props; check and mark it
+        set_metadata(proto, dict(fp32.info.metadata))
+        onnx.save_model(proto, str(raw))
+        candidate = load_classifier(raw, device="cpu")
         val_x, kept = load_arrays(val_samples, recipe)
         val_x = val_x.astype(np.float32) / np.float32(255.0)
         y_val = np.array([labels.index(val_samples[i].label) for i in kept])
-        candidate = load_classifier(raw, device="cpu")
-        p32 = np.concatenate(
-            [fp32.predict_raw(val_x[i : i + 64]) for i in range(0, len(val_x), 64)]
-        )
-        p8 = np.concatenate(
-            [candidate.predict_raw(val_x[i : i + 64]) for i in range(0, len(val_x), 64)]
-        )
-        agreement = float((p32.argmax(1) == p8.argmax(1)).mean())
-        m32 = classification_metrics(y_val, p32, labels, positive=positive)
-        m8 = classification_metrics(y_val, p8, labels, positive=positive)
-        quant = {
-            "format": "static QDQ int8, per-channel weights",
-            "calibration_images": int(len(calibration_x)),
-            "argmax_agreement_vs_fp32": round(agreement, 5),
-            "weighted_f1_fp32": round(m32["weighted_f1"], 5),
-            "weighted_f1_int8": round(m8["weighted_f1"], 5),
-            "max_abs_prob_diff": round(float(np.abs(p32 - p8).max()), 5),
-            "evaluated_on": f"{len(val_x)} validation-patient images",
-        }
-        if agreement < args.int8_min_agreement:
-            log.warning("INT8 not written: agreement %.4f < %.4f", agreement,
-                        args.int8_min_agreement)  # fmt: skip
+        quant = {"format": "static QDQ int8, per-channel weights",
+                 "calibration_images": int(len(calibration_x)),
+                 **int8_agreement(fp32, candidate, val_x, y_val)}  # fmt: skip
+        if quant["label_agreement_min"] < args.int8_min_agreement:
+            log.warning("INT8 not written: label agreement %.4f < %.4f on some class",
+                        quant["label_agreement_min"], args.int8_min_agreement)  # fmt: skip
             return {"path": None, "written": False, **quant}
-        set_metadata(proto, {**dict(fp32.info.metadata), mf.KEY_QUANTIZATION: json.dumps(quant)})
+        set_metadata(proto, {mf.KEY_QUANTIZATION: json.dumps(quant)})
         write_atomic_model(proto, int8_path)
     log.info("INT8: %s", quant)
     return {"path": str(int8_path), "written": True, **quant}
@@ -351,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         report = export(args)
-    except (ExportError, FileNotFoundError, ValueError) as exc:
+    except (ExportError, FileNotFoundError, ValueError, KeyError) as exc:
         log.error("export failed: %s", exc)
         return 1
     print(json.dumps(report, indent=2))

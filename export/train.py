@@ -22,18 +22,53 @@ from pathlib import Path
 
 import numpy as np
 
+from export.augment import GROUPS, make_augmenter, parse_groups
 from export.data import Sample, discover_dataset, load_arrays, split_by_patient
 from smearscan.metrics import classification_metrics
 from smearscan.preprocess import Recipe
 
 log = logging.getLogger("export.train")
 
-AUGMENTATIONS = ("none", "flips", "full")
-BALANCING = ("none", "weights", "oversample")
+BALANCING = ("none", "weights", "oversample", "donors")
+SELECTIONS = ("last", "best")
+DEFAULT_EPOCHS = 10
+#: The preprocessing of the default model (chosen by donor-level cross-validation).
+DEFAULT_RECIPE = Recipe()
+#: Where the default model's Keras weights live, for --init-from default.
+DEFAULT_PARENT = Path(__file__).parent / "default_model"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m export.train", description=__doc__.split("\n")[0])
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def scale_range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("give two factors, e.g. 0.7,1.4") from None
+    if not 0.2 <= low <= high <= 5:
+        raise argparse.ArgumentTypeError("need 0.2 <= low <= high <= 5")
+    return low, high
+
+
+def augment_groups(text: str) -> tuple[str, ...]:
+    try:
+        return parse_groups(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser(prog: str = "python -m export.train") -> argparse.ArgumentParser:
+    """The training options; ``export.cv`` reuses them for every fold."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--data", required=True, type=Path, help="folder tree: .../<label>/<image>")
     p.add_argument("--out", required=True, type=Path, help="run folder to create")
     p.add_argument("--width", type=float, default=0.125, help="channel width factor (1.0 = paper)")
@@ -48,41 +83,106 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="BatchNorm after each conv (without it, training did not start on C-NMC)",
     )
     p.add_argument("--init", default="he_normal", help="Keras kernel initializer name")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="peak Adam learning rate (cosine decay)")
     p.add_argument("--seed", type=int, default=0, help="initialisation and sampling seed")
     p.add_argument(
         "--split-seed",
         type=int,
         default=0,
-        help="seed of the patient split (kept apart from "
-        "--seed so that several initialisations can be compared on the same patients)",
+        help="seed of the patient split (kept apart from --seed so that several "
+        "initialisations can be compared on the same patients)",
     )
-    p.add_argument("--folds", type=int, default=4, help="patient-disjoint folds")
-    p.add_argument("--fold", type=int, default=0, help="which fold validates")
-    p.add_argument("--crop", default="window", choices=("full", "bbox", "window"))
-    p.add_argument("--window", type=int, default=320, help="window side for --crop window")
+    p.add_argument("--folds", type=positive_int, default=4, help="patient-disjoint folds")
+    p.add_argument(
+        "--fold",
+        type=int,
+        default=0,
+        help="which fold validates; -1 trains on every patient (no validation: the "
+        "recipe must have been chosen by cross-validation, python -m export.cv)",
+    )
+    p.add_argument("--crop", default=DEFAULT_RECIPE.crop, choices=("full", "bbox", "window"))
+    p.add_argument("--window", type=int, default=DEFAULT_RECIPE.window,
+                   help="window side for --crop window")  # fmt: skip
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=DEFAULT_RECIPE.margin,
+        help="margin around the cell for --crop bbox (fraction of its side)",
+    )
     p.add_argument("--interpolation", default="area", choices=("area", "linear"))
     p.add_argument("--log-enhance", action="store_true", help="Laplacian-of-Gaussian enhancement")
-    p.add_argument("--augment", default="flips", choices=AUGMENTATIONS)
-    p.add_argument("--balance", default="weights", choices=BALANCING)
+    p.add_argument(
+        "--augment",
+        type=augment_groups,
+        default="full",
+        help=f"none, full, or a comma-separated subset of {','.join(GROUPS)}",
+    )
+    p.add_argument(
+        "--scale-range",
+        type=scale_range,
+        default="0.7,1.4",
+        help="cell rescaling factors drawn log-uniformly by the scale augmentation",
+    )
+    p.add_argument(
+        "--balance",
+        default="donors",
+        choices=BALANCING,
+        help="donors: each class gets the same draws per epoch, shared equally by its "
+        "donors (with replacement for small donors); weights: class weights in the loss; "
+        "oversample: resample the minority class",
+    )
     p.add_argument(
         "--per-patient",
         type=int,
         default=100,
-        help="images drawn per patient per epoch (0 = all); evens out patients' influence",
+        help="images drawn per patient per epoch (0 = all); with --balance donors, the "
+        "epoch size is this times the number of patients",
+    )
+    p.add_argument("--mixup", type=float, default=0.0, help="mixup Beta(a, a); 0 = off")
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=0.99,
+        help="exponential moving average of the weights, per step (0 = off); the "
+        "evaluated and saved model uses the average",
+    )
+    p.add_argument(
+        "--bn-recalibrate",
+        type=int,
+        default=1024,
+        help="re-estimate batch-norm statistics on this many un-augmented training crops "
+        "before each evaluation (0 = off): statistics gathered under augmentation do not "
+        "match real crops",
+    )
+    p.add_argument(
+        "--select",
+        default="last",
+        choices=SELECTIONS,
+        help="which epoch to keep: last (no choice made on the validation patients) or "
+        "best by validation weighted F1 (optimistic)",
+    )
+    p.add_argument(
+        "--init-from",
+        help="fine-tune: start from 'default' (the shipped model's weights in export/), a "
+        "run folder or a .keras file; the parent is recorded in the run and the model file",
     )
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--cache-dir", type=Path, default=Path(".cache/arrays"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     return Recipe(
         crop=args.crop,
         window=args.window,
+        margin=args.margin,
         interpolation=args.interpolation,
         log_enhance=args.log_enhance,
     )
@@ -126,10 +226,14 @@ class SplitArrays:
 def load_split(
     data: Path, recipe: Recipe, folds: int, fold: int, seed: int, cache_dir: Path, workers: int
 ) -> SplitArrays:
-    """Discover, split by patient and preprocess (cached) a training folder."""
+    """Discover, split by patient and preprocess (cached) a training folder; ``fold`` -1
+    puts every patient in training."""
     samples = discover_dataset(data)
     labels = sorted({s.label for s in samples})
-    train_samples, val_samples = split_by_patient(samples, folds, fold, seed)
+    if fold == -1:
+        train_samples, val_samples = list(samples), []
+    else:
+        train_samples, val_samples = split_by_patient(samples, folds, fold, seed)
     x_train, kept_train = cached_arrays(train_samples, recipe, cache_dir, workers)
     x_val, kept_val = cached_arrays(val_samples, recipe, cache_dir, workers)
     train_samples = [train_samples[i] for i in kept_train]
@@ -141,50 +245,66 @@ def load_split(
     )  # fmt: skip
 
 
-def make_dataset(tf, x, y, args, training: bool, rng: np.random.Generator, patients=None):
+def make_dataset(tf, x, y, num_classes: int, args, training: bool, rng: np.random.Generator):
     """tf.data pipeline: uint8 -> float in [0, 1] exactly as ``preprocess`` scales, then
-    augmentation (training only)."""
+    augmentation and mixup (training only). Labels are one-hot (mixup blends them)."""
     autotune = tf.data.AUTOTUNE
+    size = x.shape[1]
+    augment = make_augmenter(tf, args.augment, args.scale_range, size)
 
-    def scale(image):
-        return tf.cast(image, tf.float32) * (1.0 / 255.0)
-
-    def flips(image):
-        image = tf.image.random_flip_left_right(image)
-        image = tf.image.random_flip_up_down(image)
-        return tf.image.rot90(image, k=tf.random.uniform([], 0, 4, dtype=tf.int32))
-
-    def colour(image):
-        image = tf.image.random_brightness(image, 0.08)
-        image = tf.image.random_contrast(image, 0.85, 1.15)
-        image = tf.image.random_saturation(image, 0.85, 1.15)
-        image = tf.image.random_hue(image, 0.03)
-        return tf.clip_by_value(image, 0.0, 1.0)
+    def scale(image, label):
+        return tf.cast(image, tf.float32) * (1.0 / 255.0), tf.one_hot(label, num_classes)
 
     ds = tf.data.Dataset.from_tensor_slices((x, y))
     if training:
         ds = ds.shuffle(len(x), seed=int(rng.integers(1 << 31)), reshuffle_each_iteration=True)
-    ds = ds.map(lambda image, label: (scale(image), label), num_parallel_calls=autotune)
-    if training and args.augment in ("flips", "full"):
-        ds = ds.map(lambda image, label: (flips(image), label), num_parallel_calls=autotune)
-    if training and args.augment == "full":
-        import keras
+    ds = ds.map(scale, num_parallel_calls=autotune)
+    if training and args.augment:
+        ds = ds.map(lambda image, label: (augment(image), label), num_parallel_calls=autotune)
+    ds = ds.batch(args.batch_size)
+    if training and args.mixup > 0:
+        alpha = float(args.mixup)
 
-        zoom = keras.layers.RandomZoom(0.1, fill_mode="constant", seed=args.seed)
-        rotate = keras.layers.RandomRotation(0.05, fill_mode="constant", seed=args.seed)
-        ds = ds.batch(args.batch_size).map(
-            lambda image, label: (colour(rotate(zoom(image, training=True), training=True)), label),
-            num_parallel_calls=autotune,
-        )
-        return ds.prefetch(autotune)
-    return ds.batch(args.batch_size).prefetch(autotune)
+        def mixup(images, labels):
+            first = tf.random.gamma([], alpha)
+            second = tf.random.gamma([], alpha)
+            share = first / (first + second)
+            order = tf.random.shuffle(tf.range(tf.shape(images)[0]))
+            return (
+                share * images + (1 - share) * tf.gather(images, order),
+                share * labels + (1 - share) * tf.gather(labels, order),
+            )
+
+        ds = ds.map(mixup, num_parallel_calls=autotune)
+    return ds.prefetch(autotune)
 
 
 def epoch_indices(
     patients: np.ndarray, y: np.ndarray, args, rng: np.random.Generator
 ) -> np.ndarray:
-    """Indices for one training epoch: all images, a per-patient draw, and/or oversampling."""
+    """Indices for one training epoch.
+
+    ``--balance donors``: every class gets the same number of draws and each of its donors
+    the same share of them, drawn with replacement where a donor has fewer crops, so a
+    donor with 20 crops weighs as much as one with 400 and the classes are even. Otherwise
+    up to ``--per-patient`` crops per patient without replacement, then ``oversample``
+    evens the classes if asked.
+    """
     indices = np.arange(len(y))
+    if args.balance == "donors":
+        donors = sorted(set(zip(patients.tolist(), y.tolist(), strict=True)))
+        classes = sorted({label for _, label in donors})
+        per_patient = args.per_patient or max(1, len(y) // max(len(donors), 1))
+        per_class = per_patient * len({p for p, _ in donors}) // len(classes)
+        chosen = []
+        for label in classes:
+            members_of_class = [p for p, c in donors if c == label]
+            per_donor = max(1, int(np.ceil(per_class / len(members_of_class))))
+            for patient in members_of_class:
+                members = indices[(patients == patient) & (y == label)]
+                replace = len(members) < per_donor
+                chosen.append(rng.choice(members, size=per_donor, replace=replace))
+        return rng.permutation(np.concatenate(chosen))
     if args.per_patient:
         chosen = []
         for patient in np.unique(patients):
@@ -210,11 +330,13 @@ def plot_curves(history: list[dict], path: Path) -> None:
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [h["loss"] for h in history], label="train")
-    ax_loss.plot(epochs, [h["val_loss"] for h in history], label="validation")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
     ax_acc.plot(epochs, [h["accuracy"] for h in history], label="train")
-    ax_acc.plot(epochs, [h["val_accuracy"] for h in history], label="validation")
-    ax_acc.plot(epochs, [h["val_weighted_f1"] for h in history], label="validation weighted F1")
+    if history and history[0].get("val_loss") is not None:
+        ax_loss.plot(epochs, [h["val_loss"] for h in history], label="validation")
+        ax_acc.plot(epochs, [h["val_accuracy"] for h in history], label="validation")
+        ax_acc.plot(epochs, [h["val_weighted_f1"] for h in history],
+                    label="validation weighted F1")  # fmt: skip
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy", ylim=(0, 1))
     for ax in (ax_loss, ax_acc):
         ax.legend()
@@ -224,8 +346,77 @@ def plot_curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+class WeightAverage:
+    """Exponential moving average of the trainable weights, updated after every step.
+
+    The averaged weights are what gets evaluated and saved: they swing far less from epoch
+    to epoch than the raw weights under strong augmentation. Early steps use a smaller
+    decay (as TensorFlow's ExponentialMovingAverage with num_updates) so that the average
+    is not dominated by the initialisation.
+    """
+
+    def __init__(self, model, decay: float) -> None:
+        self.model, self.decay, self.steps = model, decay, 0
+        self.shadow = [np.array(v.numpy()) for v in model.trainable_weights]
+
+    def callback(self):
+        import keras
+
+        average = self
+
+        class Update(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                average.update()
+
+        return Update()
+
+    def update(self) -> None:
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for shadow, variable in zip(self.shadow, self.model.trainable_weights, strict=True):
+            shadow *= decay
+            shadow += (1 - decay) * variable.numpy()
+
+    def apply(self) -> None:
+        for shadow, variable in zip(self.shadow, self.model.trainable_weights, strict=True):
+            variable.assign(shadow)
+
+
+def recalibrate_batch_norm(model, images: np.ndarray, batch_size: int = 64) -> None:
+    """Replace every batch-norm layer's moving statistics by their average over ``images``
+    (un-augmented training crops, uint8): a cumulative mean, batch by batch."""
+    import keras
+
+    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    if not layers or len(images) == 0:
+        return
+    momenta = [layer.momentum for layer in layers]
+    try:
+        for index, start in enumerate(range(0, len(images), batch_size)):
+            for layer in layers:
+                layer.momentum = index / (index + 1)
+            batch = images[start : start + batch_size].astype(np.float32) / np.float32(255.0)
+            model(batch, training=True)
+    finally:
+        for layer, momentum in zip(layers, momenta, strict=True):
+            layer.momentum = momentum
+
+
+def resolve_parent(spec: str) -> Path:
+    """The Keras model file that ``--init-from`` names."""
+    path = DEFAULT_PARENT if spec == "default" else Path(spec)
+    if path.is_dir():
+        path = path / "model.keras"
+    if path.suffix != ".keras" or not path.is_file():
+        raise ValueError(
+            f"--init-from {spec}: need 'default', a training run folder or a .keras file "
+            f"({path} not found)"
+        )
+    return path
+
+
 def train(args: argparse.Namespace) -> dict:
-    """Run one training; returns the validation metrics of the best epoch."""
+    """Run one training; returns the validation metrics of the kept epoch."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
     import tensorflow as tf
@@ -243,6 +434,7 @@ def train(args: argparse.Namespace) -> dict:
     labels, samples = split.labels, split.samples
     train_samples, val_samples = split.train_samples, split.val_samples
     x_train, y_train, x_val, y_val = split.x_train, split.y_train, split.x_val, split.y_val
+    validating = len(val_samples) > 0
     log.info(
         "%d images, %d patients, classes %s; train %d images / %d patients, validation %d / %d",
         len(samples),
@@ -254,29 +446,47 @@ def train(args: argparse.Namespace) -> dict:
         len({s.patient for s in val_samples}),
     )
     patients_train = np.array([s.patient for s in train_samples])
-    if len(set(y_val.tolist())) < 2:
+    if validating and len(set(y_val.tolist())) < 2:
         raise ValueError("validation patients cover fewer than two classes: use fewer --folds")
+    positive = "all" if "all" in labels else labels[0]
 
-    model = build_vgg(
-        len(labels),
-        depth=args.depth,
-        width=args.width,
-        input_size=recipe.input_size,
-        pooling=args.pooling,
-        dense_units=tuple(int(u) for u in args.dense.split(",") if u),
-        batch_norm=args.batch_norm,
-        dropout=args.dropout,
-        initializer=args.init,
-    )
+    parent = None
+    if args.init_from:
+        parent_path = resolve_parent(args.init_from)
+        model = keras.models.load_model(parent_path, compile=False)
+        parent_config = json.loads((parent_path.parent / "config.json").read_text())
+        if parent_config["labels"] != labels or parent_config["recipe"] != asdict(recipe):
+            raise ValueError(
+                f"--init-from {args.init_from}: its labels {parent_config['labels']} and "
+                "preprocessing must match this training's (same --crop/--window/--margin)"
+            )
+        parent = {
+            "path": str(parent_path),
+            "name": parent_config.get("name", parent_path.parent.name),
+            "architecture": parent_config["architecture"],
+        }
+    else:
+        model = build_vgg(
+            len(labels),
+            depth=args.depth,
+            width=args.width,
+            input_size=recipe.input_size,
+            pooling=args.pooling,
+            dense_units=tuple(int(u) for u in args.dense.split(",") if u),
+            batch_norm=args.batch_norm,
+            dropout=args.dropout,
+            initializer=args.init,
+        )
     steps_per_epoch = max(
-        1, len(epoch_indices(patients_train, y_train, args, rng)) // args.batch_size
-    )
+        1, len(epoch_indices(patients_train, y_train, args, np.random.default_rng(0)))
+        // args.batch_size
+    )  # fmt: skip
     schedule = keras.optimizers.schedules.CosineDecay(
         args.lr, decay_steps=steps_per_epoch * args.epochs, alpha=0.05
     )
     model.compile(
         optimizer=keras.optimizers.Adam(schedule),
-        loss="sparse_categorical_crossentropy",
+        loss="categorical_crossentropy",
         metrics=["accuracy"],
     )
     class_weight = None
@@ -285,23 +495,34 @@ def train(args: argparse.Namespace) -> dict:
         class_weight = {i: len(y_train) / (len(labels) * max(c, 1)) for i, c in enumerate(counts)}
 
     args.out.mkdir(parents=True, exist_ok=True)
+    arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    arguments["augment"] = ",".join(args.augment) or "none"
+    arguments["scale_range"] = list(args.scale_range)
+    architecture = (parent or {}).get("architecture") or {
+        "name": model.name,
+        "depth": args.depth,
+        "width": args.width,
+        "pooling": args.pooling,
+        "dense": args.dense,
+        "batch_norm": args.batch_norm,
+        "initializer": args.init,
+        "params": int(model.count_params()),
+    }
     config = {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "name": args.out.name,
+        "args": arguments,
         "labels": labels,
+        "positive_class": positive,
         "recipe": asdict(recipe),
-        "architecture": {
-            "name": model.name,
-            "depth": args.depth,
-            "width": args.width,
-            "pooling": args.pooling,
-            "dense": args.dense,
-            "batch_norm": args.batch_norm,
-            "initializer": args.init,
-            "params": int(model.count_params()),
-        },
+        "architecture": architecture,
+        "parent": parent,
         "split": {
-            "method": f"patient-disjoint, stratified by class, {args.folds} folds, fold {args.fold}"
-            f" validates, split seed {args.split_seed}",
+            "method": (
+                f"patient-disjoint, stratified by class, {args.folds} folds, fold {args.fold}"
+                f" validates, split seed {args.split_seed}"
+                if validating
+                else "every patient in training (no validation split)"
+            ),
             "train_patients": sorted({s.patient for s in train_samples}),
             "val_patients": sorted({s.patient for s in val_samples}),
             "train_images": len(train_samples),
@@ -311,72 +532,112 @@ def train(args: argparse.Namespace) -> dict:
     }
     (args.out / "config.json").write_text(json.dumps(config, indent=2))
 
-    val_ds = make_dataset(tf, x_val, y_val, args, training=False, rng=rng)
+    val_ds = make_dataset(tf, x_val, y_val, len(labels), args, training=False, rng=rng)
+    average = WeightAverage(model, args.ema) if args.ema > 0 else None
+    callbacks = [average.callback()] if average else []
+    recalibration = x_train[
+        np.sort(epoch_indices(patients_train, y_train, args, np.random.default_rng(1)))[
+            : args.bn_recalibrate
+        ]
+    ] if args.bn_recalibrate > 0 else x_train[:0]  # fmt: skip
+
+    def evaluated_weights() -> list[np.ndarray]:
+        """The model as it will be saved (averaged, batch norm re-estimated)."""
+        raw = [np.array(w.numpy()) for w in model.weights]
+        if average:
+            average.apply()
+        recalibrate_batch_norm(model, recalibration)
+        final = [np.array(w.numpy()) for w in model.weights]
+        for variable, value in zip(model.weights, raw, strict=True):
+            variable.assign(value)
+        return final
+
     history: list[dict] = []
-    best = {"val_weighted_f1": -1.0}
-    best_probabilities = None
+    kept: dict = {}
     for epoch in range(1, args.epochs + 1):
         tick = time.time()
         idx = epoch_indices(patients_train, y_train, args, rng)
-        train_ds = make_dataset(tf, x_train[idx], y_train[idx], args, training=True, rng=rng)
+        train_ds = make_dataset(tf, x_train[idx], y_train[idx], len(labels), args,
+                                training=True, rng=rng)  # fmt: skip
         fit = model.fit(
             train_ds,
             epochs=1,
             class_weight=class_weight,
+            callbacks=callbacks,
             verbose=0 if args.quiet else 1,
         )
-        probabilities = model.predict(val_ds, verbose=0)
-        metrics = classification_metrics(y_val, probabilities, labels, positive="all")
-        eps = 1e-7
-        val_loss = float(
-            -np.mean(np.log(np.clip(probabilities[np.arange(len(y_val)), y_val], eps, 1.0)))
-        )
+        weights = evaluated_weights()
         row = {
             "epoch": epoch,
             "loss": float(fit.history["loss"][-1]),
             "accuracy": float(fit.history["accuracy"][-1]),
-            "val_loss": val_loss,
-            "val_accuracy": metrics["accuracy"],
-            "val_weighted_f1": metrics["weighted_f1"],
-            "val_roc_auc": metrics["roc_auc"],
-            "val_sensitivity": metrics["sensitivity"],
-            "val_specificity": metrics["specificity"],
-            "seconds": round(time.time() - tick, 1),
         }
+        metrics = None
+        probabilities = None
+        if validating:
+            raw = [np.array(w.numpy()) for w in model.weights]
+            model.set_weights(weights)
+            probabilities = model.predict(val_ds, verbose=0)
+            model.set_weights(raw)
+            metrics = classification_metrics(y_val, probabilities, labels, positive=positive)
+            row.update(
+                val_loss=float(-np.mean(np.log(np.clip(
+                    probabilities[np.arange(len(y_val)), y_val], 1e-7, 1.0)))),
+                val_accuracy=metrics["accuracy"],
+                val_weighted_f1=metrics["weighted_f1"],
+                val_roc_auc=metrics["roc_auc"],
+                val_sensitivity=metrics["sensitivity"],
+                val_specificity=metrics["specificity"],
+            )  # fmt: skip
+        row["seconds"] = round(time.time() - tick, 1)
         history.append(row)
-        log.info(
-            "epoch %d/%d loss %.4f acc %.4f | val loss %.4f acc %.4f wF1 %.4f AUC %.4f (%.0fs)",
-            epoch, args.epochs, row["loss"], row["accuracy"], val_loss, row["val_accuracy"],
-            row["val_weighted_f1"], row["val_roc_auc"], row["seconds"],
-        )  # fmt: skip
+        log.info("epoch %d/%d %s", epoch, args.epochs, " ".join(
+            f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "seconds")
+        ) + f" ({row['seconds']:.0f}s)")  # fmt: skip
         with open(args.out / "history.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(row))
             writer.writeheader()
             writer.writerows(history)
-        if metrics["weighted_f1"] > best["val_weighted_f1"]:
-            best = {**metrics, "val_weighted_f1": metrics["weighted_f1"], "epoch": epoch}
-            best_probabilities = probabilities
-            model.save(args.out / "model.keras")
+        better = metrics is not None and metrics["weighted_f1"] > kept.get("weighted_f1", -1.0)
+        if args.select == "last" or not validating or better:
+            kept = {**(metrics or {}), "epoch": epoch, "weights": weights,
+                    "probabilities": probabilities}  # fmt: skip
+    model.set_weights(kept.pop("weights"))
+    save_model(model, args.out / "model.keras")
     plot_curves(history, args.out / "curves.png")
-    with open(args.out / "val_predictions.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "patient", "label", *[f"p_{c}" for c in labels]])
-        for sample, probs in zip(val_samples, best_probabilities, strict=False):
-            writer.writerow(
-                [str(sample.path), sample.patient, sample.label, *[f"{p:.6f}" for p in probs]]
-            )
+    best_probabilities = kept.pop("probabilities")
+    if validating:
+        with open(args.out / "val_predictions.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "patient", "label", *[f"p_{c}" for c in labels]])
+            for sample, probs in zip(val_samples, best_probabilities, strict=True):
+                writer.writerow(
+                    [str(sample.path), sample.patient, sample.label, *[f"{p:.6f}" for p in probs]]
+                )
     summary = {
-        "best_epoch": best["epoch"],
-        "validation": {k: v for k, v in best.items() if k not in ("val_weighted_f1", "epoch")},
+        "best_epoch": kept["epoch"],
+        "validation": {k: v for k, v in kept.items() if k != "epoch"},
         "train_seconds": round(time.time() - started, 1),
-        "selection": "best epoch by validation weighted F1 (argmax)",
-    }
+        "selection": "last epoch" if args.select == "last"
+        else "best epoch by validation weighted F1 (argmax)",
+    }  # fmt: skip
     (args.out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    log.info(
-        "best epoch %d: validation weighted F1 %.4f, AUC %.4f; wrote %s",
-        best["epoch"], best["weighted_f1"], best["roc_auc"], args.out,
-    )  # fmt: skip
+    if validating:
+        log.info("kept epoch %d: validation weighted F1 %.4f, AUC %.4f; wrote %s",
+                 kept["epoch"], kept["weighted_f1"], kept["roc_auc"], args.out)  # fmt: skip
+    else:
+        log.info("trained on every patient; wrote %s", args.out)
     return summary
+
+
+def save_model(model, path: Path) -> None:
+    """The weights and architecture without the optimizer state (a third of the size), so
+    runs can be kept in the repository and fine-tuned from."""
+    import keras
+
+    bare = keras.models.clone_model(model)
+    bare.set_weights(model.get_weights())
+    bare.save(path)
 
 
 def main(argv: list[str] | None = None) -> int:

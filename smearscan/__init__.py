@@ -1,4 +1,5 @@
-"""smearscan: batch screening of white-cell crops for acute lymphoblastic leukemia.
+"""smearscan: batch screening of white-cell crops for acute lymphoblastic leukemia
+(research use only; not for diagnostic use).
 
 The public API is small and imported lazily, so ``smearscan --help`` stays fast::
 
@@ -18,15 +19,18 @@ _LAZY = {
     "load_and_preprocess": "smearscan.preprocess",
     "ImageDecodeError": "smearscan.preprocess",
     "load_classifier": "smearscan.inference",
+    "BatchPredictor": "smearscan.inference",
     "Classifier": "smearscan.inference",
     "DeviceError": "smearscan.inference",
     "ModelInfo": "smearscan.modelfile",
     "ModelFileError": "smearscan.modelfile",
     "default_model_path": "smearscan.modelfile",
-    "ScanOptions": "smearscan.scan",
+    "DecisionPolicy": "smearscan.policy",
+    "QualityControl": "smearscan.qc",
+    "CellResult": "smearscan.results",
+    "ScanOptions": "smearscan.runner",
     "ScanRequest": "smearscan.runner",
     "run_scan": "smearscan.runner",
-    "scan_paths": "smearscan.scan",
     "classification_metrics": "smearscan.metrics",
 }
 

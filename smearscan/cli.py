@@ -1,20 +1,25 @@
 """Command line: a thin click layer over the smearscan library.
 
 Heavy modules (numpy, OpenCV, onnxruntime) are imported inside commands so that
-``smearscan --help`` stays fast.
+``smearscan --help`` stays fast. Every command that reads crops follows one contract for
+signals and failures (see :class:`SignalGuard` and :func:`_final_line`): the last line on
+stderr always summarises the run, whatever happened.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import click
 
@@ -22,6 +27,7 @@ from smearscan import __version__
 from smearscan.exitstatus import ExitStatus
 
 log = logging.getLogger("smearscan")
+INTENDED_USE_LINE = "Research use only; not for diagnostic use."
 
 
 @dataclass
@@ -33,19 +39,112 @@ class Environment:
     stderr_isatty: bool = field(default_factory=lambda: sys.stderr.isatty())
 
 
+class _Formatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(message)s")
+
+
 def _setup_logging(env: Environment, quiet: bool, log_file: Path | None) -> None:
+    """Messages to stderr (errors only with -q) and, in full, to ``log_file`` (created
+    owner-only with its folder: it names slides)."""
     root = logging.getLogger("smearscan")
+    for handler in root.handlers:
+        handler.close()
     root.handlers.clear()
     root.setLevel(logging.INFO)
     root.propagate = False
     handler = logging.StreamHandler(env.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setFormatter(_Formatter())
     handler.setLevel(logging.ERROR if quiet else logging.INFO)
     root.addHandler(handler)
     if log_file:
+        from smearscan.files import create_private
+
+        try:
+            create_private(log_file)
+        except OSError as exc:
+            raise click.BadParameter(f"cannot create {log_file}: {exc.strerror}",
+                                     param_hint="--log-file") from None  # fmt: skip
         file_handler = logging.FileHandler(log_file, encoding="utf-8")
-        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        file_handler.setFormatter(_Formatter())
         root.addHandler(file_handler)
+
+
+def _quiet_opencv() -> None:
+    """OpenCV's own warnings go straight to stderr and would get through -q; every decode
+    problem already becomes an error row with its reason."""
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+
+
+class SignalGuard:
+    """One signal contract for every command.
+
+    The first SIGINT, SIGTERM or SIGHUP sets ``stop``: the batches in flight are finished,
+    a report marked partial is written, and the exit code is 128 + the signal (130, 143,
+    129). A signal while waiting for the state lock ends the wait at once, with the same
+    code and no report. A second signal exits at once (same code), writing nothing more:
+    temporary files it leaves are removed by the next run.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self, env: Environment, on_abort: Callable[[ExitStatus], None]) -> None:
+        self.env, self.on_abort = env, on_abort
+        self.stop = threading.Event()
+        self.received: list[int] = []
+        self.previous: dict = {}
+
+    def __enter__(self) -> SignalGuard:
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, _frame) -> None:
+        self.received.append(signum)
+        if len(self.received) > 1:
+            status = self.status()
+            self.on_abort(status)
+            os._exit(int(status))
+        self.stop.set()
+        log.warning("signal %d: finishing the batches in flight, then writing a partial report "
+                    "(signal again to stop at once)", signum)  # fmt: skip
+
+    def status(self) -> ExitStatus:
+        if not self.received:
+            return ExitStatus.INTERRUPTED_INT
+        return ExitStatus.for_signal(self.received[0])
+
+
+def _final_line(env: Environment, state: str, status: ExitStatus, files: int = 0, ok: int = 0,
+                qc: int = 0, errors: int = 0, seconds: float = 0.0, pending: int = 0,
+                reused: int = 0) -> None:  # fmt: skip
+    """One line for cron mail, printed even with --quiet, always last."""
+    line = (
+        f"smearscan {state}: {files} files, {ok} ok, {qc} failed QC, {errors} errors, "
+        f"{pending} pending, {reused} unchanged in {seconds:.1f} s; exit {int(status)} "
+        f"({status.name.lower()})"
+    )
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=env.stderr, flush=True)
+    record = log.makeRecord(log.name, logging.INFO, __file__, 0, line, (), None)
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            try:
+                handler.emit(record)
+                handler.flush()
+            except Exception:  # noqa: BLE001  (the log's disk may be full; stderr has it)
+                pass
+
+
+def _check_device(device: str) -> None:
+    import re
+
+    if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", device.strip().lower()):
+        raise click.BadParameter(f"{device!r}: use auto, cpu, cuda or cuda:N",
+                                 param_hint="--device")  # fmt: skip
 
 
 model_option = click.option(
@@ -62,14 +161,60 @@ device_option = click.option(
     show_default=True,
     help="auto, cpu, cuda or cuda:N.",
 )
+threshold_option = click.option(
+    "--threshold",
+    type=click.FloatRange(0, 1),
+    help="Cut-off on P(positive class) for two-class models [default: the model's "
+    "operating point]. A usage error for models without a positive class.",
+)
+slide_options = [
+    click.option(
+        "--slide-rule",
+        type=click.Choice(["mean", "fraction"]),
+        help="Slide score: mean P(positive) of its usable cells, or the fraction of them "
+        "labelled positive [default: the model's rule].",
+    ),
+    click.option(
+        "--slide-threshold",
+        "slide_cutoff",
+        type=click.FloatRange(0, 1),
+        help="Cut-off on the slide score that flags a slide [default: the model's].",
+    ),
+    click.option(
+        "--min-cells",
+        type=click.IntRange(min=1),
+        help="Fewer usable cells than this: the slide call is 'insufficient' [default: the "
+        "model's, 10].",
+    ),
+]
+qc_option = click.option(
+    "--qc",
+    "qc_mode",
+    type=click.Choice(["default", "strict", "off"]),
+    default="default",
+    envvar="SMEARSCAN_QC",
+    show_default=True,
+    help="Quality control against the model's training range: 'strict' refuses more "
+    "borderline crops, 'off' classifies every decodable crop (marked in the summary).",
+)
+
+
+def _apply(options: list):
+    def decorate(function):
+        for option in reversed(options):
+            function = option(function)
+        return function
+
+    return decorate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="smearscan")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
-    """Screen white-cell crops for acute lymphoblastic leukemia (a screening aid, not a
-    diagnosis)."""
+    """Screen white-cell crops for acute lymphoblastic leukemia.
+
+    Research use only; not for diagnostic use."""
     ctx.ensure_object(Environment)
 
 
@@ -83,7 +228,10 @@ def cli(ctx: click.Context) -> None:
     help="Per-image report (CSV or JSONL). The summary JSON and HTML go beside it.",
 )
 @click.option(
-    "--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "jsonl"]),
+    help="Report format [default: from the --out extension: .jsonl/.ndjson, else csv].",
 )
 @click.option(
     "--summary",
@@ -98,10 +246,15 @@ def cli(ctx: click.Context) -> None:
 @click.option("--no-html", is_flag=True, help="Skip the HTML report.")
 @click.option(
     "--files-from",
-    type=click.File("r", encoding="utf-8"),
+    type=click.File("r", encoding="utf-8", errors="surrogateescape"),
     help="Read file paths, one per line, from FILE ('-' for stdin).",
 )
-@click.option("--glob", "pattern", help="Only files whose name or relative path matches.")
+@click.option(
+    "--glob",
+    "pattern",
+    help="Only files whose name or relative path matches (case-insensitive).",
+)
+@click.option("--glob-case-sensitive", is_flag=True, help="Match --glob case-sensitively.")
 @click.option("--recursive/--no-recursive", default=True, show_default=True)
 @click.option(
     "--slide-depth",
@@ -129,29 +282,26 @@ def cli(ctx: click.Context) -> None:
 )
 @click.option(
     "--batch-size",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=4096),
     default=32,
     envvar="SMEARSCAN_BATCH_SIZE",
     show_default=True,
 )
-@click.option(
-    "--threshold",
-    type=click.FloatRange(0, 1),
-    help="P(positive class) cut-off [default: the model's operating point].",
-)
-@click.option(
-    "--slide-threshold",
-    type=click.FloatRange(0, 1),
-    default=0.5,
-    show_default=True,
-    help="Fraction of positive cells that flags a slide.",
-)
+@threshold_option
+@_apply(slide_options)
+@qc_option
 @click.option("--tta", is_flag=True, help="Average flips and 90° rotations (8x slower).")
 @click.option(
     "--max-pixels",
     type=click.IntRange(min=64),
     envvar="SMEARSCAN_MAX_PIXELS",
-    help="Refuse images larger than this many pixels.",
+    help="Refuse images larger than this many pixels, from the header [default: 64,000,000].",
+)
+@click.option(
+    "--max-bytes",
+    type=click.IntRange(min=1),
+    envvar="SMEARSCAN_MAX_BYTES",
+    help="Refuse files larger than this many bytes, before reading [default: 134,217,728].",
 )
 @click.option(
     "--state",
@@ -162,7 +312,7 @@ def cli(ctx: click.Context) -> None:
 @click.option(
     "--wait",
     "lock_wait",
-    type=float,
+    type=click.FloatRange(min=0),
     is_flag=False,
     flag_value=3600.0,
     help="If another run holds the state lock, wait up to SECONDS (default 3600) "
@@ -173,11 +323,19 @@ def cli(ctx: click.Context) -> None:
     type=click.FloatRange(min=0),
     default=10.0,
     show_default=True,
-    help="With --state: leave files modified less than this many seconds ago for "
-    "the next run (a scanner may still be writing them).",
+    help="With --state: a file modified less than this many seconds ago waits for the next "
+    "run, unless that run finds it unchanged (a scanner may still be writing it).",
 )
 @click.option(
     "--new-only", is_flag=True, help="With --state: report only this run's new or changed files."
+)
+@click.option(
+    "--verify",
+    type=click.Choice(["stat", "content"]),
+    default="stat",
+    show_default=True,
+    help="With --state: a file is unchanged when its size and mtime are ('stat'), or also "
+    "its bytes' sha256 ('content': reads every file each run).",
 )
 @click.option(
     "--anonymize-key-file",
@@ -187,26 +345,60 @@ def cli(ctx: click.Context) -> None:
     "this file's contents), stable across runs.",
 )
 @click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    envvar="SMEARSCAN_ENGINE",
+    show_default=True,
+    help="Where the work runs: threads here, or a Ray cluster (pip install 'smearscan[ray]').",
+)
+@click.option(
+    "--ray-address",
+    envvar="SMEARSCAN_RAY_ADDRESS",
+    help="With --engine ray: 'auto', host:port or ray://host:port of a cluster "
+    "[default: start a local Ray instance].",
+)
+@click.option(
+    "--num-parts",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Scan only one of N parts of the files (a stable hash of each report path); "
+    "combine the parts with 'smearscan merge'.",
+)
+@click.option("--part-id", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option(
     "--log-file", type=click.Path(path_type=Path, dir_okay=False), envvar="SMEARSCAN_LOG_FILE"
 )
 @click.option(
     "--log-interval",
-    type=float,
+    type=click.FloatRange(min=0),
     default=30.0,
     show_default=True,
     help="Seconds between progress lines when stderr is not a terminal.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="Errors and the final line only.")
-@click.pass_obj
-def scan(env: Environment, inputs, out, fmt, summary, html, no_html, files_from, pattern,
-         recursive, slide_depth, model, device, workers, threads, batch_size, threshold,
-         slide_threshold, tta, max_pixels, state, lock_wait, min_age, new_only,
-         anonymize_key_file, log_file, log_interval, quiet) -> None:  # fmt: skip
-    """Classify every image under INPUTS (folders and/or files) and write reports."""
+@click.pass_context
+def scan(ctx: click.Context, inputs, out, fmt, summary, html, no_html, files_from, pattern,
+         glob_case_sensitive, recursive, slide_depth, model, device, workers, threads,
+         batch_size, threshold, slide_rule, slide_cutoff, min_cells, qc_mode, tta, max_pixels,
+         max_bytes, state, lock_wait, min_age, new_only, verify, anonymize_key_file, engine,
+         ray_address, num_parts, part_id, log_file, log_interval, quiet) -> None:  # fmt: skip
+    """Classify every image under INPUTS (folders and/or files) and write reports.
+
+    Research use only; not for diagnostic use."""
+    env: Environment = ctx.obj
     if not inputs and files_from is None:
         raise click.UsageError("give at least one folder or file, or --files-from")
-    if (new_only or lock_wait is not None) and state is None:
-        raise click.UsageError("--new-only and --wait need --state")
+    given = click.core.ParameterSource.COMMANDLINE
+    explicit = {name for name in ("min_age", "verify") if ctx.get_parameter_source(name) == given}
+    if state is None and (new_only or lock_wait is not None or explicit):
+        raise click.UsageError("--new-only, --wait, --min-age and --verify need --state")
+    if ray_address and engine != "ray":
+        raise click.UsageError("--ray-address needs --engine ray")
+    if part_id >= num_parts:
+        raise click.BadParameter("must be less than --num-parts", param_hint="--part-id")
+    _check_device(device)
     anonymize_key = anonymize_key_file.read() if anonymize_key_file else None
     if anonymize_key is not None and len(anonymize_key.strip()) < 16:
         raise click.BadParameter("the key file must hold at least 16 bytes",
@@ -215,98 +407,122 @@ def scan(env: Environment, inputs, out, fmt, summary, html, no_html, files_from,
         if not item.exists():
             raise click.BadParameter(f"{item} does not exist", param_hint="INPUTS")
     _setup_logging(env, quiet, log_file)
+    _quiet_opencv()
+    if max_pixels:  # before OpenCV loads: it reads its header limit once
+        os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(max_pixels)
 
     from smearscan.discover import read_file_list
-    from smearscan.inference import DeviceError, load_classifier
-    from smearscan.modelfile import ModelFileError
-    from smearscan.preprocess import DEFAULT_MAX_PIXELS
-    from smearscan.runner import ScanRequest, run_scan
-    from smearscan.scan import ScanOptions
+    from smearscan.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+    from smearscan.runner import ScanOptions, ScanRequest
 
-    options = ScanOptions(batch_size=batch_size, workers=workers, threshold=threshold, tta=tta,
-                          max_pixels=max_pixels or DEFAULT_MAX_PIXELS)  # fmt: skip
     request = ScanRequest(
         inputs=list(inputs),
         files=list(read_file_list(files_from)) if files_from is not None else None,
         out=out, fmt=fmt, summary=summary, html=html, write_html=not no_html,
-        recursive=recursive, pattern=pattern, slide_depth=slide_depth,
-        slide_threshold=slide_threshold, options=options, state=state, lock_wait=lock_wait,
-        min_age=min_age, new_only=new_only, anonymize_key=anonymize_key,
+        recursive=recursive, pattern=pattern, case_sensitive_glob=glob_case_sensitive,
+        slide_depth=slide_depth,
+        options=ScanOptions(batch_size=batch_size, workers=workers, tta=tta,
+                            max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+                            max_bytes=max_bytes or DEFAULT_MAX_BYTES),
+        threshold=threshold, slide_rule=slide_rule, slide_cutoff=slide_cutoff,
+        min_cells=min_cells, qc_mode=qc_mode, state=state, lock_wait=lock_wait,
+        min_age=min_age, new_only=new_only, verify=verify, anonymize_key=anonymize_key,
+        num_parts=num_parts, part_id=part_id,
     )  # fmt: skip
-    try:
-        classifier = load_classifier(model, device=device, threads=threads)
-    except (ModelFileError, DeviceError) as exc:
-        log.error("%s", exc)
-        _final_line(env, "failed", status=ExitStatus.ERROR)
-        sys.exit(ExitStatus.ERROR)
-    if classifier.device_note:
-        log.warning("%s", classifier.device_note)
-    log.info("model %s (%s), execution provider %s", classifier.info.name,
-             classifier.info.sha256[:12], classifier.provider)  # fmt: skip
+    _run_command(env, "scan", quiet, log_interval, lambda guard, progress: _do_scan(
+        request, model, device, threads, engine, ray_address, guard, progress))  # fmt: skip
 
-    stop = threading.Event()
-    received: list[int] = []
 
-    def on_signal(signum, _frame) -> None:
-        received.append(signum)
-        stop.set()
-        log.warning("signal %d: finishing the batches in flight, then writing a partial report",
-                    signum)  # fmt: skip
+def _load(model, device: str, threads: int = 1):
+    """The classifier, or a usage/failure exit with the reason (before any report)."""
+    from smearscan.inference import load_classifier
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    classifier = load_classifier(model, device=device, threads=threads)
+    level = logging.INFO
+    note = classifier.device_note
+    if note and device.strip().lower() != "auto":
+        level = logging.WARNING
+    log.log(level, "model %s (%s), execution provider %s%s", classifier.info.name,
+            classifier.info.sha256[:12], classifier.provider,
+            f" ({note})" if note else "")  # fmt: skip
+    return classifier
 
-    def stop_status() -> ExitStatus:
-        if received and received[0] == signal.SIGTERM:
-            return ExitStatus.INTERRUPTED_TERM
-        return ExitStatus.INTERRUPTED_INT
 
-    from smearscan.state import StateError, StateLocked
+def _do_scan(request, model, device, threads, engine_name, ray_address, guard, progress):
+    from smearscan.runner import make_engine, plan, run_scan
 
-    progress = _Progress(env, quiet, log_interval, request)
-    try:
-        with progress:
-            outcome = run_scan(request, classifier, stop=stop, stop_status=stop_status,
-                               on_result=progress.advance)  # fmt: skip
-    except StateLocked as exc:
-        log.error("%s; exiting (use --wait to queue behind it)", exc)
-        _final_line(env, "locked", status=ExitStatus.LOCKED)
-        sys.exit(ExitStatus.LOCKED)
-    except (StateError, OSError) as exc:
-        log.error("%s", exc)
-        _final_line(env, "failed", status=ExitStatus.ERROR)
-        sys.exit(ExitStatus.ERROR)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    _final_line(env, "partial" if stop.is_set() else "done", outcome.files, outcome.ok,
-                outcome.errors, outcome.seconds, outcome.status, outcome.pending,
-                outcome.reused)  # fmt: skip
+    request.validate()  # usage errors before the model loads
+    classifier = _load(model, device, threads)
+    engine = None
+    if engine_name == "ray":
+        engine = make_engine("ray", plan(request, classifier), classifier, request, ray_address)
+    progress.total_from(request.found)
+    return run_scan(request, classifier, stop=guard.stop, stop_status=guard.status,
+                    on_result=progress.advance, engine=engine)  # fmt: skip
+
+
+def _run_command(env: Environment, name: str, quiet: bool, log_interval: float, body) -> None:
+    """Run a command body under the signal contract and the error contract: every outcome,
+    an unexpected exception included, ends with the final line and a documented code."""
+    from smearscan.engines import EngineError, EngineMissing
+    from smearscan.inference import DeviceError, RuntimeMissing
+    from smearscan.modelfile import ModelFileError
+    from smearscan.policy import PolicyError
+    from smearscan.qc import QCError
+    from smearscan.runner import RequestError
+
+    started = time.time()
+    progress = _Progress(env, quiet, log_interval)
+
+    def aborted(status: ExitStatus) -> None:
+        progress.close()
+        _final_line(env, "aborted (second signal; no report written)", status,
+                    progress.done, seconds=time.time() - started)  # fmt: skip
+
+    def fail(state: str, status: ExitStatus, message: str) -> None:
+        progress.close()
+        log.error("%s", message)
+        _final_line(env, state, status, progress.done, ok=progress.ok, qc=progress.qc,
+                    errors=progress.errors, seconds=time.time() - started)  # fmt: skip
+        sys.exit(status)
+
+    with SignalGuard(env, aborted) as guard:
+        try:
+            from smearscan.state import StateError, StateLocked
+
+            with progress:
+                outcome = body(guard, progress)
+        except (RequestError, PolicyError, EngineMissing) as exc:
+            fail("refused", ExitStatus.USAGE, f"usage error: {exc}")
+        except (ModelFileError, DeviceError, RuntimeMissing, QCError, EngineError) as exc:
+            fail("failed", ExitStatus.ERROR, str(exc))
+        except StateLocked as exc:
+            fail("locked", ExitStatus.LOCKED, f"{exc}; exiting (use --wait to queue behind it)")
+        except InterruptedError as exc:
+            fail("interrupted", guard.status(), f"{exc}; no report written")
+        except (StateError, OSError) as exc:
+            fail("failed", ExitStatus.ERROR, str(exc))
+        except Exception as exc:  # noqa: BLE001  (the final line must come whatever broke)
+            log.exception("unexpected error")
+            fail("failed", ExitStatus.ERROR, f"unexpected error: {type(exc).__name__}: {exc}")
+    if outcome.status == ExitStatus.NOTHING_TO_SCAN:
+        log.warning("no image file to report (none found%s); the previous reports are kept",
+                    ", or all still being written" if outcome.pending else "")  # fmt: skip
+    state = "partial" if guard.stop.is_set() else "done"
+    _final_line(env, state, outcome.status, outcome.files, outcome.ok, outcome.qc,
+                outcome.errors, outcome.seconds, outcome.pending, outcome.reused)  # fmt: skip
     sys.exit(outcome.status)
-
-
-def _final_line(env: Environment, state: str, files: int = 0, ok: int = 0, errors: int = 0,
-                seconds: float = 0.0, status: ExitStatus = ExitStatus.SUCCESS, pending: int = 0,
-                reused: int = 0) -> None:  # fmt: skip
-    """One line for cron mail, printed even with --quiet."""
-    line = (
-        f"smearscan {state}: {files} files, {ok} ok, {errors} errors, {pending} pending, "
-        f"{reused} unchanged in {seconds:.1f} s; exit {int(status)} ({status.name.lower()})"
-    )
-    print(line, file=env.stderr)
-    record = log.makeRecord(log.name, logging.INFO, __file__, 0, line, None, None)
-    for handler in log.handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.emit(record)
 
 
 class _Progress:
     """Rich progress bar on a terminal; plain periodic log lines otherwise (cron)."""
 
-    def __init__(self, env: Environment, quiet: bool, interval: float, request) -> None:
-        self.env, self.quiet, self.interval, self.request = env, quiet, interval, request
-        self.done = self.errors = 0
+    def __init__(self, env: Environment, quiet: bool, interval: float) -> None:
+        self.env, self.quiet, self.interval = env, quiet, interval
+        self.done = self.ok = self.qc = self.errors = 0
         self.started = self.last = time.time()
-        self.bar = None
+        self.bar: Any = None
+        self.task: Any = None
 
     def __enter__(self) -> _Progress:
         if self.quiet or not self.env.stderr_isatty:
@@ -328,31 +544,45 @@ class _Progress:
         )  # fmt: skip
         self.bar.start()
         self.task = self.bar.add_task("scan", total=None, rate=0.0)
-        # count in the background so the bar gets a total (and an ETA) without delaying
-        # the first results
-        threading.Thread(target=self._count, daemon=True).start()
         return self
 
-    def _count(self) -> None:
-        total = sum(1 for _ in self.request.found())
-        if self.bar is not None:
-            self.bar.update(self.task, total=total)
+    def total_from(self, listing: Callable) -> None:
+        """Count the files in the background so the bar gets a total (and an ETA) without
+        delaying the first results."""
+        if self.bar is None:
+            return
+
+        def count() -> None:
+            total = sum(1 for _ in listing())
+            if self.bar is not None:
+                self.bar.update(self.task, total=total)
+
+        threading.Thread(target=count, daemon=True).start()
 
     def advance(self, result) -> None:
         self.done += 1
-        self.errors += 0 if result.ok else 1
+        if result.status == "ok":
+            self.ok += 1
+        elif result.status == "qc":
+            self.qc += 1
+        else:
+            self.errors += 1
         now = time.time()
         rate = self.done / max(now - self.started, 1e-9)
         if self.bar is not None:
             self.bar.update(self.task, advance=1, rate=rate)
         elif not self.quiet and now - self.last >= self.interval:
             self.last = now
-            log.info("progress: %d files (%d errors), %.1f files/s", self.done, self.errors, rate)
+            log.info("progress: %d files (%d failed QC, %d errors), %.1f files/s", self.done,
+                     self.qc, self.errors, rate)  # fmt: skip
 
-    def __exit__(self, *exc) -> None:
+    def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @cli.command()
@@ -374,54 +604,95 @@ class _Progress:
 )
 @model_option
 @device_option
-@click.option(
-    "--threshold",
-    type=click.FloatRange(0, 1),
-    help="P(positive class) cut-off [default: the model's operating point].",
-)
-@click.option("--slide-threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True)
+@threshold_option
+@_apply(slide_options)
+@qc_option
 @click.option("--tta", is_flag=True, help="Average flips and 90° rotations.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1, max=4096), default=32,
+              show_default=True)  # fmt: skip
 @click.option("-q", "--quiet", is_flag=True)
 @click.pass_obj
 def evaluate(env: Environment, root, labels_csv, report_dir, model, device, threshold,
-             slide_threshold, tta, batch_size, quiet) -> None:  # fmt: skip
-    """Score a model on labelled crops under ROOT (same pipeline as scan)."""
-    _setup_logging(env, quiet, None)
-    from smearscan.evaluate import LabelsError
-    from smearscan.evaluate import evaluate as run_evaluation
-    from smearscan.inference import DeviceError, load_classifier
-    from smearscan.modelfile import ModelFileError
-    from smearscan.runner import ScanRequest
-    from smearscan.scan import ScanOptions
+             slide_rule, slide_cutoff, min_cells, qc_mode, tta, batch_size,
+             quiet) -> None:  # fmt: skip
+    """Score a model on labelled crops under ROOT (same pipeline as scan).
 
+    Writes a validation record: metrics on the crops that passed quality control, the
+    slide calls, plots and the scan's own reports."""
+    _check_device(device)
+    _setup_logging(env, quiet, None)
+    _quiet_opencv()
+    from smearscan.runner import ScanOptions, ScanRequest
+
+    request = ScanRequest(
+        options=ScanOptions(batch_size=batch_size, tta=tta), threshold=threshold,
+        slide_rule=slide_rule, slide_cutoff=slide_cutoff, min_cells=min_cells, qc_mode=qc_mode,
+    )  # fmt: skip
+
+    def body(guard: SignalGuard, progress: _Progress):
+        from smearscan.evaluate import LabelsError
+        from smearscan.evaluate import evaluate as run_evaluation
+        from smearscan.runner import RequestError
+
+        classifier = _load(model, device)
+        try:
+            outcome = run_evaluation(root, classifier, report_dir, labels_csv, request,
+                                     stop=guard.stop, stop_status=guard.status,
+                                     on_result=progress.advance)  # fmt: skip
+        except LabelsError as exc:
+            raise RequestError(str(exc)) from None
+        if outcome.metrics is not None and outcome.slide_metrics is not None:
+            m = outcome.metrics
+            click.echo(
+                f"{m['n']} cells ({outcome.excluded} excluded by QC or unreadable): "
+                f"sensitivity {m['sensitivity']:.4f}, specificity {m['specificity']:.4f}, "
+                f"accuracy {m['accuracy']:.4f}, weighted F1 {m['weighted_f1']:.4f}, ROC AUC "
+                f"{_number(m['roc_auc'])}, ECE {m['expected_calibration_error']:.4f}"
+            )
+            slides = outcome.slide_metrics
+            click.echo(f"{len(slides['slides'])} slides: slide-call accuracy "
+                       f"{_number(slides['accuracy'])} ({slides['rule']})")  # fmt: skip
+            if outcome.unlabelled:
+                click.echo(f"{outcome.unlabelled} classified cells had no label and were not "
+                           "scored")  # fmt: skip
+            click.echo(f"reports in {outcome.report_dir}")
+        return outcome.scan
+
+    _run_command(env, "evaluate", quiet, 30.0, body)
+
+
+def _number(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+@cli.command()
+@click.argument("parts", nargs=-1, required=True,
+                type=click.Path(path_type=Path, exists=True, dir_okay=False))  # fmt: skip
+@click.option("--out", "-o", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="Merged per-image report; its summary JSON and HTML go beside it.")  # fmt: skip
+@click.option("--no-html", is_flag=True, help="Skip the HTML report.")
+@click.option("-q", "--quiet", is_flag=True)
+@click.pass_obj
+def merge(env: Environment, parts, out, no_html, quiet) -> None:
+    """Merge per-part reports (scan --num-parts N --part-id K) into one report, summary and
+    HTML. Every part must come from the same model and decision rule."""
+    _setup_logging(env, quiet, None)
+    from smearscan.merge import MergeError, merge_reports
+
+    started = time.time()
     try:
-        classifier = load_classifier(model, device=device)
-        request = ScanRequest(
-            slide_threshold=slide_threshold,
-            options=ScanOptions(batch_size=batch_size, threshold=threshold, tta=tta),
-        )
-        outcome = run_evaluation(root, classifier, report_dir, labels_csv, request)
-    except LabelsError as exc:
-        click.echo(f"error: {exc}", err=True)
+        outcome = merge_reports(list(parts), out, html=not no_html)
+    except MergeError as exc:
+        log.error("%s", exc)
+        _final_line(env, "refused", ExitStatus.USAGE, seconds=time.time() - started)
         sys.exit(ExitStatus.USAGE)
-    except (ModelFileError, DeviceError, OSError) as exc:
-        click.echo(f"error: {exc}", err=True)
+    except OSError as exc:
+        log.error("%s", exc)
+        _final_line(env, "failed", ExitStatus.ERROR, seconds=time.time() - started)
         sys.exit(ExitStatus.ERROR)
-    m = outcome.metrics
-    click.echo(
-        f"{m['n']} cells: sensitivity {m['sensitivity']:.4f}, specificity "
-        f"{m['specificity']:.4f}, accuracy {m['accuracy']:.4f}, weighted F1 "
-        f"{m['weighted_f1']:.4f}, ROC AUC {m['roc_auc']:.4f}, ECE "
-        f"{m['expected_calibration_error']:.4f}"
-    )
-    click.echo(
-        f"{len(outcome.slide_metrics['slides'])} slides: slide-call accuracy "
-        f"{outcome.slide_metrics['accuracy']:.4f} ({outcome.slide_metrics['rule']})"
-    )
-    if outcome.unlabelled:
-        click.echo(f"{outcome.unlabelled} classified cells had no label and were not scored")
-    click.echo(f"reports in {outcome.report_dir}")
+    _final_line(env, "merged", outcome.status, outcome.files, outcome.ok, outcome.qc,
+                outcome.errors, outcome.seconds)  # fmt: skip
+    sys.exit(outcome.status)
 
 
 @cli.group()
@@ -434,37 +705,29 @@ def model() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print all metadata as JSON.")
 @click.pass_obj
 def model_info(env: Environment, model, as_json) -> None:
-    """Print a model's self-description (labels, preprocessing, training data, metrics)."""
-    from smearscan.inference import load_classifier
-    from smearscan.modelfile import ModelFileError
+    """What a model file says about itself, explained (labels, preprocessing, decision
+    rule, quality-control limits, training data and validation numbers)."""
+    from smearscan.inference import RuntimeMissing, load_classifier
+    from smearscan.modelfile import ModelFileError, describe
 
     try:
         classifier = load_classifier(model, device="cpu")
-    except ModelFileError as exc:
+    except (ModelFileError, RuntimeMissing) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(ExitStatus.ERROR)
     info = classifier.info
-    metadata = {}
-    for key, value in sorted(info.metadata.items()):
-        try:
-            metadata[key] = json.loads(value)
-        except ValueError:
-            metadata[key] = value
     if as_json:
+        metadata = {}
+        for key, value in sorted(info.metadata.items()):
+            try:
+                metadata[key] = json.loads(value)
+            except ValueError:
+                metadata[key] = value
         click.echo(json.dumps({"path": str(info.path), "sha256": info.sha256,
-                               "metadata": metadata}, indent=2))  # fmt: skip
+                               "intended_use": INTENDED_USE_LINE, "metadata": metadata},
+                              indent=2))  # fmt: skip
         return
-    click.echo(f"model:            {info.path}")
-    click.echo(f"sha256:           {info.sha256}")
-    click.echo(f"labels:           {', '.join(info.labels)} (positive: {info.positive_class})")
-    click.echo(f"input:            {info.recipe.input_size}x{info.recipe.input_size} RGB")
-    click.echo(f"preprocess:       {info.recipe.to_json()}")
-    for key in sorted(metadata):
-        if key.startswith("smearscan.") and key not in ("smearscan.labels",
-                                                        "smearscan.preprocessing"):  # fmt: skip
-            value = metadata[key]
-            text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
-            click.echo(f"{key.removeprefix('smearscan.') + ':':<18}{text}")
+    click.echo(describe(info))
 
 
 def main(argv: list[str] | None = None, env: Environment | None = None) -> None:

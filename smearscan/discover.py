@@ -1,8 +1,12 @@
 """Lazy, deterministic discovery of image files under one or more roots.
 
-Walks with ``os.scandir`` (names sorted per folder) and yields as it goes, so the first
-results appear before a large share is fully listed. Symbolic links are followed only
-while they stay inside the scanned root, and each real folder is visited once (no loops).
+Walks with ``os.scandir`` (names sorted per folder) and an explicit stack (no recursion
+limit, however deep a share is nested), yielding as it goes so the first results appear
+before a large share is fully listed. Symbolic links are followed only while they stay
+inside the scanned root, and each real folder is visited once (no loops). A folder that
+cannot be listed becomes an error row, not a log line: a report must never look complete
+when part of the share was unreadable. Report names are escaped (:mod:`smearscan.names`),
+so no file name can break a report or a terminal.
 """
 
 from __future__ import annotations
@@ -10,11 +14,13 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import re
+import stat
 from collections.abc import Iterable, Iterator
-from operator import attrgetter
 from pathlib import Path
 from typing import NamedTuple
 
+from smearscan.names import display_name
 from smearscan.preprocess import is_image_name, is_image_path
 
 log = logging.getLogger(__name__)
@@ -28,9 +34,10 @@ class Found(NamedTuple):
     """
 
     path: str  # on disk; absolute for files found by walking a folder
-    rel: str
-    slide: str
+    rel: str  # as reported (escaped)
+    slide: str  # as reported (escaped)
     problem: str = ""  # non-empty: report this file as an error without reading it
+    root: str | None = None  # real path of the scanned folder: reading must stay inside it
 
 
 def _inside(real: str, root_real: str) -> bool:
@@ -45,6 +52,20 @@ def _slide_of(rel_parent: str, root_label: str, depth: int, prefix: str = "") ->
     return prefix + ("/".join(parts[:depth]) if depth > 0 else rel_parent)
 
 
+def compile_pattern(pattern: str | None, case_sensitive: bool = False):
+    """A matcher for ``--glob``: against the relative path or the file name, ignoring case
+    by default (lab scanners write both ``.BMP`` and ``.bmp``)."""
+    if pattern is None:
+        return None
+    flags = 0 if case_sensitive else re.IGNORECASE
+    regex = re.compile(fnmatch.translate(pattern), flags)
+
+    def matches(rel: str) -> bool:
+        return bool(regex.match(rel) or regex.match(rel.rsplit("/", 1)[-1]))
+
+    return matches
+
+
 def walk_root(
     root: str | os.PathLike,
     *,
@@ -52,75 +73,112 @@ def walk_root(
     recursive: bool = True,
     pattern: str | None = None,
     slide_depth: int = 0,
+    case_sensitive: bool = False,
 ) -> Iterator[Found]:
     """Image files under ``root`` in sorted depth-first order."""
     root = os.path.abspath(root)
     root_real = os.path.realpath(root)
-    root_label = prefix.rstrip("/") or Path(root_real).name or "."
+    root_label = display_name(prefix.rstrip("/") or Path(root_real).name or ".")
+    prefix = display_name(prefix)
+    matches = compile_pattern(pattern, case_sensitive)
     visited: set[tuple[int, int]] = set()
-
-    def matches(rel: str) -> bool:
-        return (
-            pattern is None
-            or fnmatch.fnmatch(rel, pattern)
-            or fnmatch.fnmatch(rel.rsplit("/", 1)[-1], pattern)
-        )
-
-    def walk(directory: str, rel_dir: str) -> Iterator[Found]:
+    # (folder on disk, its path relative to the root); popped from the end, so children
+    # are pushed in reverse to keep sorted depth-first order
+    stack: list[tuple[str, str]] = [(str(root), "")]
+    while stack:
+        directory, rel_dir = stack.pop()
+        slide = _slide_of(display_name(rel_dir), root_label, slide_depth, prefix)
         try:
-            stat = os.stat(directory)
-        except OSError as exc:
-            log.warning("cannot open folder %s: %s", directory, exc.strerror)
-            return
-        key = (stat.st_dev, stat.st_ino)
-        if key in visited:
-            return
-        visited.add(key)
-        try:
+            info = os.stat(directory)
+            key = (info.st_dev, info.st_ino)
+            if key in visited:
+                continue
+            visited.add(key)
             with os.scandir(directory) as entries:
-                listed = sorted(entries, key=attrgetter("name"))
+                listed = sorted(entries, key=lambda entry: entry.name)
         except OSError as exc:
-            log.warning("cannot list folder %s: %s", directory, exc.strerror)
-            return
+            shown = display_name(rel_dir or ".")
+            log.warning("cannot list folder %s: %s", prefix + shown, exc.strerror or exc)
+            yield Found(directory, f"{prefix}{shown}/", slide,
+                        f"cannot list folder: {exc.strerror or exc}", root_real)  # fmt: skip
+            continue
         subdirs = []
-        slide = _slide_of(rel_dir, root_label, slide_depth, prefix)
         rel_prefix = f"{rel_dir}/" if rel_dir else ""
         for entry in listed:
             name = entry.name
+            rel = rel_prefix + name
             try:
                 is_link = entry.is_symlink()
                 is_dir = entry.is_dir()  # follows links
             except OSError:
-                continue
+                is_link = is_dir = False
             if is_link:
                 real = os.path.realpath(entry.path)
                 if not _inside(real, root_real):
-                    rel = rel_prefix + name
-                    if is_image_name(name) and matches(rel):
-                        yield Found(
-                            entry.path,
-                            prefix + rel,
-                            slide,
-                            "symbolic link points outside the scanned folder; not followed",
-                        )
+                    if is_image_name(name) and (matches is None or matches(rel)):
+                        yield Found(entry.path, prefix + display_name(rel), slide,
+                                    "symbolic link points outside the scanned folder; "
+                                    "not followed", root_real)  # fmt: skip
                     else:
                         log.warning("not following %s: link leaves the scanned folder",
-                                    prefix + rel)  # fmt: skip
+                                    prefix + display_name(rel))  # fmt: skip
                     continue
             if is_dir:
                 if recursive:
-                    subdirs.append((entry.path, rel_prefix + name))
+                    subdirs.append((entry.path, rel))
                 continue
-            if not is_image_name(name):
+            if not is_image_name(name) or (matches is not None and not matches(rel)):
                 continue
-            rel = rel_prefix + name
-            if pattern is not None and not matches(rel):
-                continue
-            yield Found(entry.path, prefix + rel, slide)
-        for path, rel in subdirs:
-            yield from walk(path, rel)
+            problem = ""
+            try:
+                if not entry.is_file():
+                    mode = entry.stat().st_mode
+                    if not stat.S_ISREG(mode):
+                        problem = "not a regular file (a pipe, socket or device); not read"
+            except OSError:
+                pass  # vanished or unreadable: the reader says why
+            yield Found(entry.path, prefix + display_name(rel), slide, problem, root_real)
+        stack.extend(reversed(subdirs))
 
-    yield from walk(str(root), "")
+
+def unique_prefixes(folders: list[Path]) -> dict[Path, str]:
+    """A stable report prefix per folder: its name, or as many trailing path components as
+    it takes to tell it apart from the others (``siteA/slides/``, ``siteB/slides/``)."""
+    reals = {folder: Path(os.path.realpath(folder)) for folder in folders}
+    prefixes: dict[Path, str] = {}
+    for folder, real in reals.items():
+        parts = real.parts
+        for depth in range(1, len(parts) + 1):
+            candidate = "/".join(p for p in parts[-depth:] if p != os.sep)
+            clashes = [
+                other for other, other_real in reals.items()
+                if other != folder and other_real != real
+                and "/".join(p for p in other_real.parts[-depth:] if p != os.sep) == candidate
+            ]  # fmt: skip
+            if not clashes:
+                prefixes[folder] = (candidate or ".") + "/"
+                break
+        else:
+            prefixes[folder] = str(real).strip("/") + "/"
+    return prefixes
+
+
+def covering_roots(folders: list[Path]) -> list[Path]:
+    """The folders left after dropping each one that another folder (or an earlier
+    duplicate) already covers: overlapping inputs are scanned once."""
+    kept: list[Path] = []
+    reals: list[str] = []
+    for folder in folders:
+        real = os.path.realpath(folder)
+        others = [os.path.realpath(f) for f in folders if f is not folder]
+        if any(_inside(real, other) and real != other for other in others):
+            log.info("%s is inside another input folder; scanned once", display_name(str(folder)))
+            continue
+        if real in reals:
+            continue
+        kept.append(folder)
+        reals.append(real)
+    return kept
 
 
 def discover(
@@ -129,20 +187,28 @@ def discover(
     recursive: bool = True,
     pattern: str | None = None,
     slide_depth: int = 0,
+    case_sensitive: bool = False,
 ) -> Iterator[Found]:
     """Files and folders to scan, in the order given. With several folders, report paths are
-    prefixed by each folder's name so they stay unique."""
-    inputs = [Path(p) for p in inputs]
-    folders = [p for p in inputs if p.is_dir()]
-    several = len(folders) > 1
-    for item in inputs:
+    prefixed by a unique name per folder; overlapping inputs are scanned once."""
+    paths = [Path(p) for p in inputs]
+    folders = covering_roots([p for p in paths if p.is_dir()])
+    prefixes = unique_prefixes(folders) if len(folders) > 1 else {}
+    walked = [os.path.realpath(f) for f in folders]
+    seen_files: set[str] = set()
+    for item in paths:
         if item.is_dir():
-            prefix = f"{Path(os.path.realpath(item)).name}/" if several else ""
-            yield from walk_root(
-                item, prefix=prefix, recursive=recursive, pattern=pattern, slide_depth=slide_depth
-            )
-        else:
-            yield from explicit_files([item])
+            if item in folders:
+                yield from walk_root(
+                    item, prefix=prefixes.get(item, ""), recursive=recursive,
+                    pattern=pattern, slide_depth=slide_depth, case_sensitive=case_sensitive,
+                )  # fmt: skip
+            continue
+        real = os.path.realpath(item)
+        if real in seen_files or any(_inside(real, root) for root in walked):
+            continue
+        seen_files.add(real)
+        yield from explicit_files([item])
 
 
 def explicit_files(paths: Iterable[str | os.PathLike]) -> Iterator[Found]:
@@ -157,8 +223,8 @@ def explicit_files(paths: Iterable[str | os.PathLike]) -> Iterator[Found]:
         elif path.is_dir():
             problem = "is a directory"
         elif not is_image_path(path):
-            problem = f"not an image file type ({path.suffix or 'no extension'})"
-        yield Found(str(path), str(raw), parent, problem)
+            problem = f"not an image file type ({display_name(path.suffix) or 'no extension'})"
+        yield Found(str(path), display_name(str(raw)), display_name(parent), problem)
 
 
 def read_file_list(stream: Iterable[str]) -> Iterator[str]:

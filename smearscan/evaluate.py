@@ -1,30 +1,38 @@
 """Validate a model on a lab's own labelled crops, through the same pipeline as ``scan``.
 
 Labels come from a CSV (``path,label``) or from the folder holding each crop. The scan's own
-reports are written too; on top come cell-level metrics, a per-slide table with the slide
-call's accuracy, a ROC curve and a reliability diagram (PNG, drawn with OpenCV so no plotting
-library is needed), ``metrics.json`` and a self-contained HTML page.
+reports are written too; on top come cell-level metrics on the crops that passed quality
+control (the others are counted as excluded), a per-slide table with the slide call's
+accuracy, a ROC curve and a reliability diagram (SVG), ``metrics.json`` and
+``evaluation.html``: a validation record that names the model, its sha256, the smearscan
+version and the date.
 """
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
-import json
 import os
+import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
-import cv2
 import numpy as np
+from markupsafe import Markup, escape
 
+from smearscan import __version__
+from smearscan.exitstatus import ExitStatus
+from smearscan.files import atomic_write
 from smearscan.inference import Classifier
 from smearscan.metrics import classification_metrics, expected_calibration_error, roc_curve
-from smearscan.reports import atomic_write
-from smearscan.runner import ScanRequest, run_scan
-from smearscan.scan import CellResult
+from smearscan.modelfile import INTENDED_USE
+from smearscan.policy import DecisionPolicy
+from smearscan.results import STATUS_OK, CellResult
+from smearscan.runner import ScanOutcome, ScanRequest, plan, run_scan
+from smearscan.sinks.html import environment
+from smearscan.sinks.summary import write_json
 
 
 class LabelsError(ValueError):
@@ -33,10 +41,12 @@ class LabelsError(ValueError):
 
 @dataclass
 class EvaluationOutcome:
-    metrics: dict
-    slide_metrics: dict
+    metrics: dict | None
+    slide_metrics: dict | None
     report_dir: Path
     unlabelled: int
+    excluded: int
+    scan: ScanOutcome
 
 
 def read_labels(path: Path, root: Path, known: list[str]) -> dict[str, str]:
@@ -51,7 +61,8 @@ def read_labels(path: Path, root: Path, known: list[str]) -> dict[str, str]:
     except OSError as exc:
         raise LabelsError(f"cannot read labels file {path}: {exc.strerror}") from None
     labels: dict[str, str] = {}
-    missing, unknown = [], Counter()
+    missing: list[str] = []
+    unknown: Counter[str] = Counter()
     for number, row in enumerate(rows, start=2):
         name, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
         file = Path(name) if os.path.isabs(name) else root / name
@@ -81,6 +92,10 @@ def evaluate(
     report_dir: Path,
     labels_csv: Path | None = None,
     request: ScanRequest | None = None,
+    *,
+    stop: threading.Event | None = None,
+    stop_status: Callable[[], ExitStatus] | None = None,
+    on_result: Callable[[CellResult], None] | None = None,
 ) -> EvaluationOutcome:
     """Scan ``root`` into ``report_dir`` and score the predictions against the labels."""
     model_labels = classifier.labels
@@ -89,12 +104,21 @@ def evaluate(
     request = request or ScanRequest()
     request.inputs = [root]
     request.out = report_dir / "predictions.csv"
-    outcome = run_scan(request, classifier, on_result=collected.append)
+    policy = plan(request, classifier).policy
 
-    y_true, probabilities, predicted, slides = [], [], [], []
-    unlabelled = 0
+    def keep(result: CellResult) -> None:
+        collected.append(result)
+        if on_result:
+            on_result(result)
+
+    outcome = run_scan(request, classifier, stop=stop, stop_status=stop_status, on_result=keep)
+    if outcome.status == ExitStatus.NOTHING_TO_SCAN or (stop is not None and stop.is_set()):
+        return EvaluationOutcome(None, None, report_dir, 0, 0, outcome)
+    y_true, probabilities, slides = [], [], []
+    unlabelled = excluded = 0
     for result in collected:
-        if not result.ok:
+        if result.status != STATUS_OK:
+            excluded += 1
             continue
         if truth is not None:
             label = truth.get(os.path.abspath(result.file))
@@ -106,7 +130,6 @@ def evaluate(
             continue
         y_true.append(model_labels.index(label))
         probabilities.append(result.probabilities)
-        predicted.append(model_labels.index(result.label))
         slides.append(_slide_key(result, truth is None))
     if not y_true:
         raise LabelsError(
@@ -114,27 +137,50 @@ def evaluate(
             f"after the model's labels ({', '.join(model_labels)})"
         )
     y_true_a, probs_a = np.array(y_true), np.array(probabilities)
-    positive = classifier.info.positive_class or model_labels[0]
-    metrics = classification_metrics(y_true_a, probs_a, model_labels, positive, np.array(predicted))
+    positive = policy.positive or model_labels[0]
+    predicted = policy.label_indices(probs_a)
+    metrics = classification_metrics(y_true_a, probs_a, model_labels, positive, predicted)
     metrics["expected_calibration_error"] = expected_calibration_error(y_true_a, probs_a)
-    metrics["threshold"] = outcome.summary.get("threshold")
+    metrics["decision"] = policy.to_dict()
     metrics["tta"] = request.options.tta
-    slide_table = _slide_table(slides, y_true_a, np.array(predicted), model_labels, positive,
-                               request.slide_threshold)  # fmt: skip
+    metrics["excluded"] = {
+        "count": excluded,
+        "why": "failed quality control or unreadable; not scored (see predictions.csv)",
+        "qc_rate": outcome.summary.get("overall", {}).get("qc_rate"),
+    }
+    slide_table = _slide_table(slides, y_true_a, probs_a, predicted, policy)
     report_dir.mkdir(parents=True, exist_ok=True)
     pos = model_labels.index(positive)
-    roc_png = roc_curve_png(y_true_a == pos, probs_a[:, pos], metrics["roc_auc"], positive)
-    reliability_png = reliability_png_bytes(y_true_a, probs_a)
-    with atomic_write(report_dir / "roc.png", "wb") as handle:
-        handle.write(roc_png)
-    with atomic_write(report_dir / "reliability.png", "wb") as handle:
-        handle.write(reliability_png)
-    document = {"cells": metrics, "slides": slide_table, "unlabelled_cells": unlabelled,
+    roc = roc_svg(y_true_a == pos, probs_a[:, pos], metrics["roc_auc"], positive)
+    reliability = reliability_svg(y_true_a, probs_a)
+    for name, svg in (("roc.svg", roc), ("reliability.svg", reliability)):
+        with atomic_write(report_dir / name) as handle:
+            handle.write(str(svg))
+    record = {
+        "intended_use": INTENDED_USE,
+        "model": {"name": classifier.info.name, "sha256": classifier.info.sha256,
+                  "path": str(classifier.info.path)},
+        "smearscan_version": __version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "root": str(root),
+        "labels_from": str(labels_csv) if labels_csv else "folder names",
+    }  # fmt: skip
+    document = {**record, "cells": metrics, "slides": slide_table, "unlabelled_cells": unlabelled,
                 "scan_summary": str(request.summary_path())}  # fmt: skip
-    with atomic_write(report_dir / "metrics.json") as handle:
-        json.dump(document, handle, indent=2)
-    _write_html(report_dir / "evaluation.html", metrics, slide_table, roc_png, reliability_png)
-    return EvaluationOutcome(metrics, slide_table, report_dir, unlabelled)
+    write_json(report_dir / "metrics.json", document)
+    page = environment().get_template("evaluation.html.j2").render(
+        record=record, metrics=metrics, slides=slide_table, roc=roc, reliability=reliability,
+        unlabelled=unlabelled, labels=model_labels, fmt=_fmt,
+    )  # fmt: skip
+    with atomic_write(report_dir / "evaluation.html") as handle:
+        handle.write(page)
+    return EvaluationOutcome(metrics, slide_table, report_dir, unlabelled, excluded, outcome)
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
 
 
 def _slide_key(result: CellResult, labels_from_folders: bool) -> str:
@@ -144,145 +190,105 @@ def _slide_key(result: CellResult, labels_from_folders: bool) -> str:
     return result.slide
 
 
-def _slide_table(slides, y_true, y_pred, labels, positive, slide_threshold) -> dict:
-    """Per slide: its true label (majority of its cells), the fraction of cells called
-    positive, the slide call by the scan's rule, and whether that call is right."""
+def _slide_table(slides, y_true, probabilities, predicted, policy: DecisionPolicy) -> dict:
+    """Per slide: its true label (majority of its cells), its score and call by the run's
+    policy, and whether the call is right (slides without a call are not scored)."""
+    positive = policy.positive
+    labels = policy.labels
+    table: dict[str, dict] = {}
+    if positive is None:
+        return {"rule": None, "accuracy": None, "slides": table}
     pos = labels.index(positive)
-    table = {}
     for slide in sorted(set(slides)):
         members = np.array([s == slide for s in slides])
         true_label = labels[np.bincount(y_true[members], minlength=len(labels)).argmax()]
-        fraction = float((y_pred[members] == pos).mean())
-        call_positive = fraction >= slide_threshold
+        cells = int(members.sum())
+        positives = int((predicted[members] == pos).sum())
+        positive_sum = float(probabilities[members, pos].sum())
+        call = policy.slide_call(cells, positives, positive_sum)
+        called = call in (policy.suspect_call, "negative")
         table[slide] = {
-            "cells": int(members.sum()),
+            "cells": cells,
             "true_label": true_label,
-            f"fraction_called_{positive}": round(fraction, 4),
-            "call": f"{positive}-suspect" if call_positive else "negative",
-            "correct": call_positive == (true_label == positive),
-        }
-    correct = [row["correct"] for row in table.values()]
-    return {"rule": f"fraction of cells called '{positive}' >= {slide_threshold}",
-            "accuracy": round(float(np.mean(correct)), 4), "slides": table}  # fmt: skip
+            f"fraction_called_{positive}": round(positives / cells, 4),
+            "score": round(policy.slide_score(cells, positives, positive_sum) or 0.0, 4),
+            "call": call,
+            "correct": (call == policy.suspect_call) == (true_label == positive) if called
+            else None,
+        }  # fmt: skip
+    scored = [row["correct"] for row in table.values() if row["correct"] is not None]
+    return {"rule": policy.slide_rule_text(),
+            "accuracy": round(float(np.mean(scored)), 4) if scored else None,
+            "slides": table}  # fmt: skip
 
 
-# ------------------------------------------------------------------ plots (OpenCV)
+# ------------------------------------------------------------------ plots (SVG)
 
-SIZE, MARGIN = 420, 50
-
-
-def _canvas(title: str, x_label: str, y_label: str) -> np.ndarray:
-    image = np.full((SIZE + 2 * MARGIN, SIZE + 2 * MARGIN, 3), 255, np.uint8)
-    cv2.rectangle(image, (MARGIN, MARGIN), (MARGIN + SIZE, MARGIN + SIZE), (0, 0, 0), 1)
-    for tick in np.linspace(0, 1, 6):
-        x = int(MARGIN + tick * SIZE)
-        y = int(MARGIN + SIZE - tick * SIZE)
-        cv2.line(image, (x, MARGIN + SIZE), (x, MARGIN + SIZE + 5), (0, 0, 0), 1)
-        cv2.line(image, (MARGIN - 5, y), (MARGIN, y), (0, 0, 0), 1)
-        cv2.putText(image, f"{tick:.1f}", (x - 10, MARGIN + SIZE + 20), cv2.FONT_HERSHEY_SIMPLEX,
-                    0.4, (0, 0, 0), 1, cv2.LINE_AA)  # fmt: skip
-        cv2.putText(image, f"{tick:.1f}", (MARGIN - 35, y + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4,
-                    (0, 0, 0), 1, cv2.LINE_AA)  # fmt: skip
-    cv2.putText(image, title, (MARGIN, MARGIN - 15), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0),
-                1, cv2.LINE_AA)  # fmt: skip
-    cv2.putText(image, x_label, (MARGIN + SIZE // 2 - 60, MARGIN + SIZE + 40),
-                cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)  # fmt: skip
-    cv2.putText(image, y_label, (5, MARGIN - 25), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1,
-                cv2.LINE_AA)  # fmt: skip
-    diagonal = [(MARGIN, MARGIN + SIZE), (MARGIN + SIZE, MARGIN)]
-    cv2.line(image, *diagonal, (180, 180, 180), 1, cv2.LINE_AA)
-    return image
+SIZE, LEFT, TOP, BOTTOM = 360, 64, 44, 56
 
 
-def _points(xs, ys) -> np.ndarray:
-    return np.array(
-        [[int(MARGIN + x * SIZE), int(MARGIN + SIZE - y * SIZE)] for x, y in zip(xs, ys,
-                                                                               strict=True)],
-        np.int32,
-    )  # fmt: skip
+def _svg_frame(title: str, x_label: str, y_label: str, body: str) -> Markup:
+    """A square plot with ticks, axis labels below and left of the axes (never overlapping)
+    and a title above: SVG, so it stays crisp at any zoom and in print."""
+    width, height = LEFT + SIZE + 24, TOP + SIZE + BOTTOM
+    ticks = []
+    for step in range(6):
+        value = step / 5
+        x, y = LEFT + value * SIZE, TOP + SIZE - value * SIZE
+        ticks.append(
+            f'<line x1="{x:.1f}" y1="{TOP + SIZE}" x2="{x:.1f}" y2="{TOP + SIZE + 5}" '
+            'stroke="#333"/>'
+            f'<text x="{x:.1f}" y="{TOP + SIZE + 18}" text-anchor="middle">{value:.1f}</text>'
+            f'<line x1="{LEFT - 5}" y1="{y:.1f}" x2="{LEFT}" y2="{y:.1f}" stroke="#333"/>'
+            f'<text x="{LEFT - 8}" y="{y + 4:.1f}" text-anchor="end">{value:.1f}</text>'
+        )
+    return Markup(
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12" role="img" '
+        f'aria-label="{escape(title)}">'
+        f'<text x="{LEFT + SIZE / 2}" y="22" text-anchor="middle" font-size="14" '
+        f'font-weight="bold">{escape(title)}</text>'
+        f'<rect x="{LEFT}" y="{TOP}" width="{SIZE}" height="{SIZE}" fill="none" stroke="#333"/>'
+        f"{''.join(ticks)}"
+        f'<line x1="{LEFT}" y1="{TOP + SIZE}" x2="{LEFT + SIZE}" y2="{TOP}" stroke="#bbb" '
+        'stroke-dasharray="4 3"/>'
+        f"{body}"
+        f'<text x="{LEFT + SIZE / 2}" y="{TOP + SIZE + 42}" text-anchor="middle">'
+        f"{escape(x_label)}</text>"
+        f'<text transform="translate(18 {TOP + SIZE / 2}) rotate(-90)" text-anchor="middle">'
+        f"{escape(y_label)}</text></svg>"
+    )
 
 
-def _png(image: np.ndarray) -> bytes:
-    ok, encoded = cv2.imencode(".png", image)
-    return encoded.tobytes()
+def _point(x: float, y: float) -> str:
+    return f"{LEFT + x * SIZE:.1f},{TOP + SIZE - y * SIZE:.1f}"
 
 
-def roc_curve_png(
-    positive_true: np.ndarray, scores: np.ndarray, auc: float, positive: str
-) -> bytes:
-    image = _canvas(f"ROC, class '{positive}' (AUC {auc:.3f})", "false positive rate",
-                    "true positive rate")  # fmt: skip
+def roc_svg(positive_true: np.ndarray, scores: np.ndarray, auc: float, positive: str) -> Markup:
     fpr, tpr = roc_curve(positive_true, scores)
-    cv2.polylines(image, [_points(fpr, tpr)], False, (160, 63, 123), 2, cv2.LINE_AA)
-    return _png(image)
+    points = " ".join(_point(x, y) for x, y in zip(fpr, tpr, strict=True))
+    body = f'<polyline points="{points}" fill="none" stroke="#7b3fa0" stroke-width="2"/>'
+    return _svg_frame(f"ROC for '{positive}' (AUC {_fmt(auc, 3)})", "false positive rate",
+                      "true positive rate", body)  # fmt: skip
 
 
-def reliability_png_bytes(y_true: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> bytes:
+def reliability_svg(y_true: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> Markup:
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == y_true
     ece = expected_calibration_error(y_true, probabilities, bins)
-    image = _canvas(f"Reliability (ECE {ece:.3f})", "confidence", "accuracy")
     edges = np.linspace(0, 1, bins + 1)
     index = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    bars = []
     for b in range(bins):
         members = index == b
         if not members.any():
             continue
-        accuracy = correct[members].mean()
-        top_left = _points([edges[b]], [accuracy])[0]
-        bottom_right = _points([edges[b + 1]], [0])[0]
-        cv2.rectangle(image, tuple(top_left + [2, 0]), tuple(bottom_right - [2, 0]),
-                      (160, 63, 123), -1)  # fmt: skip
-    return _png(image)
-
-
-def _write_html(path: Path, metrics: dict, slides: dict, roc: bytes, reliability: bytes) -> None:
-    esc = html.escape
-    labels = metrics["labels"]
-
-    def img(data: bytes, alt: str) -> str:
-        return f"<img alt='{alt}' src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
-
-    rows = "".join(
-        f"<tr><td>{esc(k)}</td><td>{metrics[k]:.4f}</td></tr>"
-        for k in (
-            "sensitivity",
-            "specificity",
-            "accuracy",
-            "weighted_f1",
-            "roc_auc",
-            "expected_calibration_error",
-        )  # fmt: skip
-    )
-    matrix = "".join(
-        f"<tr><th>{esc(labels[i])}</th>" + "".join(f"<td>{v}</td>" for v in row) + "</tr>"
-        for i, row in enumerate(metrics["confusion_matrix"])
-    )
-    per_class = "".join(
-        f"<tr><td>{esc(name)}</td><td>{c['precision']:.3f}</td><td>{c['recall']:.3f}</td>"
-        f"<td>{c['f1']:.3f}</td><td>{c['support']}</td></tr>"
-        for name, c in metrics["per_class"].items()
-    )
-    slide_rows = "".join(
-        f"<tr><td>{esc(name)}</td><td>{row['cells']}</td><td>{esc(row['true_label'])}</td>"
-        f"<td>{esc(row['call'])}</td><td>{'yes' if row['correct'] else 'NO'}</td></tr>"
-        for name, row in slides["slides"].items()
-    )
-    page = f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">
-<title>smearscan evaluation</title><style>body{{font-family:system-ui,sans-serif;margin:24px}}
-table{{border-collapse:collapse;margin-bottom:16px}}td,th{{border:1px solid #ccc;padding:4px 8px}}
-</style></head><body><h1>smearscan evaluation</h1>
-<p>{metrics["n"]} labelled cells; positive class '{esc(metrics["positive_class"])}';
-threshold {metrics.get("threshold")}; TTA {metrics.get("tta")}.</p>
-<h2>Cell-level metrics</h2><table id="metrics">{rows}</table>
-<h2>Confusion matrix (rows: truth, columns: predicted)</h2>
-<table><tr><th></th>{"".join(f"<th>{esc(x)}</th>" for x in labels)}</tr>{matrix}</table>
-<h2>Per class</h2><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th>
-<th>support</th></tr>{per_class}</table>
-<h2>Slides</h2><p>Rule: {esc(slides["rule"])}; slide-level accuracy {slides["accuracy"]:.3f}</p>
-<table id="slides"><tr><th>slide</th><th>cells</th><th>truth</th><th>call</th><th>correct</th>
-</tr>{slide_rows}</table>
-{img(roc, "ROC curve")} {img(reliability, "reliability diagram")}
-</body></html>"""
-    with atomic_write(path) as handle:
-        handle.write(page)
+        accuracy = float(correct[members].mean())
+        x = LEFT + edges[b] * SIZE + 2
+        y = TOP + SIZE - accuracy * SIZE
+        bars.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{SIZE / bins - 4:.1f}" '
+                    f'height="{accuracy * SIZE:.1f}" fill="#7b3fa0" opacity="0.8">'
+                    f"<title>{edges[b]:.1f}-{edges[b + 1]:.1f}: {int(members.sum())} cells, "
+                    f"accuracy {accuracy:.2f}</title></rect>")  # fmt: skip
+    return _svg_frame(f"Reliability (ECE {ece:.3f})", "confidence (top-class probability)",
+                      "observed accuracy", "".join(bars))  # fmt: skip

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import signal
 from enum import IntEnum
 
 
 class ExitStatus(IntEnum):
     SUCCESS = 0  # every file classified
-    ERROR = 1  # the run failed (model unusable, output not writable, ...)
+    ERROR = 1  # the run failed (model unusable, output not writable, unexpected error)
     USAGE = 2  # bad command line or options
-    SOME_UNREADABLE = 3  # finished, but some files got an error row
+    SOME_UNUSABLE = 3  # finished, but some files were unreadable or failed quality control
     LOCKED = 4  # another run holds the state lock
-    INTERRUPTED_INT = 130  # SIGINT: batches in flight finished, partial report written
-    INTERRUPTED_TERM = 143  # SIGTERM: likewise
+    NOTHING_TO_SCAN = 5  # no image file found (or all still being written); reports kept
+    INTERRUPTED_HUP = 128 + signal.SIGHUP  # 129: SIGHUP, partial report written
+    INTERRUPTED_INT = 128 + signal.SIGINT  # 130: SIGINT, likewise
+    INTERRUPTED_TERM = 128 + signal.SIGTERM  # 143: SIGTERM, likewise
+
+    @classmethod
+    def for_signal(cls, signum: int) -> ExitStatus:
+        return cls(128 + signum)

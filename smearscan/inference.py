@@ -1,11 +1,19 @@
-"""onnxruntime sessions for smearscan model files: device choice and batched prediction."""
+"""onnxruntime sessions for smearscan model files: runtime and device choice, validation of
+what the file says, and batched prediction.
+
+:class:`BatchPredictor` is the unit every engine uses: it opens the session once in
+``__init__`` and maps a batch of preprocessed crops to calibrated probabilities in
+``__call__``, the shape of a Ray Data ``map_batches`` callable class.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
+from importlib import metadata as package_metadata
 from pathlib import Path
 
 import numpy as np
@@ -17,49 +25,50 @@ log = logging.getLogger(__name__)
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(?::(\d+))?)$")
+#: Row sums of a softmax output must be within this of 1.
+SUM_TOLERANCE = 1e-3
 
 
 class DeviceError(RuntimeError):
     """The requested execution device cannot be used."""
 
 
-@dataclass
-class Classifier:
-    """A loaded model: its metadata, its onnxruntime session and the provider really used."""
+class RuntimeMissing(ImportError):
+    """No usable onnxruntime is installed (or two that shadow each other)."""
 
-    info: ModelInfo
-    session: object
-    provider: str
-    device_note: str = ""
-    #: pad batches up to this size (CUDA: cuDNN re-tunes for every new input shape, so a
-    #: short last batch would cost a re-tune); None leaves batches as they are
-    pad_to: int | None = None
 
-    @property
-    def labels(self) -> list[str]:
-        return self.info.labels
+def import_onnxruntime():
+    """onnxruntime, with a clear message when it is missing or when both the CPU and the GPU
+    builds are installed (they share the module name and the CPU build wins, silently)."""
+    installed = set()
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            package_metadata.version(dist)
+            installed.add(dist)
+        except package_metadata.PackageNotFoundError:
+            pass
+    if installed == {"onnxruntime", "onnxruntime-gpu"}:
+        raise RuntimeMissing(
+            "both onnxruntime (CPU) and onnxruntime-gpu are installed; they share one module "
+            "and the CPU build hides CUDA. Keep one: `pip uninstall -y onnxruntime "
+            "onnxruntime-gpu && pip install 'smearscan[gpu]'` (or '[cpu]')"
+        )
+    try:
+        import onnxruntime
+    except ImportError:
+        raise RuntimeMissing(
+            "no onnxruntime is installed: `pip install 'smearscan[cpu]'` (or '[gpu]' on a "
+            "machine with an NVIDIA GPU)"
+        ) from None
+    return onnxruntime
 
-    @property
-    def input_name(self) -> str:
-        return self.session.get_inputs()[0].name
 
-    def predict_raw(self, batch: np.ndarray) -> np.ndarray:
-        """Model probabilities for a float32 batch (N, S, S, 3), before calibration."""
-        count = len(batch)
-        batch = np.ascontiguousarray(batch, np.float32)
-        if self.pad_to and count < self.pad_to:
-            padding = np.zeros((self.pad_to - count, *batch.shape[1:]), np.float32)
-            batch = np.concatenate([batch, padding])
-        outputs = self.session.run(None, {self.input_name: batch})
-        return np.asarray(outputs[0][:count], np.float64)
-
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Calibrated class probabilities (temperature scaling stored in the model, if any)."""
-        return apply_temperature(self.predict_raw(batch), self.temperature)
-
-    @property
-    def temperature(self) -> float:
-        return float(self.info.calibration().get("temperature", 1.0))
+def parse_device(device: str) -> tuple[str, int]:
+    match = DEVICE_PATTERN.match(device.strip().lower())
+    if not match:
+        raise DeviceError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+    kind = match.group(1).split(":")[0]
+    return kind, int(match.group(2) or 0)
 
 
 def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
@@ -73,12 +82,123 @@ def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarr
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def parse_device(device: str) -> tuple[str, int]:
-    match = DEVICE_PATTERN.match(device.strip().lower())
-    if not match:
-        raise DeviceError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
-    kind = match.group(1).split(":")[0]
-    return kind, int(match.group(2) or 0)
+def valid_rows(probabilities: np.ndarray) -> np.ndarray:
+    """Rows that are a probability distribution (finite, non-negative, summing to 1): a
+    broken model's NaN or negative outputs become error rows, never labels."""
+    finite = np.isfinite(probabilities).all(axis=1)
+    with np.errstate(invalid="ignore"):
+        return (
+            finite
+            & (probabilities >= 0).all(axis=1)
+            & (np.abs(probabilities.sum(axis=1) - 1.0) <= SUM_TOLERANCE)
+        )
+
+
+@dataclass
+class Classifier:
+    """A loaded model: its metadata, its onnxruntime session and the provider really used."""
+
+    info: ModelInfo
+    session: object
+    provider: str
+    device_note: str = ""
+
+    @property
+    def labels(self) -> list[str]:
+        return self.info.labels
+
+    @property
+    def input_name(self) -> str:
+        return self.session.get_inputs()[0].name  # type: ignore[attr-defined]
+
+    @property
+    def temperature(self) -> float:
+        return float(self.info.calibration().get("temperature", 1.0))
+
+    def predict_raw(self, batch: np.ndarray, pad_to: int | None = None) -> np.ndarray:
+        """Model outputs for a float32 batch (N, S, S, 3), before calibration. ``pad_to``
+        pads a short batch to a fixed shape (CUDA: cuDNN re-tunes for every new shape)."""
+        count = len(batch)
+        batch = np.ascontiguousarray(batch, np.float32)
+        if pad_to and count < pad_to:
+            padding = np.zeros((pad_to - count, *batch.shape[1:]), np.float32)
+            batch = np.concatenate([batch, padding])
+        outputs = self.session.run(None, {self.input_name: batch})  # type: ignore[attr-defined]
+        return np.asarray(outputs[0][:count], np.float64)
+
+    def predict(self, batch: np.ndarray, pad_to: int | None = None) -> np.ndarray:
+        """Calibrated class probabilities (temperature scaling stored in the model, if any)."""
+        return apply_temperature(self.predict_raw(batch, pad_to), self.temperature)
+
+
+def tta_views(batch: np.ndarray) -> list[np.ndarray]:
+    """Flips and 90-degree rotations of an NHWC batch (the training augmentations)."""
+    views = []
+    for k in range(4):
+        rotated = np.rot90(batch, k, axes=(1, 2))
+        views.append(rotated)
+        views.append(rotated[:, :, ::-1])
+    return [np.ascontiguousarray(v) for v in views]
+
+
+class BatchPredictor:
+    """Preprocessed crops -> calibrated probabilities; the session opens once, here.
+
+    Picklable by its arguments, so a Ray actor (or any process) builds its own session.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike | None = None,
+        device: str = "auto",
+        threads: int = 1,
+        tta: bool = False,
+        pad_to: int | None = None,
+        classifier: Classifier | None = None,
+    ) -> None:
+        self.classifier = classifier or load_classifier(model_path, device, threads)
+        self.tta = tta
+        self.pad_to = pad_to if self.classifier.provider == CUDA else None
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if not self.tta:
+            return self.classifier.predict(batch, self.pad_to)
+        views = [self.classifier.predict(view, self.pad_to) for view in tta_views(batch)]
+        return np.mean(views, axis=0)
+
+    def __reduce__(self):
+        info = self.classifier.info
+        device = "cpu" if self.classifier.provider == CPU else "auto"
+        return (_rebuild_predictor, (str(info.path), device, self.tta, self.pad_to))
+
+
+def _rebuild_predictor(path: str, device: str, tta: bool, pad_to: int | None) -> BatchPredictor:
+    return BatchPredictor(path, device=device, tta=tta, pad_to=pad_to)
+
+
+def _check_shapes(session, info: ModelInfo) -> None:
+    """The graph must take (batch, S, S, 3) for the recipe's S and give one output per
+    label: a file whose metadata disagrees with its graph is refused, not half-used."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1:
+        raise ModelFileError(f"{info.path}: the model has {len(inputs)} inputs, expected 1")
+    size = info.recipe.input_size
+    shape = list(inputs[0].shape)
+    expected = [size, size, 3]
+    if len(shape) != 4 or any(
+        isinstance(dim, int) and dim != want for dim, want in zip(shape[1:], expected,
+                                                                  strict=True)
+    ):  # fmt: skip
+        raise ModelFileError(
+            f"{info.path}: input shape {shape} does not match the recipe's "
+            f"[batch, {size}, {size}, 3]"
+        )
+    out_shape = list(outputs[0].shape)
+    classes = out_shape[-1] if out_shape else None
+    if len(out_shape) != 2 or (isinstance(classes, int) and classes != len(info.labels)):
+        raise ModelFileError(
+            f"{info.path}: output shape {out_shape} does not match its {len(info.labels)} labels"
+        )
 
 
 def load_classifier(
@@ -90,18 +210,14 @@ def load_classifier(
 
     ``auto`` uses CUDA when onnxruntime offers it and falls back to CPU with a note;
     ``cuda`` fails loudly when CUDA is not usable. Without ``model_path`` the embedded model
-    is used: its INT8 twin on CPU, fp32 on CUDA. ``threads`` sets onnxruntime's intra-op
-    threads per run: 1 suits the scanner (one run per worker thread); a caller that runs
-    one batch at a time gets more speed from the number of cores.
+    is used. ``threads`` sets onnxruntime's intra-op threads per run: 1 suits the scanner
+    (one run per worker thread); a caller that runs one batch at a time gets more speed
+    from the number of cores.
     """
-    import onnxruntime as ort
-
+    ort = import_onnxruntime()
     kind, device_id = parse_device(device)
     available = ort.get_available_providers()
-    if model_path:
-        path = Path(model_path)
-    else:
-        path = default_model_path(int8=kind == "cpu" or CUDA not in available)
+    path = Path(model_path) if model_path else default_model_path()
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
     options = ort.SessionOptions()
@@ -140,4 +256,9 @@ def load_classifier(
         note = "CUDA provider failed to initialise; running on CPU"
     metadata = session.get_modelmeta().custom_metadata_map
     info = info_from_metadata(path, metadata)
+    _check_shapes(session, info)
+    temperature = info.calibration().get("temperature", 1.0)
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+            and temperature > 0):  # fmt: skip
+        raise ModelFileError(f"{path}: calibration temperature {temperature!r} must be > 0")
     return Classifier(info=info, session=session, provider=used, device_note=note)

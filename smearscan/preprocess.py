@@ -9,9 +9,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import stat
 import sys
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -51,14 +51,27 @@ class ImageDecodeError(ValueError):
     """A file that cannot be turned into an RGB image; the message is shown to the user."""
 
 
+#: Sane bounds of recipe numbers: a model file is input, and a recipe asking for a 40,000-px
+#: input would make every scan allocate gigabytes before failing.
+RECIPE_BOUNDS = {
+    "input_size": (16, 1024),
+    "window": (8, 8192),
+    "margin": (0.0, 2.0),
+    "background_threshold": (0, 254),
+    "log_sigma": (0.1, 20.0),
+    "log_weight": (0.0, 10.0),
+}
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Everything that turns a decoded crop into a model input.
 
     ``crop`` chooses how the cell is framed before resizing:
     ``full`` resizes the whole frame; ``bbox`` crops a square around the cell's bounding box
-    (normalises cell size); ``window`` crops a fixed ``window``-pixel square around the cell's
-    centre (keeps cell size, which is a diagnostic cue).
+    plus ``margin`` (normalises cell size: the framed cell fills the input whatever its size
+    in pixels); ``window`` crops a fixed ``window``-pixel square around the cell's centre
+    (keeps absolute cell size, which differs between acquisition batches).
     """
 
     input_size: int = 128
@@ -71,7 +84,6 @@ class Recipe:
     log_sigma: float = 1.5
     log_weight: float = 1.0
     version: int = RECIPE_VERSION
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.crop not in CROP_MODES:
@@ -83,6 +95,12 @@ class Recipe:
                 f"preprocessing recipe version {self.version} is newer than this smearscan "
                 f"understands ({RECIPE_VERSION}); upgrade smearscan"
             )
+        for name, (low, high) in RECIPE_BOUNDS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, not {value!r}")
+            if not low <= value <= high:
+                raise ValueError(f"{name} {value} is outside [{low}, {high}]")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -90,6 +108,10 @@ class Recipe:
     @classmethod
     def from_json(cls, text: str) -> Recipe:
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("the preprocessing recipe must be a JSON object")
+        if data.get("extra") == {}:  # written by smearscan 0.1 (always empty)
+            del data["extra"]
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known
         if unknown:
@@ -97,25 +119,97 @@ class Recipe:
         return cls(**data)
 
 
-def read_image(
-    path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, order: str = "rgb"
-) -> np.ndarray:
-    """Read a file and return a uint8 3-channel array (``order`` "rgb" or "bgr"), or raise
-    :class:`ImageDecodeError`.
+#: Default cap on a file's size, checked from ``fstat`` before reading: a 450x450 crop is
+#: under 1 MB even as BMP, so 128 MiB leaves room for any real crop and none for a 4 GB
+#: sparse TIFF or a device that never ends.
+DEFAULT_MAX_BYTES = 128 * 1024 * 1024
 
-    Reads the bytes ourselves (not ``cv2.imread``) so that I/O errors keep their reason and
-    unicode or odd file names work everywhere.
+_KINDS = {
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFDIR: "a directory",
+}
+
+
+def read_file_bytes(
+    path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES, inside: str | None = None
+) -> bytes:
+    """The bytes of a regular file, or :class:`ImageDecodeError` with the reason.
+
+    Opens without blocking (a FIFO named like an image would otherwise hang the run),
+    refuses anything but a regular file and anything larger than ``max_bytes`` before
+    reading, and, when ``inside`` (a real folder path) is given, checks after opening that
+    the file really opened lies inside it: a file swapped for a symbolic link between
+    discovery and reading cannot make the scanner read outside the scanned folder.
     """
     try:
-        data = Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise ImageDecodeError("file vanished before it could be read") from None
     except PermissionError:
         raise ImageDecodeError("permission denied") from None
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot open: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = _KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
+            raise ImageDecodeError(f"not a regular file ({kind}); not read")
+        if info.st_size > max_bytes:
+            raise ImageDecodeError(
+                f"file too large ({info.st_size} bytes > {max_bytes}; see --max-bytes)"
+            )
+        if inside is not None and not _opened_inside(fd, inside):
+            raise ImageDecodeError(
+                "file became a link out of the scanned folder after discovery; not read"
+            )
+        chunks, remaining = [], max_bytes + 1
+        while remaining > 0:
+            try:
+                chunk = os.read(fd, min(remaining, 1 << 20))
+            except BlockingIOError:
+                raise ImageDecodeError("file cannot be read without blocking") from None
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        if remaining <= 0:
+            raise ImageDecodeError(f"file grew past {max_bytes} bytes while being read")
+        return b"".join(chunks)
     except IsADirectoryError:
         raise ImageDecodeError("is a directory") from None
     except OSError as exc:
         raise ImageDecodeError(f"read error: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
+def _opened_inside(fd: int, folder: str) -> bool:
+    """Whether the file behind ``fd`` lies inside the real path ``folder`` (Linux:
+    /proc/self/fd; elsewhere the check is skipped)."""
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return True
+    return real == folder or real.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def read_image(
+    path: str | os.PathLike,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    order: str = "rgb",
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    inside: str | None = None,
+) -> np.ndarray:
+    """Read a file and return a uint8 3-channel array (``order`` "rgb" or "bgr"), or raise
+    :class:`ImageDecodeError`.
+
+    Reads the bytes ourselves (not ``cv2.imread``) so that I/O errors keep their reason,
+    odd file names work everywhere and the checks of :func:`read_file_bytes` apply.
+    """
+    data = read_file_bytes(path, max_bytes=max_bytes, inside=inside)
     return decode_image(data, max_pixels=max_pixels, order=order)
 
 
@@ -127,7 +221,7 @@ def decode_image(
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     if OPENCV_PIXEL_LIMIT is None or max_pixels < OPENCV_PIXEL_LIMIT:
-        header_size = header_dimensions(data)
+        header_size = header_dimensions(data, max_pixels)
         if header_size is not None and header_size[0] * header_size[1] > max_pixels:
             width, height = header_size
             raise ImageDecodeError(f"image too large ({width}x{height} > {max_pixels} pixels)")
@@ -137,7 +231,10 @@ def decode_image(
     except cv2.error as exc:
         message = str(exc).strip().splitlines()[-1] if str(exc).strip() else "decoder error"
         if "CV_IO_MAX_IMAGE" in message or "limit" in message.lower():
-            raise ImageDecodeError("image too large (pixel limit exceeded)") from None
+            raise ImageDecodeError(
+                "image too large (over OpenCV's pixel limit OPENCV_IO_MAX_IMAGE_PIXELS="
+                f"{os.environ.get('OPENCV_IO_MAX_IMAGE_PIXELS', 'default')})"
+            ) from None
         raise ImageDecodeError(f"not a decodable image ({message})") from None
     if image is None:
         raise ImageDecodeError("not a decodable image (unknown format, truncated or too large)")
@@ -149,7 +246,7 @@ def decode_image(
     return to_uint8_color(image, order)
 
 
-def header_dimensions(data: bytes) -> tuple[int, int] | None:
+def header_dimensions(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int] | None:
     """(width, height) from the file header without decoding pixels, so that a small file
     that expands to gigabytes (a decompression bomb) is refused before any allocation.
     None when the header is not recognised; the decoder then has the last word."""
@@ -158,8 +255,27 @@ def header_dimensions(data: bytes) -> tuple[int, int] | None:
     try:
         with Image.open(io.BytesIO(data)) as image:
             return image.size
+    except Image.DecompressionBombError:
+        # Pillow refuses headers over twice its own limit before saying the size; that is
+        # too large for us too unless the caller allows more than Pillow does
+        if max_pixels < 2 * (Image.MAX_IMAGE_PIXELS or 0):
+            side = int((2 * (Image.MAX_IMAGE_PIXELS or 0)) ** 0.5) + 1
+            return side, side
+        return None
     except Exception:  # unknown or damaged header: let OpenCV decide and explain
         return None
+
+
+#: Bit depths cameras store in 16-bit files.
+SENSOR_BITS = (8, 10, 12, 14, 16)
+
+
+def sensor_bits(maximum: int) -> int:
+    """The bit depth a 16-bit image's data really uses, from its largest value: 12-bit data
+    in a 16-bit PNG would otherwise decode almost black (4095 >> 8 is 15). Rounded up to the
+    depths cameras store, so 8-bit data scaled to 16 bits (x257) still reads as 16-bit."""
+    used = maximum.bit_length()
+    return next((bits for bits in SENSOR_BITS if bits >= used), 16)
 
 
 _CONVERSIONS = {
@@ -177,7 +293,7 @@ def to_uint8_color(image: np.ndarray, order: str = "rgb") -> np.ndarray:
     if order not in ("rgb", "bgr"):
         raise ValueError(f"order must be 'rgb' or 'bgr', not {order!r}")
     if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)
+        image = (image >> (sensor_bits(int(image.max())) - 8)).astype(np.uint8)
     elif image.dtype in (np.float32, np.float64):
         peak = 1.0 if float(np.nanmax(image)) <= 1.0 else 255.0
         image = np.clip(np.nan_to_num(image) * (255.0 / peak), 0, 255).astype(np.uint8)
@@ -194,11 +310,16 @@ def to_uint8_color(image: np.ndarray, order: str = "rgb") -> np.ndarray:
     return cv2.cvtColor(image, _CONVERSIONS[(source, order)])
 
 
+def gray_of(image: np.ndarray, order: str = "rgb") -> np.ndarray:
+    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY if order == "rgb" else cv2.COLOR_BGR2GRAY)
+
+
 def cell_box(
-    image: np.ndarray, threshold: int, order: str = "rgb"
+    image: np.ndarray, threshold: int, order: str = "rgb", gray: np.ndarray | None = None
 ) -> tuple[int, int, int, int] | None:
     """Bounding box (x, y, w, h) of the non-background pixels, or None for an empty frame."""
-    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY if order == "rgb" else cv2.COLOR_BGR2GRAY)
+    if gray is None:
+        gray = gray_of(image, order)
     _, mask = cv2.threshold(gray, threshold, 255, cv2.THRESH_BINARY)
     x, y, w, h = cv2.boundingRect(mask)
     if w == 0 or h == 0:
@@ -222,7 +343,9 @@ def _square_crop(image: np.ndarray, cx: float, cy: float, side: int) -> np.ndarr
     return cropped
 
 
-def frame_cell(image: np.ndarray, recipe: Recipe, order: str = "rgb") -> np.ndarray:
+def frame_cell(
+    image: np.ndarray, recipe: Recipe, order: str = "rgb", gray: np.ndarray | None = None
+) -> np.ndarray:
     """Apply the recipe's crop mode, returning a square region (not yet resized) in the
     channel order of the input."""
     if recipe.crop == "full":
@@ -230,7 +353,7 @@ def frame_cell(image: np.ndarray, recipe: Recipe, order: str = "rgb") -> np.ndar
         if height == width:
             return image
         return _square_crop(image, width / 2, height / 2, max(height, width))
-    box = cell_box(image, recipe.background_threshold, order)
+    box = cell_box(image, recipe.background_threshold, order, gray)
     if box is None:
         height, width = image.shape[:2]
         box = (0, 0, width, height)
@@ -248,25 +371,39 @@ def log_enhance(rgb: np.ndarray, sigma: float, weight: float) -> np.ndarray:
     return np.clip(image - weight * laplacian, 0, 255).astype(np.uint8)
 
 
-def preprocess(image: np.ndarray, recipe: Recipe, order: str = "rgb") -> np.ndarray:
-    """Decoded uint8 crop (RGB, or BGR with ``order="bgr"``) -> model input: float32 RGB
-    (size, size, 3) in [0, 1].
-
-    This is the one preprocessing function; training and scanning both call it (through
-    :func:`load_and_preprocess`). Every step is per channel except the cell mask, which
-    uses the matching grey conversion, so both orders give identical inputs; BGR lets the
-    channel swap run on the small resized image instead of the full frame.
-    """
-    framed = frame_cell(image, recipe, order)
+def framed_and_resized(
+    image: np.ndarray, recipe: Recipe, order: str = "rgb", gray: np.ndarray | None = None
+) -> np.ndarray:
+    """The cell framed by the recipe and resized to the input size: uint8 RGB (S, S, 3).
+    Quality control measures this array; :func:`to_model_input` finishes it."""
+    framed = frame_cell(image, recipe, order, gray)
     size = recipe.input_size
     resized = cv2.resize(framed, (size, size), interpolation=INTERPOLATIONS[recipe.interpolation])
     if order == "bgr":
         resized = cv2.cvtColor(resized, cv2.COLOR_BGR2RGB)
+    return resized
+
+
+def to_model_input(resized: np.ndarray, recipe: Recipe) -> np.ndarray:
+    """uint8 RGB (S, S, 3) from :func:`framed_and_resized` -> float32 RGB in [0, 1]."""
     if recipe.log_enhance:
         resized = log_enhance(resized, recipe.log_sigma, recipe.log_weight)
     scaled = resized.astype(np.float32)
     scaled *= np.float32(1.0 / 255.0)
     return scaled
+
+
+def preprocess(image: np.ndarray, recipe: Recipe, order: str = "rgb") -> np.ndarray:
+    """Decoded uint8 crop (RGB, or BGR with ``order="bgr"``) -> model input: float32 RGB
+    (size, size, 3) in [0, 1].
+
+    This is the one preprocessing function; training and scanning both call it (scanning
+    through its two halves, :func:`framed_and_resized` then :func:`to_model_input`, so
+    that quality control can measure the resized crop in between). Every step is per
+    channel except the cell mask, which uses the matching grey conversion, so both orders
+    give identical inputs; BGR lets the channel swap run on the small resized image.
+    """
+    return to_model_input(framed_and_resized(image, recipe, order), recipe)
 
 
 def load_and_preprocess(

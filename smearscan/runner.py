@@ -1,9 +1,11 @@
 """A whole scan run: discovery, classification and the three reports, with its exit status.
 
-This is the library behind ``smearscan scan``; the CLI only parses options, shows progress
-and maps the outcome to an exit code. Without a state file, rows stream straight into the
-report; with one (``--state``), results go to the SQLite state batch by batch and the report
-is written from it at the end, merging earlier runs' results for unchanged files.
+This is the library behind ``smearscan scan`` (and ``evaluate``); the CLI only parses
+options, handles signals, shows progress and maps the outcome to an exit code. Without a
+state file, rows stream straight into the report; with one (``--state``), results go to the
+SQLite state batch by batch and the report is written from it at the end, merging earlier
+runs' results for unchanged files. Labels and slide calls are decided here, at report
+time, by the run's one :class:`~smearscan.policy.DecisionPolicy`.
 """
 
 from __future__ import annotations
@@ -20,41 +22,75 @@ from pathlib import Path, PurePosixPath
 
 from smearscan.discover import Found, discover, explicit_files
 from smearscan.exitstatus import ExitStatus
-from smearscan.inference import Classifier
-from smearscan.reports import (
-    RowWriter,
-    SummaryBuilder,
-    atomic_write,
-    run_details,
-    write_html,
-    write_summary,
-)
-from smearscan.scan import CellResult, ScanOptions, scan_paths
+from smearscan.files import TargetError, atomic_write, check_target, remove_dead_temporaries
+from smearscan.inference import BatchPredictor, Classifier
+from smearscan.modelfile import KEY_QC
+from smearscan.policy import DecisionPolicy, policy_for_model
+from smearscan.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from smearscan.qc import QualityControl
+from smearscan.results import STATUS_ERROR, STATUS_OK, STATUS_QC, CellResult
+from smearscan.sinks.html import write_html
+from smearscan.sinks.rows import FORMATS, RowWriter
+from smearscan.sinks.summary import SummaryBuilder, run_details, write_json
+from smearscan.stages import StageConfig
 
 log = logging.getLogger(__name__)
 
 
+class RequestError(ValueError):
+    """Options that contradict each other (a usage error: exit 2)."""
+
+
+class NothingToScan(Exception):
+    """Raised inside a report write to discard it: an empty run keeps the last report."""
+
+
+@dataclass
+class ScanOptions:
+    """Tuning knobs of a scan; the defaults suit a 2-core machine."""
+
+    batch_size: int = 32
+    workers: int = 0  # 0: one per core; each decodes a batch and runs the model on it
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
+    tta: bool = False
+
+
 @dataclass
 class ScanRequest:
-    """What to scan and where the reports go."""
+    """What to scan, how to decide, and where the reports go."""
 
     inputs: list[Path] = field(default_factory=list)
     files: list[str] | None = None  # explicit list (--files-from)
     out: Path = Path("report.csv")
-    fmt: str = "csv"
+    fmt: str | None = None  # None: from the extension of ``out`` (.jsonl/.ndjson, else csv)
     summary: Path | None = None  # default: <out stem>.summary.json
     html: Path | None = None  # default: <out stem>.html
     write_html: bool = True
     recursive: bool = True
     pattern: str | None = None
+    case_sensitive_glob: bool = False
     slide_depth: int = 0
-    slide_threshold: float = 0.5
     options: ScanOptions = field(default_factory=ScanOptions)
+    # decision: None keeps the model's own rule
+    threshold: float | None = None
+    slide_rule: str | None = None
+    slide_cutoff: float | None = None
+    min_cells: int | None = None
+    qc_mode: str = "default"
     state: Path | None = None  # SQLite state for incremental runs
     lock_wait: float | None = None  # seconds to wait for another run's lock; None: fail at once
-    min_age: float = 10.0  # with a state: files younger than this are left for the next run
+    min_age: float = 10.0  # with a state: files younger than this wait for the next run
     new_only: bool = False  # with a state: report only files scanned in this run
+    verify: str = "stat"  # with a state: "content" also compares the bytes' sha256
     anonymize_key: bytes | None = None  # replace path components by a keyed hash
+    num_parts: int = 1  # scan only the files whose stable hash falls in part ``part_id``
+    part_id: int = 0
+
+    def format(self) -> str:
+        if self.fmt is not None:
+            return self.fmt
+        return "jsonl" if self.out.suffix.lower() in (".jsonl", ".ndjson") else "csv"
 
     def summary_path(self) -> Path:
         return self.summary or self.out.with_name(self.out.stem + ".summary.json")
@@ -66,22 +102,69 @@ class ScanRequest:
             return self.html
         return self.out.with_name(self.out.stem + ".html")
 
-    def found(self) -> Iterable[Found]:
-        if self.inputs:
-            yield from discover(
-                self.inputs,
-                recursive=self.recursive,
-                pattern=self.pattern,
-                slide_depth=self.slide_depth,
+    def validate(self) -> None:
+        """Refuse contradictory options before anything is read or written."""
+        if self.format() not in FORMATS:
+            raise RequestError(f"format must be one of {FORMATS}")
+        targets = [("--out", self.out), ("--summary", self.summary_path()),
+                   ("--html", self.html_path())]  # fmt: skip
+        resolved: dict[Path, str] = {}
+        for option, path in targets:
+            if path is None:
+                continue
+            key = path.resolve()
+            if key in resolved:
+                raise RequestError(
+                    f"{option} and {resolved[key]} both name {path}: one would overwrite "
+                    "the other (give --summary/--html explicitly, or another --out name)"
+                )
+            resolved[key] = option
+        if self.out.suffix.lower() in (".html", ".htm", ".json"):
+            raise RequestError(
+                f"--out {self.out}: the per-image report is CSV or JSONL; the summary JSON "
+                "and HTML are written beside it"
             )
+        if self.state is not None and self.state.resolve() in resolved:
+            raise RequestError(f"--state {self.state} is also a report file")
+        for option, path in [*targets, ("--state", self.state)]:
+            if path is not None:
+                try:
+                    check_target(path)
+                except TargetError as exc:
+                    raise RequestError(f"{option}: {exc}") from None
+        if self.num_parts < 1 or not 0 <= self.part_id < self.num_parts:
+            raise RequestError("--part-id must be in [0, --num-parts)")
+
+    def found(self) -> Iterator[Found]:
+        items: Iterable[Found] = ()
+        if self.inputs:
+            items = discover(self.inputs, recursive=self.recursive, pattern=self.pattern,
+                             slide_depth=self.slide_depth,
+                             case_sensitive=self.case_sensitive_glob)  # fmt: skip
         if self.files is not None:
-            yield from explicit_files(self.files)
+            items = _chain(items, explicit_files(self.files))
+        if self.num_parts > 1:
+            items = (item for item in items if in_part(item.rel, self.num_parts, self.part_id))
+        return iter(items)
+
+
+def _chain(*parts: Iterable[Found]) -> Iterator[Found]:
+    for part in parts:
+        yield from part
+
+
+def in_part(rel: str, parts: int, part: int) -> bool:
+    """Stable sharding by the report path: the same file lands in the same part on every
+    machine and every run (SLURM array jobs, labs without a cluster)."""
+    digest = hashlib.sha256(rel.encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") % parts == part
 
 
 @dataclass
 class ScanOutcome:
     files: int
     ok: int
+    qc: int
     errors: int
     pending: int
     reused: int
@@ -98,7 +181,8 @@ class PathAnonymizer:
         self.key = key
 
     def component(self, name: str) -> str:
-        return hmac.new(self.key, name.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
+        return hmac.new(self.key, name.encode("utf-8", "surrogateescape"),
+                        hashlib.sha256).hexdigest()[:16]  # fmt: skip
 
     def path(self, path: str, keep_suffix: bool = True) -> str:
         parts = PurePosixPath(path).parts
@@ -115,6 +199,51 @@ class PathAnonymizer:
         )
 
 
+@dataclass
+class RunPlan:
+    """What a run decided before reading any file: policy, QC and the engine's inputs."""
+
+    policy: DecisionPolicy
+    qc: QualityControl | None
+    qc_text: str
+    config: StageConfig
+
+
+def plan(request: ScanRequest, classifier: Classifier) -> RunPlan:
+    """Resolve the decision policy and QC of a run; raises PolicyError or QCError."""
+    info = classifier.info
+    policy = policy_for_model(info.labels, info.positive_class, info.metadata,
+                              threshold=request.threshold, slide_rule=request.slide_rule,
+                              slide_cutoff=request.slide_cutoff,
+                              min_cells=request.min_cells)  # fmt: skip
+    qc_metadata = info.metadata.get(KEY_QC)
+    qc = QualityControl.from_metadata(qc_metadata, request.qc_mode)
+    if request.qc_mode == "off":
+        qc_text = "off (--qc off): every decodable crop was classified"
+    elif qc is None:
+        qc_text = "off: this model file has no quality-control limits"
+        log.warning("quality control is off: %s has no QC limits (export it again with "
+                    "python -m export.to_onnx to add them)", info.name)  # fmt: skip
+    else:
+        qc_text = f"{request.qc_mode} limits of the model file"
+    config = StageConfig(info.recipe, qc, request.options.max_pixels, request.options.max_bytes)
+    return RunPlan(policy, qc, qc_text, config)
+
+
+def make_engine(name: str, plan_: RunPlan, classifier: Classifier, request: ScanRequest,
+                ray_address: str | None = None):  # fmt: skip
+    options = request.options
+    if name == "ray":
+        from smearscan.engines.ray import RayEngine
+
+        return RayEngine(plan_.config, classifier, options.batch_size, options.tta,
+                         address=ray_address)  # fmt: skip
+    from smearscan.engines.local import LocalEngine
+
+    predictor = BatchPredictor(classifier=classifier, tta=options.tta, pad_to=options.batch_size)
+    return LocalEngine(plan_.config, predictor, options.batch_size, options.workers)
+
+
 def run_scan(
     request: ScanRequest,
     classifier: Classifier,
@@ -122,45 +251,58 @@ def run_scan(
     stop: threading.Event | None = None,
     stop_status: Callable[[], ExitStatus] | None = None,
     on_result: Callable[[CellResult], None] | None = None,
+    engine=None,
 ) -> ScanOutcome:
     """Scan and write the reports. A set ``stop`` event ends the run early; the reports are
     still written, marked partial, and the status is ``stop_status()``.
 
-    Raises :class:`smearscan.state.StateLocked` when another run holds the state lock.
+    Raises :class:`RequestError`, :class:`~smearscan.policy.PolicyError` or
+    :class:`~smearscan.qc.QCError` for unusable options,
+    :class:`smearscan.state.StateLocked` when another run holds the state lock, and
+    :class:`InterruptedError` when stopped while waiting for it.
     """
+    request.validate()
     started = time.time()
+    run_plan = plan(request, classifier)
+    engine = engine or make_engine("local", run_plan, classifier, request)
+    remove_dead_temporaries([request.out, request.summary_path(), request.html_path()])
 
-    def notify(result: CellResult) -> CellResult:
-        if on_result:
-            on_result(result)
-        return result
+    def notify(results: Iterable[CellResult]) -> Iterator[CellResult]:
+        for result in results:
+            if on_result:
+                on_result(result)
+            yield result
 
     if request.state is None:
-        results = (notify(r) for r in scan_paths(request.found(), classifier, request.options,
-                                                 stop=stop))  # fmt: skip
-        return _report(request, classifier, results, started, stop, stop_status, 0, 0, None)
+        results = notify(engine.run(request.found(), stop))
+        return _report(request, classifier, run_plan, engine, results, started, stop,
+                       stop_status, 0, 0, None)  # fmt: skip
 
-    from smearscan.state import Counters, RunLock, StateStore
+    from smearscan.state import Counters, RunLock, StateStore, fingerprint
 
     lock_path = request.state.with_name(request.state.name + ".lock")
-    with RunLock(lock_path, request.lock_wait):
-        _remove_stale_temporaries(request)
-        store = StateStore(request.state, classifier.info.sha256)
+    with RunLock(lock_path, request.lock_wait, stop):
+        qc_limits = classifier.info.metadata.get(KEY_QC) if run_plan.qc else None
+        store = StateStore(
+            request.state,
+            fingerprint(classifier.info.sha256, request.options.tta, request.qc_mode, qc_limits),
+            request.verify,
+        )
         try:
             counters = Counters()
             selected = store.select(request.found(), request.min_age, counters)
             batch = max(request.options.batch_size, 1)
-            for index, result in enumerate(
-                scan_paths(selected, classifier, request.options, stop=stop), start=1
-            ):
-                store.record(notify(result))
+            for index, result in enumerate(notify(engine.run(selected, stop)), start=1):
+                store.record(result)
                 if index % batch == 0:
                     store.commit()
+            selected.close()  # type: ignore[attr-defined]  # a generator: its bookkeeping lands now
             store.commit()
             partial = bool(stop is not None and stop.is_set())
             outcome = _report(
-                request, classifier, store.results(request.new_only), started, stop,
-                stop_status, counters.pending, counters.reused, counters.to_scan,
+                request, classifier, run_plan, engine, store.results(request.new_only),
+                started, stop, stop_status, counters.pending, counters.reused,
+                counters.to_scan,
             )  # fmt: skip
             store.finish("partial" if partial else outcome.status.name.lower())
             return outcome
@@ -168,18 +310,11 @@ def run_scan(
             store.close()
 
 
-def _remove_stale_temporaries(request: ScanRequest) -> None:
-    """Temporary report files left by a killed run (safe to remove: we hold the lock)."""
-    for target in (request.out, request.summary_path(), request.html_path()):
-        if target is None:
-            continue
-        for stale in target.parent.glob(f".{target.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
-
-
 def _report(
     request: ScanRequest,
     classifier: Classifier,
+    run_plan: RunPlan,
+    engine,
     results: Iterator[CellResult],
     started: float,
     stop: threading.Event | None,
@@ -188,59 +323,70 @@ def _report(
     reused: int,
     scanned: int | None,
 ) -> ScanOutcome:
-    """Write rows, summary and HTML from ``results``; ``scanned`` counts files decoded in
-    this run (None: every result)."""
+    """Write rows, summary and HTML from ``results``, labelling them by the run's policy;
+    ``scanned`` counts files decoded in this run (None: every result). A run with no row at
+    all writes nothing and keeps the previous reports."""
     started_iso = datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds")
-    labels = classifier.labels
-    builder = SummaryBuilder(labels, classifier.info.positive_class, request.slide_threshold)
+    policy = run_plan.policy
+    builder = SummaryBuilder(policy)
     anonymize = PathAnonymizer(request.anonymize_key) if request.anonymize_key else None
-    ok = errors = 0
-    with atomic_write(request.out) as handle:
-        writer = RowWriter(handle, labels, request.fmt)
-        for result in results:
-            if anonymize:
-                result = anonymize(result)
-            writer.write(result)
-            builder.add(result)
-            if result.ok:
-                ok += 1
-            else:
-                errors += 1
+    counts = {STATUS_OK: 0, STATUS_QC: 0, STATUS_ERROR: 0}
+    rule = policy.cell_rule_short()
+    try:
+        with atomic_write(request.out) as handle:
+            writer = RowWriter(handle, list(policy.labels), request.format(), rule)
+            for result in results:
+                if result.status == STATUS_OK:
+                    result.label = policy.cell_label(result.probabilities)
+                if anonymize:
+                    result = anonymize(result)
+                writer.write(result)
+                builder.add(result)
+                counts[result.status] += 1
+            if sum(counts.values()) == 0 and not (request.new_only and reused):
+                raise NothingToScan  # (an empty --new-only report is news: nothing new)
+    except NothingToScan:
+        seconds = time.time() - started
+        partial = bool(stop is not None and stop.is_set())
+        status = (stop_status() if stop_status else ExitStatus.INTERRUPTED_INT) if partial \
+            else ExitStatus.NOTHING_TO_SCAN  # fmt: skip
+        return ScanOutcome(0, 0, 0, 0, pending, reused, seconds, status, {})
+    files = sum(counts.values())
     seconds = time.time() - started
     partial = bool(stop is not None and stop.is_set())
-    threshold = request.options.threshold
-    if threshold is None:
-        threshold = classifier.info.calibration().get("threshold")
     details = run_details(
         classifier,
         seconds,
-        ok + errors if scanned is None else scanned,
+        files if scanned is None else scanned,
         partial,
         {
             "started": started_iso,
-            "threshold": threshold,
             "tta": request.options.tta,
+            "quality_control": run_plan.qc_text,
+            "engine": engine.describe(),
             "inputs": ["<anonymized>" if anonymize else str(p) for p in request.inputs],
+            "part": {"num_parts": request.num_parts, "part_id": request.part_id}
+            if request.num_parts > 1 else None,
             "incremental": {
                 "state": str(request.state) if request.state else None,
                 "reused_from_earlier_runs": reused,
                 "pending_too_young": pending,
                 "report_covers": "this run's new or changed files"
-                if request.new_only
-                else "every file present",
+                if request.new_only else "every file present",
             },
             "anonymized_paths": bool(anonymize),
         },
-    )
-    summary = builder.to_dict(details)
-    write_summary(request.summary_path(), summary)
+    )  # fmt: skip
+    summary = builder.to_dict(details, engine.unfinished_slides if partial else set())
+    write_json(request.summary_path(), summary)
     html_path = request.html_path()
     if html_path is not None:
-        write_html(html_path, summary, builder, classifier.info.recipe)
+        write_html(html_path, summary, builder, classifier.info.recipe, run_plan.qc_text)
     if partial:
         status = stop_status() if stop_status else ExitStatus.INTERRUPTED_INT
-    elif errors:
-        status = ExitStatus.SOME_UNREADABLE
+    elif counts[STATUS_ERROR] or counts[STATUS_QC]:
+        status = ExitStatus.SOME_UNUSABLE
     else:
         status = ExitStatus.SUCCESS
-    return ScanOutcome(ok + errors, ok, errors, pending, reused, seconds, status, summary)
+    return ScanOutcome(files, counts[STATUS_OK], counts[STATUS_QC], counts[STATUS_ERROR],
+                       pending, reused, seconds, status, summary)  # fmt: skip

@@ -1,54 +1,72 @@
 """Incremental scanning state (SQLite) and the run lock, for nightly cron runs.
 
-The state remembers, per file, its size, mtime and the model's sha256 with the result, so a
-rerun decodes only new or changed files. Results are committed batch by batch: a run killed
-at any moment leaves a consistent database, and the next run picks up where it stopped.
+The state remembers, per file, its size, mtime and the *fingerprint* of what produced its
+result (model sha256, test-time augmentation, quality-control mode and limits), with the
+probabilities: never the label. Labels and slide calls are decided when the report is
+written, by that run's policy, so a new ``--threshold`` relabels every reused row, while
+anything that changes probabilities (another model, ``--tta``, other QC) rescans.
 
-The lock is an ``flock`` on ``<state>.lock``: the kernel releases it when its holder dies,
-so a lock left by a killed process never blocks the next run.
+Results are committed batch by batch: a run killed at any moment leaves a consistent
+database, and the next run picks up where it stopped. The lock is an ``flock`` on
+``<state>.lock``: the kernel releases it when its holder dies, so a lock left by a killed
+process never blocks the next run. The database, its WAL files and the lock are owner-only.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import heapq
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from smearscan.discover import Found
-from smearscan.scan import STATUS_OK, CellResult
+from smearscan.files import PRIVATE_MODE, create_private
+from smearscan.names import display_name, unescape_name
+from smearscan.results import STATUS_OK, STATUS_QC, CellResult
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
-    file TEXT PRIMARY KEY,      -- absolute path on disk
+    file TEXT PRIMARY KEY,      -- absolute path on disk (escaped like report names)
     rel TEXT NOT NULL,          -- path as reported
     slide TEXT NOT NULL,
     size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
-    model_sha256 TEXT NOT NULL,
+    content_sha256 TEXT,        -- with --verify content
+    fingerprint TEXT NOT NULL,  -- what produced the result (model, TTA, QC)
     status TEXT NOT NULL,
-    error TEXT NOT NULL,
-    label TEXT NOT NULL,
+    reason TEXT NOT NULL,
     probabilities TEXT NOT NULL, -- comma-separated, in the model's label order
     scanned_run INTEGER NOT NULL,
     seen_run INTEGER NOT NULL,
     seen_order INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS files_seen ON files (seen_run, seen_order);
+CREATE TABLE IF NOT EXISTS observed (
+    file TEXT PRIMARY KEY,      -- a file too young to scan, as last seen
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    run INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     started REAL NOT NULL,
     finished REAL,
-    model_sha256 TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
     status TEXT
 );
 """
+VERIFY_MODES = ("stat", "content")
+#: Results reused from earlier runs: read and classified, or read and refused by the same QC.
+REUSABLE = (STATUS_OK, STATUS_QC)
 
 
 class StateLocked(RuntimeError):
@@ -67,16 +85,37 @@ class Counters:
     to_scan: int = 0
 
 
-class RunLock:
-    """Exclusive advisory lock on ``<state>.lock``; ``wait`` seconds (None = fail at once)."""
+def fingerprint(model_sha256: str, tta: bool, qc_mode: str, qc_limits: str | None) -> str:
+    """What a stored result depends on besides the file itself."""
+    text = "\n".join([model_sha256, f"tta={tta}", f"qc={qc_mode}", qc_limits or ""])
+    return hashlib.sha256(text.encode()).hexdigest()
 
-    def __init__(self, path: Path, wait: float | None = None) -> None:
-        self.path, self.wait = path, wait
-        self.handle = None
+
+def content_digest(path: str) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+class RunLock:
+    """Exclusive advisory lock on ``<state>.lock``; ``wait`` seconds (None = fail at once).
+
+    ``stop`` (a signal) ends a wait at once with :class:`InterruptedError`.
+    """
+
+    def __init__(self, path: Path, wait: float | None = None,
+                 stop: threading.Event | None = None) -> None:  # fmt: skip
+        self.path, self.wait, self.stop = path, wait, stop
+        self.handle: IO[str] | None = None
 
     def __enter__(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")  # noqa: SIM115  (held for the run's lifetime)
+        create_private(self.path)
+        handle = open(self.path, "r+")  # noqa: SIM115  (held for the run's lifetime)
         deadline = None if self.wait is None else time.monotonic() + self.wait
         while True:
             try:
@@ -90,7 +129,11 @@ class RunLock:
                     holder = self._holder(handle)
                     handle.close()
                     raise StateLocked(f"another smearscan run holds {self.path}{holder}") from None
-                time.sleep(0.2)
+                if self.stop is not None and self.stop.wait(0.2):
+                    handle.close()
+                    raise InterruptedError("interrupted while waiting for the state lock") from None
+                if self.stop is None:
+                    time.sleep(0.2)
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
@@ -114,12 +157,13 @@ class RunLock:
 class StateStore:
     """The SQLite state of one scan target; use inside a :class:`RunLock`."""
 
-    def __init__(self, path: Path, model_sha256: str) -> None:
-        self.path = path
-        self.model_sha256 = model_sha256
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, fingerprint: str, verify: str = "stat") -> None:
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES}")
+        self.path, self.fingerprint, self.verify = path, fingerprint, verify
         try:
-            self.db = sqlite3.connect(path, isolation_level=None)
+            create_private(path)  # before SQLite creates it (and its WAL files) 0644
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
@@ -127,16 +171,24 @@ class StateStore:
                 raise StateError(
                     f"{path} was written by a newer smearscan (schema {version}); upgrade"
                 )
+            if 0 < version < SCHEMA_VERSION:
+                # results of older versions carry labels, not the facts a rerun needs
+                self.db.executescript("DROP TABLE IF EXISTS files; DROP TABLE IF EXISTS runs;")
             self.db.executescript(SCHEMA)
             self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self.db.execute("SELECT count(*) FROM files").fetchone()
         except sqlite3.DatabaseError as exc:
             raise StateError(f"cannot use state file {path}: {exc}") from None
-        os.chmod(path, 0o600)
+        for suffix in ("-wal", "-shm"):
+            companion = path.with_name(path.name + suffix)
+            if companion.exists():
+                os.chmod(companion, PRIVATE_MODE)
         self.run_id = self.db.execute(
-            "INSERT INTO runs (started, model_sha256) VALUES (?, ?)", (time.time(), model_sha256)
+            "INSERT INTO runs (started, fingerprint) VALUES (?, ?)", (time.time(), fingerprint)
         ).lastrowid
         self._order = 0
         self._orders: dict[str, int] = {}
+        self._digests: dict[str, str | None] = {}
         self._pending_rows: list[tuple] = []
         # unchanged files seen by this run, as report rows in discovery order (their results
         # come from earlier runs and are not written again)
@@ -145,72 +197,94 @@ class StateStore:
     def close(self) -> None:
         self.db.close()
 
-    def reusable(self) -> dict[str, tuple[int, int, str, str]]:
-        """file -> (size, mtime_ns, label, probabilities) of the results a rerun may reuse
-        (read successfully with this model), loaded in one query for speed."""
+    def reusable(self) -> dict[str, tuple]:
+        """file -> (size, mtime_ns, content digest, status, reason, probabilities) of the
+        results a rerun may reuse, loaded in one query for speed."""
         rows = self.db.execute(
-            "SELECT file, size, mtime_ns, label, probabilities FROM files "
-            "WHERE model_sha256=? AND status=?",
-            (self.model_sha256, STATUS_OK),
+            "SELECT file, size, mtime_ns, content_sha256, status, reason, probabilities "
+            "FROM files WHERE fingerprint=? AND status IN (?, ?)",
+            (self.fingerprint, *REUSABLE),
         )
         return {row[0]: row[1:] for row in rows}
 
     def select(self, found: Iterable[Found], min_age: float, counters: Counters) -> Iterator[Found]:
-        """Yield the files that need scanning; mark unchanged ones as seen in this run.
+        """Yield the files that need scanning; keep unchanged ones as reused report rows.
 
-        A file is reused when its size, mtime and the model are unchanged and it was read
-        successfully; errors are retried every run. Files modified less than ``min_age``
-        seconds ago are left for the next run (a scanner may still be writing them).
+        A result is reused when the fingerprint, size and mtime (and with ``--verify
+        content`` the bytes' sha256) are unchanged and the file was read. Errors are retried
+        every run. A file modified less than ``min_age`` seconds ago may still be being
+        written: it waits, unless this run sees it with the same size and mtime as an
+        earlier run did; so a file whose mtime lies in the future (clock skew on a share)
+        waits one run, never forever.
         """
         reusable = self.reusable()
+        observed = {row[0]: (row[1], row[2]) for row in
+                    self.db.execute("SELECT file, size, mtime_ns FROM observed")}  # fmt: skip
+        sightings: list[tuple] = []
         seen: set[str] = set()
         now_ns = time.time_ns()
         min_age_ns = int(min_age * 1e9)
         stat, abspath = os.stat, os.path.abspath
+        verify = self.verify == "content"
         # plain locals in this per-file loop (a no-op rerun over 50,000 files is this loop)
         discovered = pending = reused = to_scan = 0
         try:
             for item in found:
                 discovered += 1
                 path = item.path
-                file = path if path[:1] == os.sep else abspath(path)
-                if file in seen:  # named twice (overlapping inputs): scanned, reported once
+                key = display_name(path if path[:1] == os.sep else abspath(path))
+                if key in seen:  # named twice (overlapping inputs): scanned, reported once
                     continue
-                seen.add(file)
+                seen.add(key)
                 try:
                     st = stat(path)
                     size, mtime_ns = st.st_size, st.st_mtime_ns
                 except OSError:
                     size = mtime_ns = -1
-                if mtime_ns >= 0 and now_ns - mtime_ns < min_age_ns:
+                previous = reusable.pop(key, None)  # popped: its data moves to the report row
+                unchanged = (previous is not None and previous[0] == size
+                             and previous[1] == mtime_ns and not item.problem)  # fmt: skip
+                young = mtime_ns >= 0 and now_ns - mtime_ns < min_age_ns
+                # a young file is done being written when a run already read it, or saw it
+                # with this size and mtime before
+                if young and not unchanged and observed.get(key) != (size, mtime_ns):
+                    sightings.append((key, size, mtime_ns, self.run_id))
                     pending += 1
                     continue
                 self._order += 1
-                previous = reusable.pop(file, None)  # popped: its data moves to the report row
-                if (previous is not None and previous[0] == size and previous[1] == mtime_ns
-                        and not item.problem):  # fmt: skip
+                digest = content_digest(path) if verify and not item.problem else None
+                if unchanged and previous is not None and (not verify or previous[2] == digest):
                     reused += 1
-                    self._reused.append((self._order, item.rel, item.slide, file, size, mtime_ns,
-                                         STATUS_OK, "", previous[2], previous[3]))  # fmt: skip
+                    self._reused.append((self._order, item.rel, item.slide, key, size, mtime_ns,
+                                         previous[3], previous[4], previous[5]))  # fmt: skip
                     continue
                 to_scan += 1
                 self._orders[path] = self._order
+                if verify:
+                    self._digests[path] = digest
                 yield item
         finally:
             counters.discovered += discovered
             counters.pending += pending
             counters.reused += reused
             counters.to_scan += to_scan
+            with self.db:
+                self.db.execute("BEGIN")
+                # sightings older than this run are settled, gone or seen again now
+                self.db.execute("DELETE FROM observed WHERE run < ?", (self.run_id,))
+                self.db.executemany("INSERT OR REPLACE INTO observed VALUES (?,?,?,?)",
+                                    sightings)  # fmt: skip
 
     def record(self, result: CellResult) -> None:
         """Queue a fresh result; :meth:`commit` writes queued results in one transaction."""
         order = self._orders.pop(result.file, self._order)
-        file = os.path.abspath(result.file)
+        file = display_name(os.path.abspath(result.file))
         self._pending_rows.append(
             (
                 file, result.path, result.slide, result.size, result.mtime_ns,
-                self.model_sha256, result.status, result.error, result.label,
-                ",".join(map(repr, result.probabilities)), self.run_id, self.run_id, order,
+                self._digests.pop(result.file, None), self.fingerprint, result.status,
+                result.reason, ",".join(map(repr, result.probabilities)), self.run_id,
+                self.run_id, order,
             )
         )  # fmt: skip
 
@@ -240,11 +314,12 @@ class StateStore:
         reused from earlier runs were collected by :meth:`select`; both are in discovery
         order, so a merge keeps the report in that order without sorting."""
         scanned = self.db.execute(
-            "SELECT seen_order, rel, slide, file, size, mtime_ns, status, error, label, "
+            "SELECT seen_order, rel, slide, file, size, mtime_ns, status, reason, "
             "probabilities FROM files WHERE seen_run=? ORDER BY seen_order",
             (self.run_id,),
         )
         rows = scanned if new_only else heapq.merge(self._reused, scanned)
-        for _, rel, slide, file, size, mtime_ns, status, error, label, probabilities in rows:
+        for _, rel, slide, file, size, mtime_ns, status, reason, probabilities in rows:
             parsed = list(map(float, probabilities.split(","))) if probabilities else []
-            yield CellResult(rel, slide, status, error, label, parsed, size, mtime_ns, file)
+            yield CellResult(rel, slide, status, reason, parsed, size, mtime_ns,
+                             unescape_name(file))  # fmt: skip

@@ -1,7 +1,11 @@
-"""Shared fixtures: real C-NMC crops committed under tests/fixtures, and files made on disk."""
+"""Shared fixtures and helpers: real C-NMC crops committed under tests/fixtures, files made on
+disk, the CLI run in-process with an injected environment, and the session-wide expensive
+pieces (one tiny trained model, one Ray instance)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import shutil
 from pathlib import Path
@@ -9,11 +13,52 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from click.testing import CliRunner
+
+from smearscan.cli import Environment, cli
+from smearscan.preprocess import IMAGE_SUFFIXES
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CNMC = FIXTURES / "cnmc"
 TINY_3CLASS = FIXTURES / "models" / "tiny-3class.onnx"
-SHARED_CNMC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cnmc"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_CNMC = ROOT.parent / "shared" / "data" / "cnmc"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch):
+    """Tests never read the developer's shell: every SMEARSCAN_* setting is cleared (after
+    simonw/llm's env-resetting fixtures)."""
+    for name in list(os.environ):
+        if name.startswith("SMEARSCAN_") or name == "OPENCV_IO_MAX_IMAGE_PIXELS":
+            monkeypatch.delenv(name, raising=False)
+
+
+def run(args: list[str], stdin: str | None = None, expect: int | set[int] | None = 0):
+    """Run the CLI in-process; fail unless the exit code is ``expect`` (None: any)."""
+    stderr = io.StringIO()
+    result = CliRunner().invoke(
+        cli, args, obj=Environment(stderr=stderr, stderr_isatty=False), input=stdin
+    )
+    result.log = stderr.getvalue()
+    if expect is not None:
+        allowed = {expect} if isinstance(expect, int) else set(expect)
+        if result.exit_code not in allowed:
+            raise AssertionError(
+                f"exit {result.exit_code}, expected {sorted(allowed)}\nstdout: {result.output}"
+                f"\nstderr: {result.log}\nexception: {result.exception!r}"
+            )
+    return result
+
+
+def rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def image_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
 
 
 def fixture_images() -> list[Path]:
@@ -64,3 +109,43 @@ def cnmc_copy(tmp_path: Path) -> Path:
     target = tmp_path / "cnmc"
     shutil.copytree(CNMC, target)
     return target
+
+
+def require_training_stack() -> None:
+    """TensorFlow and tf2onnx (the [train] extra): a skip for a user without it, a failure in
+    CI, where a suite that skipped every training test once reported green."""
+    for module in ("tensorflow", "tf2onnx", "onnx"):
+        if IN_CI:
+            __import__(module)
+        else:
+            pytest.importorskip(module, reason=f"{module} is in the [train] extra")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """One tiny model trained once per test session (3 folds of the 24 fixture crops, two
+    epochs) and reused by every training, export and fine-tuning test."""
+    require_training_stack()
+    from export import train
+
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    code = train.main([
+        "--data", str(CNMC), "--out", str(out), "--width", "0.0625", "--epochs", "2",
+        "--folds", "3", "--batch-size", "8", "--quiet", "--seed", "3", "--per-patient", "8",
+        "--cache-dir", str(out.parent / "cache"),
+    ])  # fmt: skip
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_instance():
+    """One local Ray instance for the whole session (it takes seconds and ~1 GB to start)."""
+    if IN_CI:
+        import ray
+    else:
+        ray = pytest.importorskip("ray", reason="Ray is the [ray] extra")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})  # fmt: skip
+    yield ray
+    ray.shutdown()

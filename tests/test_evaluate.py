@@ -1,23 +1,24 @@
-"""smearscan evaluate on real crops: metrics match a hand computation from the scan rows."""
+"""smearscan evaluate on real crops: metrics match a hand computation from the scan rows,
+QC exclusions are counted, and the page is a validation record."""
 
 from __future__ import annotations
 
 import json
+import xml.etree.ElementTree as ElementTree
 
 import cv2
 import numpy as np
 import pytest
-from conftest import CNMC
-from test_scan_cli import rows, run
+from conftest import CNMC, fixture_images, read_bgr, rows, run
 
 from smearscan.exitstatus import ExitStatus
 from smearscan.metrics import roc_auc
+from smearscan.modelfile import default_model_path, file_sha256
 
 
 def test_evaluate_with_folder_labels_matches_the_scan_rows(tmp_path):
     out = tmp_path / "eval"
     result = run(["evaluate", str(CNMC), "--out", str(out)])
-    assert result.exit_code == 0, result.output + result.log
     predictions = rows(out / "predictions.csv")
     assert len(predictions) == 24
     truth = [r["path"].split("/")[0] for r in predictions]
@@ -25,16 +26,20 @@ def test_evaluate_with_folder_labels_matches_the_scan_rows(tmp_path):
     tp = sum(t == "all" and c == "all" for t, c in zip(truth, called, strict=True))
     tn = sum(t == "hem" and c == "hem" for t, c in zip(truth, called, strict=True))
     metrics = json.loads((out / "metrics.json").read_text())["cells"]
-    assert metrics["n"] == 24
+    assert metrics["n"] == 24 and metrics["excluded"]["count"] == 0
     assert metrics["sensitivity"] == pytest.approx(tp / 12)
     assert metrics["specificity"] == pytest.approx(tn / 12)
     assert metrics["accuracy"] == pytest.approx((tp + tn) / 24)
     scores = np.array([float(r["p_all"]) for r in predictions])
     assert metrics["roc_auc"] == pytest.approx(roc_auc(np.array(truth) == "all", scores))
-    for name in ["roc.png", "reliability.png"]:
-        image = cv2.imread(str(out / name))
-        assert image is not None and image.shape[0] > 300
-    assert "sensitivity" in (out / "evaluation.html").read_text()
+    for name in ["roc.svg", "reliability.svg"]:
+        svg = ElementTree.parse(out / name).getroot()
+        texts = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")]
+        assert any("rate" in (t or "") or "accuracy" in (t or "") for t in texts), texts
+        assert svg.get("viewBox")
+    page = (out / "evaluation.html").read_text()
+    assert file_sha256(default_model_path()) in page and "Research use only" in page
+    assert "smearscan" in page and "date (UTC)" in page
     assert f"sensitivity {metrics['sensitivity']:.4f}" in result.output
 
 
@@ -47,34 +52,52 @@ def test_evaluate_with_labels_csv_and_slide_accuracy(tmp_path, slide_tree):
     labels = tmp_path / "labels.csv"
     labels.write_text("\n".join(lines) + "\n")
     out = tmp_path / "eval"
-    result = run(["evaluate", str(slide_tree), "--labels", str(labels), "--out", str(out)])
-    assert result.exit_code == 0, result.output
+    run(["evaluate", str(slide_tree), "--labels", str(labels), "--out", str(out),
+         "--min-cells", "2"])  # fmt: skip
     document = json.loads((out / "metrics.json").read_text())
     slides = document["slides"]["slides"]
     assert set(slides) == {"patient_A", "patient_B"}
     assert slides["patient_A"]["true_label"] == "all"
     correct = [s["correct"] for s in slides.values()]
     assert document["slides"]["accuracy"] == pytest.approx(sum(correct) / 2)
+    # with the default minimum of 10 usable cells, 4-cell slides are not called or scored
+    run(["evaluate", str(slide_tree), "--labels", str(labels), "--out", str(out)])
+    document = json.loads((out / "metrics.json").read_text())
+    assert {s["call"] for s in document["slides"]["slides"].values()} == {"insufficient"}
+    assert document["slides"]["accuracy"] is None
+
+
+def test_crops_failing_qc_are_excluded_and_counted(tmp_path):
+    root = tmp_path / "labelled"
+    for label in ("all", "hem"):
+        folder = root / label
+        folder.mkdir(parents=True)
+        for source in (p for p in fixture_images() if p.parent.name == label):
+            cv2.imwrite(str(folder / f"{source.stem}.png"), read_bgr(source))
+        blank = np.full((450, 450, 3), 255, np.uint8)
+        cv2.imwrite(str(folder / "blank.png"), blank)
+    out = tmp_path / "eval"
+    result = run(["evaluate", str(root), "--out", str(out)], expect=ExitStatus.SOME_UNUSABLE)
+    metrics = json.loads((out / "metrics.json").read_text())["cells"]
+    assert metrics["n"] == 24 and metrics["excluded"]["count"] == 2
+    assert "(2 excluded by QC or unreadable)" in result.output
+    assert "2 crops excluded" in (out / "evaluation.html").read_text()
 
 
 def test_labels_csv_problems_are_clear(tmp_path, slide_tree):
     labels = tmp_path / "labels.csv"
-    labels.write_text("path,label\npatient_A/missing.png,all\n")
     some = next(p for p in slide_tree.rglob("*.*"))
     labels.write_text(
         f"path,label\npatient_A/missing.png,all\n{some.relative_to(slide_tree)},blast\n"
     )
-    result = run(
-        ["evaluate", str(slide_tree), "--labels", str(labels), "--out", str(tmp_path / "e")]
-    )
-    assert result.exit_code == ExitStatus.USAGE
-    assert "not found (line 2: patient_A/missing.png)" in result.output
-    assert "unknown label(s) 'blast'" in result.output
+    result = run(["evaluate", str(slide_tree), "--labels", str(labels), "--out",
+                  str(tmp_path / "e")], expect=ExitStatus.USAGE)  # fmt: skip
+    assert "not found (line 2: patient_A/missing.png)" in result.log
+    assert "unknown label(s) 'blast'" in result.log
     labels.write_text("file,class\nx,all\n")
-    result = run(
-        ["evaluate", str(slide_tree), "--labels", str(labels), "--out", str(tmp_path / "e")]
-    )
-    assert "columns 'path' and 'label'" in result.output
+    result = run(["evaluate", str(slide_tree), "--labels", str(labels), "--out",
+                  str(tmp_path / "e")], expect=ExitStatus.USAGE)  # fmt: skip
+    assert "columns 'path' and 'label'" in result.log
 
 
 def test_tta_changes_probabilities_but_not_shape(tmp_path, slide_tree):

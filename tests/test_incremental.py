@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_3CLASS, fixture_images
-from test_scan_cli import image_files, rows, run
+from conftest import ROOT, TINY_3CLASS, fixture_images, image_files, rows, run
 
 from smearscan.exitstatus import ExitStatus
 from smearscan.state import RunLock
@@ -23,7 +22,7 @@ from smearscan.state import RunLock
 def scan_state(tree: Path, tmp_path: Path, *extra: str):
     out = tmp_path / "reports" / "r.csv"
     result = run(["scan", str(tree), "--out", str(out), "--state", str(tmp_path / "state.db"),
-                  "--min-age", "0", *extra])  # fmt: skip
+                  "--min-age", "0", *extra], expect=None)  # fmt: skip
     summary = json.loads(out.with_name("r.summary.json").read_text())
     return result, rows(out), summary
 
@@ -98,20 +97,54 @@ def test_a_different_model_rescans_everything(tmp_path, slide_tree):
 def test_young_files_wait_for_the_next_run(tmp_path, slide_tree):
     out = tmp_path / "r.csv"
     state = tmp_path / "state.db"
-    result = run(["scan", str(slide_tree), "--out", str(out), "--state", str(state),
-                  "--min-age", "3600"])  # fmt: skip
-    assert "8 pending" in result.log and len(rows(out)) == 0
+    out.write_text("last night's report\n")
+    args = ["scan", str(slide_tree), "--out", str(out), "--state", str(state)]
+    young = sorted(image_files(slide_tree))[:3]
     old = time.time() - 7200
     for path in image_files(slide_tree):
-        os.utime(path, (old, old))
-    result = run(["scan", str(slide_tree), "--out", str(out), "--state", str(state),
-                  "--min-age", "3600"])  # fmt: skip
+        if path not in young:
+            os.utime(path, (old, old))
+    result = run([*args, "--min-age", "3600"], expect=0)
+    assert "3 pending" in result.log and len(rows(out)) == 5
+    for path in young:  # still being written: size and mtime change between runs
+        path.write_bytes(path.read_bytes() + b"")
+        os.utime(path, None)
+        with open(path, "ab") as handle:
+            handle.write(b"\0")
+    result = run([*args, "--min-age", "3600"], expect=0)
+    assert "3 pending" in result.log and len(rows(out)) == 5
+    # unchanged since the last run saw them: done being written, scanned now
+    result = run([*args, "--min-age", "3600"], expect=(0, ExitStatus.SOME_UNUSABLE))
     assert "0 pending" in result.log and len(rows(out)) == 8
+
+
+def test_a_future_mtime_delays_a_file_one_run_not_forever(tmp_path, slide_tree):
+    """Clock skew on a share: a file stamped a day ahead looks 'being written' forever by age
+    alone; unchanged across two runs, it is scanned."""
+    old, future = time.time() - 3600, time.time() + 86400
+    for path in image_files(slide_tree):
+        os.utime(path, (old, old))
+    skewed = sorted(image_files(slide_tree))[0]
+    os.utime(skewed, (future, future))
+    out, state = tmp_path / "r.csv", tmp_path / "state.db"
+    args = ["scan", str(slide_tree), "--out", str(out), "--state", str(state), "--min-age", "10"]
+    assert "1 pending" in run(args).log
+    result = run(args)
+    assert "0 pending" in result.log and len(rows(out)) == 8
+
+
+def test_every_pending_file_keeps_the_previous_report(tmp_path, slide_tree):
+    out, state = tmp_path / "r.csv", tmp_path / "state.db"
+    out.write_text("last night's report\n")
+    result = run(["scan", str(slide_tree), "--out", str(out), "--state", str(state),
+                  "--min-age", "3600"], expect=ExitStatus.NOTHING_TO_SCAN)  # fmt: skip
+    assert "8 pending" in result.log
+    assert out.read_text() == "last night's report\n"
 
 
 def test_errors_are_retried_every_run(tmp_path, messy_tree):
     result, first, _ = scan_state(messy_tree, tmp_path)
-    assert result.exit_code == ExitStatus.SOME_UNREADABLE
+    assert result.exit_code == ExitStatus.SOME_UNUSABLE
     empty = messy_tree / "patient_A" / "empty.png"
     shutil.copy(fixture_images()[0], empty)
     result, second, summary = scan_state(messy_tree, tmp_path)
@@ -124,13 +157,12 @@ def test_second_run_is_refused_while_the_lock_is_held(tmp_path, slide_tree):
     out = tmp_path / "r.csv"
     args = ["scan", str(slide_tree), "--out", str(out), "--state", str(state)]
     with RunLock(state.with_name("state.db.lock")):
-        refused = run(args)
-        assert refused.exit_code == ExitStatus.LOCKED
+        refused = run(args, expect=ExitStatus.LOCKED)
         assert "another smearscan run holds" in refused.log
         started = time.monotonic()
-        waited = run([*args, "--wait", "0.6"])
-        assert waited.exit_code == ExitStatus.LOCKED and time.monotonic() - started >= 0.6
-    assert run(args).exit_code == 0
+        run([*args, "--wait", "0.6"], expect=ExitStatus.LOCKED)
+        assert time.monotonic() - started >= 0.6
+    run([*args, "--min-age", "0"])
 
 
 def test_lock_of_a_killed_process_does_not_block(tmp_path, slide_tree):
@@ -144,10 +176,10 @@ def test_lock_of_a_killed_process_does_not_block(tmp_path, slide_tree):
     )  # fmt: skip
     assert holder.stdout.readline().strip() == "held"
     args = ["scan", str(slide_tree), "--out", str(tmp_path / "r.csv"), "--state", str(state)]
-    assert run(args).exit_code == ExitStatus.LOCKED
+    run(args, expect=ExitStatus.LOCKED)
     holder.kill()
     holder.wait()
-    assert run([*args, "--min-age", "0"]).exit_code == 0
+    run([*args, "--min-age", "0"])
 
 
 def many_files(tmp_path: Path, copies: int = 25) -> Path:
@@ -168,7 +200,7 @@ def start_scan(root: Path, out: Path, state: Path) -> subprocess.Popen:
         [sys.executable, "-m", "smearscan", "scan", str(root), "--out", str(out),
          "--state", str(state), "--batch-size", "8", "--workers", "1", "--no-html"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=ROOT,
     )  # fmt: skip
 
 
@@ -236,7 +268,7 @@ def test_anonymized_reports_hide_names_stably(tmp_path, slide_tree):
     key.write_bytes(os.urandom(32))
     out = tmp_path / "r.csv"
     args = ["scan", str(slide_tree), "--out", str(out), "--anonymize-key-file", str(key)]
-    assert run(args).exit_code == 0
+    run(args)
     first = rows(out)
     text = out.read_text() + out.with_name("r.summary.json").read_text()
     text += out.with_name("r.html").read_text()
@@ -249,9 +281,113 @@ def test_anonymized_reports_hide_names_stably(tmp_path, slide_tree):
 def test_overlapping_inputs_are_scanned_and_reported_once(tmp_path, slide_tree):
     out = tmp_path / "r.csv"
     state = tmp_path / "state.db"
-    result = run(["scan", str(slide_tree), str(slide_tree / "patient_A"), "--out", str(out),
-                  "--state", str(state), "--min-age", "0", "--no-html"])  # fmt: skip
-    assert result.exit_code == 0
-    table = rows(out)
-    assert len(table) == len(image_files(slide_tree)) == 8
-    assert all(r["path"].startswith("slides/") for r in table)  # first mention wins
+    for extra in (["--state", str(state), "--min-age", "0"], []):
+        run(["scan", str(slide_tree), str(slide_tree / "patient_A"), "--out", str(out),
+             "--no-html", *extra])  # fmt: skip
+        table = rows(out)
+        assert len(table) == len(image_files(slide_tree)) == 8
+        assert not any(r["path"].startswith("/") for r in table)
+
+
+def test_a_new_threshold_relabels_reused_rows_without_rescanning(tmp_path, slide_tree):
+    """Results are stored as probabilities; the label is the report's own rule."""
+    _, first, _ = scan_state(slide_tree, tmp_path, "--threshold", "0.99")
+    assert all(r["decided_by"] == "P(all) >= 0.99" for r in first)
+    for threshold in ("0.01", "0.5"):
+        result, table, summary = scan_state(slide_tree, tmp_path, "--threshold", threshold)
+        assert summary["incremental"]["reused_from_earlier_runs"] == 8  # nothing decoded
+        assert summary["decision"]["threshold"] == float(threshold)
+        for row in table:
+            expected = "all" if float(row["p_all"]) >= float(threshold) else "hem"
+            assert row["label"] == expected and row["decided_by"] == f"P(all) >= {threshold}"
+        assert [r["p_all"] for r in table] == [r["p_all"] for r in first]
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "rescanned"),
+    [
+        ([], ["--tta"], True),
+        (["--tta"], [], True),
+        ([], ["--qc", "off"], True),
+        ([], ["--qc", "strict"], True),
+        ([], ["--model", str(TINY_3CLASS)], True),
+        ([], ["--threshold", "0.2"], False),
+        ([], ["--slide-threshold", "0.2", "--slide-rule", "fraction", "--min-cells", "2"], False),
+        ([], ["--batch-size", "3", "--workers", "1"], False),
+    ],
+)
+def test_what_changes_probabilities_rescans_and_nothing_else_does(
+    tmp_path, slide_tree, first, second, rescanned
+):
+    scan_state(slide_tree, tmp_path, *first)
+    _, table, summary = scan_state(slide_tree, tmp_path, *second)
+    reused = summary["incremental"]["reused_from_earlier_runs"]
+    assert reused == (0 if rescanned else 8)
+    assert summary["tta"] == ("--tta" in second)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    _, direct, _ = scan_state(slide_tree, fresh, *second)
+    assert table == direct  # a rerun reports exactly what a fresh run would
+
+
+def test_verify_content_catches_a_same_size_same_mtime_replacement(tmp_path, slide_tree):
+    files = sorted(image_files(slide_tree / "patient_A"))
+    target = files[0]
+    scan_state(slide_tree, tmp_path, "--verify", "content")
+    stat = target.stat()
+    other = next(p for p in sorted(image_files(slide_tree / "patient_B"))
+                 if p.suffix == target.suffix)  # fmt: skip
+    data = bytearray(target.read_bytes())
+    donor = other.read_bytes()
+    data[-200:] = donor[-200:] if len(donor) >= 200 else data[-200:]
+    data[100] ^= 0xFF
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert target.stat().st_size == stat.st_size
+    _, _, summary = scan_state(slide_tree, tmp_path)  # default: size and mtime only
+    assert summary["incremental"]["reused_from_earlier_runs"] == 8
+    _, _, summary = scan_state(slide_tree, tmp_path, "--verify", "content")
+    assert summary["incremental"]["reused_from_earlier_runs"] == 7
+
+
+def test_a_corrupt_state_file_fails_clearly_and_keeps_the_report(tmp_path, slide_tree):
+    state = tmp_path / "state.db"
+    state.write_bytes(b"this is not a database" * 100)
+    out = tmp_path / "r.csv"
+    out.write_text("previous\n")
+    result = run(["scan", str(slide_tree), "--out", str(out), "--state", str(state)],
+                 expect=ExitStatus.ERROR)  # fmt: skip
+    assert "cannot use state file" in result.log
+    assert result.log.strip().splitlines()[-1].startswith("smearscan failed:")
+    assert out.read_text() == "previous\n"
+
+
+def test_state_lock_and_wal_files_are_private(tmp_path, slide_tree):
+    state = tmp_path / "state.db"
+    scan_state(slide_tree, tmp_path)
+    companions = [p for p in tmp_path.iterdir() if p.name.startswith("state.db")]
+    assert {p.name for p in companions} >= {"state.db", "state.db.lock"}
+    for path in companions:
+        assert path.stat().st_mode & 0o077 == 0, path.name
+    with sqlite3.connect(state) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_a_run_removes_only_provably_dead_temporaries(tmp_path, slide_tree):
+    """A killed run's temporary report (dead pid on this host) goes; a live run's stays."""
+    import socket
+
+    from smearscan.files import _HOST
+
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = reports / f".r.csv.{_HOST}.{dead.pid}.0badc0de.tmp"
+    live = reports / f".r.csv.{_HOST}.{os.getppid()}.0badc0de.tmp"
+    foreign = reports / f".r.csv.other-host-{socket.gethostname()[:3]}x.{dead.pid}.0badc0de.tmp"
+    for path in (stale, live, foreign):
+        path.write_text("in progress")
+    scan_state(slide_tree, tmp_path)
+    assert not stale.exists()
+    assert live.exists() and foreign.exists()

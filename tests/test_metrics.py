@@ -6,6 +6,7 @@ from smearscan.metrics import (
     confusion_matrix,
     expected_calibration_error,
     roc_auc,
+    roc_curve,
 )
 
 
@@ -52,3 +53,35 @@ def test_calibration_error():
     assert expected_calibration_error(y, probabilities) == pytest.approx(0.0)
     y_bad = np.array([0] * 5 + [1] * 5)
     assert expected_calibration_error(y_bad, probabilities) == pytest.approx(0.4)
+
+
+@pytest.mark.train
+@pytest.mark.parametrize("seed", range(5))
+def test_metrics_match_scikit_learn_on_random_data(seed):
+    from conftest import require_training_stack
+
+    require_training_stack()
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(seed)
+    classes = 2 + seed % 2
+    y = rng.integers(0, classes, 300)
+    probabilities = rng.dirichlet(np.ones(classes), 300)
+    predicted = probabilities.argmax(axis=1)
+    labels = [f"c{i}" for i in range(classes)]
+    ours = classification_metrics(y, probabilities, labels, "c0")
+    assert ours["accuracy"] == pytest.approx(sklearn_metrics.accuracy_score(y, predicted))
+    assert ours["weighted_f1"] == pytest.approx(
+        sklearn_metrics.f1_score(y, predicted, average="weighted")
+    )
+    assert ours["macro_f1"] == pytest.approx(
+        sklearn_metrics.f1_score(y, predicted, average="macro")
+    )
+    assert ours["confusion_matrix"] == sklearn_metrics.confusion_matrix(y, predicted).tolist()
+    assert ours["sensitivity"] == pytest.approx(
+        sklearn_metrics.recall_score(y == 0, predicted == 0)
+    )
+    assert ours["roc_auc"] == pytest.approx(
+        sklearn_metrics.roc_auc_score(y == 0, probabilities[:, 0])
+    )
+    fpr, tpr = roc_curve(y == 0, probabilities[:, 0])
+    assert np.trapezoid(tpr, fpr) == pytest.approx(ours["roc_auc"])

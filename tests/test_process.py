@@ -21,8 +21,9 @@ def test_version_and_help():
     assert smearscan("--version").stdout.strip() == f"smearscan, version {__version__}"
     helped = smearscan("--help")
     assert helped.returncode == 0
-    for command in ("scan", "evaluate", "model"):
+    for command in ("scan", "evaluate", "merge", "model"):
         assert command in helped.stdout
+    assert "Research use only" in helped.stdout
     assert "--state" in smearscan("scan", "--help").stdout
 
 
@@ -42,7 +43,7 @@ def test_cron_mode_logs_progress_lines_and_a_final_line(slide_tree, tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stderr.strip().splitlines()
     assert sum("progress:" in line for line in lines) >= 4
-    assert lines[-1].startswith("smearscan done: 8 files, 8 ok, 0 errors")
+    assert lines[-1].startswith("smearscan done: 8 files, 8 ok, 0 failed QC, 0 errors")
     quiet = smearscan("scan", str(slide_tree), "--out", str(tmp_path / "r.csv"), "-q")
     assert quiet.stderr.strip().splitlines() == [quiet.stderr.strip()]  # only the final line
 

@@ -1,0 +1,117 @@
+"""Training-time augmentations (TensorFlow ops on preprocessed [0, 1] crops).
+
+Each group attacks one nuisance factor that moved the shipped model's decisions on new donors
+(docs/model-card.md): ``scale`` the absolute cell size, ``photometric`` exposure and
+contrast, ``stain`` the haematoxylin/eosin balance, ``focus`` blur and sharpening; ``flips``
+are the symmetries of a cell. The black background stays black under every photometric
+change, as it is in real crops, so the cell mask the scanner computes is not disturbed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+GROUPS = ("flips", "scale", "photometric", "stain", "focus")
+
+#: Ruifrok & Johnston's haematoxylin/eosin/DAB stain vectors (rows: optical density per RGB).
+RGB_FROM_HED = np.array(
+    [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float32
+)
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED).astype(np.float32)
+#: Pixels darker than this (max channel, [0, 1]) are background, as the scanner's
+#: ``background_threshold`` of 12/255.
+BACKGROUND = 12.0 / 255.0
+
+
+def parse_groups(text: str) -> tuple[str, ...]:
+    """``none``, ``full`` (every group) or a comma-separated subset of :data:`GROUPS`."""
+    text = text.strip().lower()
+    if text == "none":
+        return ()
+    if text == "full":
+        return GROUPS
+    groups = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown:
+        raise ValueError(f"unknown augmentation(s) {unknown}: use none, full or {GROUPS}")
+    return groups
+
+
+def _gaussian_kernel(tf, sigma):
+    radius = 5
+    x = tf.cast(tf.range(-radius, radius + 1), tf.float32)
+    kernel = tf.exp(-(x**2) / (2.0 * sigma**2))
+    return kernel / tf.reduce_sum(kernel)
+
+
+def gaussian_blur(tf, image, sigma):
+    """Separable Gaussian blur of one HWC image (edge pixels reflected)."""
+    kernel = _gaussian_kernel(tf, sigma)
+    channels = 3
+    horizontal = tf.tile(tf.reshape(kernel, [1, -1, 1, 1]), [1, 1, channels, 1])
+    vertical = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, channels, 1])
+    batch = tf.pad(image[tf.newaxis], [[0, 0], [5, 5], [5, 5], [0, 0]], mode="REFLECT")
+    batch = tf.nn.depthwise_conv2d(batch, horizontal, [1, 1, 1, 1], "VALID")
+    batch = tf.nn.depthwise_conv2d(batch, vertical, [1, 1, 1, 1], "VALID")
+    return batch[0]
+
+
+def make_augmenter(tf, groups: tuple[str, ...], scale_range: tuple[float, float], size: int):
+    """A function image -> image (one HWC float32 crop in [0, 1]) applying ``groups``."""
+    low, high = np.log(scale_range[0]), np.log(scale_range[1])
+    hed_from_rgb = tf.constant(HED_FROM_RGB)
+    rgb_from_hed = tf.constant(RGB_FROM_HED)
+
+    def uniform(lo, hi, shape=()):
+        return tf.random.uniform(shape, lo, hi)
+
+    def flips(image):
+        image = tf.image.random_flip_left_right(image)
+        return tf.image.rot90(image, k=tf.random.uniform([], 0, 4, dtype=tf.int32))
+
+    def scale(image):
+        # rescale the cell around the crop centre: the scanner's window keeps absolute size,
+        # which differs between acquisition batches more than between cell types
+        factor = tf.exp(uniform(low, high))
+        side = tf.cast(tf.round(size * factor), tf.int32)
+        resized = tf.image.resize(image, [side, side], method="area", antialias=True)
+        return tf.image.resize_with_crop_or_pad(resized, size, size)
+
+    def photometric(image, cell):
+        gain = uniform(0.85, 1.15)
+        gamma = tf.exp(uniform(np.log(0.8), np.log(1.25)))
+        contrast = uniform(0.85, 1.15)
+        image = tf.clip_by_value(image * gain, 0.0, 1.0) ** gamma
+        mean = tf.reduce_sum(image * cell) / tf.maximum(tf.reduce_sum(cell) * 3.0, 1.0)
+        return (image - mean) * contrast + mean
+
+    def stain(image):
+        density = -tf.math.log(tf.clip_by_value(image, 1.0 / 255.0, 1.0))
+        hed = tf.reshape(density, [-1, 3]) @ hed_from_rgb
+        hed = hed * uniform(0.93, 1.07, [3]) + uniform(-0.03, 0.03, [3])
+        return tf.reshape(tf.exp(-(hed @ rgb_from_hed)), tf.shape(image))
+
+    def focus(image):
+        # a < 0 blurs (a = -1: the Gaussian itself), a > 0 sharpens (unsharp mask)
+        sigma = uniform(0.4, 1.5)
+        amount = uniform(-1.0, 1.5)
+        return image + amount * (image - gaussian_blur(tf, image, sigma))
+
+    def augment(image):
+        if "flips" in groups:
+            image = flips(image)
+        if "scale" in groups:
+            image = scale(image)
+        cell = tf.cast(tf.reduce_max(image, axis=-1, keepdims=True) > BACKGROUND, tf.float32)
+        if "photometric" in groups:
+            image = photometric(image, cell)
+        if "stain" in groups:
+            image = stain(image)
+        image = tf.clip_by_value(image, 0.0, 1.0) * cell
+        if "focus" in groups:
+            image = tf.cond(tf.random.uniform([]) < 0.5, lambda: focus(image), lambda: image)
+        image = tf.clip_by_value(image, 0.0, 1.0)
+        image.set_shape([size, size, 3])
+        return image
+
+    return augment

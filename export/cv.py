@@ -1,0 +1,246 @@
+"""Donor-level cross-validation of a training recipe: the protocol every recipe decision uses.
+
+    python -m export.cv --data ../shared/data/cnmc --folds 4 --out runs/cv-NAME [train options]
+
+Trains one model per patient-disjoint fold (grouped by donor, stratified by class; any
+``python -m export.train`` option sets the recipe), keeps each fold's weights, pools the
+out-of-fold predictions of every donor and reports, per donor and macro over donors, with
+calibration, operating threshold and slide cut-off cross-fitted (fitted on the other folds).
+Then it runs the shift suite (``export.shift``) on the same out-of-fold donors. Folds already
+trained with the same options are reused, so an interrupted run resumes.
+
+Writes to ``--out``: ``fold_K/`` (training runs), ``oof_predictions.csv``, ``cv.json``,
+``cv.md`` and, with the shift suite, ``shift.json`` and ``shift.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from export import train as training
+from export.donors import (
+    Predictions,
+    cross_fitted,
+    fit_rules,
+    parse_operating_point,
+    read_predictions,
+    write_predictions,
+)
+
+log = logging.getLogger("export.cv")
+
+#: Training options that do not change the model (a fold trained with other values of
+#: these is still reusable).
+NEUTRAL_OPTIONS = {"out", "fold", "quiet", "workers", "cache_dir"}
+DEFAULT_OPERATING_POINT = "balanced"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = training.build_parser(prog="python -m export.cv")
+    parser.description = __doc__.split("\n")[0]
+    parser.add_argument(
+        "--operating-point",
+        default=DEFAULT_OPERATING_POINT,
+        help="how the cell threshold on P(positive) is fitted: 'balanced' (best donor-weighted "
+        "mean of sensitivity and specificity) or 'sensitivity:0.95'",
+    )
+    parser.add_argument(
+        "--slide-rule",
+        default="mean",
+        choices=("mean", "fraction"),
+        help="slide score: mean P(positive) of the cells, or the fraction labelled positive",
+    )
+    parser.add_argument(
+        "--shift",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the shift suite on the out-of-fold donors",
+    )
+    return parser
+
+
+def fold_args(args: argparse.Namespace, fold: int) -> argparse.Namespace:
+    values = dict(vars(args))
+    for name in ("operating_point", "slide_rule", "shift"):
+        values.pop(name)
+    values.update(fold=fold, out=args.out / f"fold_{fold}", quiet=True)
+    return argparse.Namespace(**values)
+
+
+def recipe_signature(args: argparse.Namespace) -> dict:
+    """The options that define a fold's model, as stored in its config.json."""
+    return {
+        k: v
+        for k, v in json.loads(json.dumps(vars(args), default=_jsonable)).items()
+        if k not in NEUTRAL_OPTIONS
+    }
+
+
+def _jsonable(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(type(value))
+
+
+def train_fold(args: argparse.Namespace) -> None:
+    """Train one fold unless a finished run with the same recipe is already there."""
+    done = args.out / "metrics.json"
+    if done.exists():
+        stored = json.loads((args.out / "config.json").read_text())["args"]
+        stored["augment"] = list(training.augment_groups(stored["augment"]))
+        wanted = recipe_signature(args)
+        differing = sorted(k for k in wanted if stored.get(k) != wanted[k])
+        if differing:
+            raise ValueError(
+                f"{args.out} was trained with other options ({', '.join(differing)}); "
+                "use a new --out"
+            )
+        log.info("fold %d: reusing %s", args.fold, args.out)
+        return
+    import keras
+
+    keras.backend.clear_session()
+    log.info("fold %d: training into %s", args.fold, args.out)
+    training.train(args)
+
+
+def pooled_predictions(out: Path, folds: int, labels: list[str] | None = None) -> Predictions:
+    parts = []
+    for fold in range(folds):
+        part = read_predictions(out / f"fold_{fold}" / "val_predictions.csv", labels)
+        part.folds[:] = fold
+        parts.append(part)
+    first = parts[0]
+    return Predictions(
+        first.labels,
+        [p for part in parts for p in part.paths],
+        np.concatenate([p.patients for p in parts]),
+        np.concatenate([p.y for p in parts]),
+        np.concatenate([p.folds for p in parts]),
+        np.concatenate([p.probabilities for p in parts]),
+    )
+
+
+def evaluate_oof(
+    predictions: Predictions, positive: str, operating_point: str, slide_rule: str
+) -> dict:
+    """Uncalibrated argmax numbers, cross-fitted operating-point numbers and the rules
+    fitted on every donor (what a shipped model would store)."""
+    from export.donors import summarize
+    from smearscan.policy import DecisionPolicy
+
+    rule = parse_operating_point(operating_point)
+    argmax = summarize(
+        predictions,
+        predictions.probabilities,
+        DecisionPolicy(tuple(predictions.labels), positive, None, "fraction", 0.5, 1),
+    )
+    _, fitted, per_fold = cross_fitted(predictions, positive, rule, slide_rule)
+    final = fit_rules(predictions, positive, rule, slide_rule)
+    return {
+        "positive_class": positive,
+        "operating_point": operating_point,
+        "slide_rule": slide_rule,
+        "argmax": argmax,
+        "cross_fitted": fitted,
+        "per_fold_rules": [vars(r) for r in per_fold],
+        "rules_on_all_donors": vars(final),
+    }
+
+
+def render_markdown(report: dict, title: str) -> str:
+    """The CV report as Markdown: headline numbers and the per-donor table."""
+    positive = report["positive_class"]
+    lines = [f"# {title}", ""]
+    lines.append(
+        "| decision | pooled wF1 | ROC AUC | sensitivity | specificity | donor-macro "
+        "sensitivity | donor-macro specificity | worst ALL donor | worst normal donor | "
+        "slide calls right |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    for name, key in (("argmax, fraction ≥ 0.5", "argmax"),
+                      ("cross-fitted rules", "cross_fitted")):  # fmt: skip
+        s = report[key]
+        pooled = s["pooled"]
+        lines.append(
+            f"| {name} | {pooled['weighted_f1']:.4f} | {pooled['roc_auc']:.4f} | "
+            f"{pooled['sensitivity']:.4f} | {pooled['specificity']:.4f} | "
+            f"{s['macro_sensitivity']:.4f} | {s['macro_specificity']:.4f} | "
+            f"{s['worst_positive_donor']} {s['worst_sensitivity']:.3f} | "
+            f"{s['worst_negative_donor']} {s['worst_specificity']:.3f} | "
+            f"{round(s['slide_call_accuracy'] * s['donors'])}/{s['donors']} |"
+        )
+    final = report["rules_on_all_donors"]
+    lines += [
+        "",
+        f"Rules fitted on all donors (what the model file stores): temperature "
+        f"{final['temperature']:.3f}, threshold P({positive}) ≥ "
+        f"{final['threshold'] if final['threshold'] is None else round(final['threshold'], 4)}"
+        f" ({report['operating_point']}), slide rule {final['slide_rule']} ≥ "
+        f"{final['slide_cutoff']:.4f}.",
+        "",
+        f"Per donor (cross-fitted rules; 'called' = share of cells labelled '{positive}'):",
+        "",
+        "| donor | truth | fold | cells | called | mean P | slide call | right |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    folds = report.get("donor_folds", {})
+    for row in report["cross_fitted"]["donor_rows"]:
+        right = (row["call"] == f"{positive}-suspect") == (row["truth"] == positive)
+        lines.append(
+            f"| {row['patient']} | {row['truth']} | {folds.get(row['patient'], '')} | "
+            f"{row['cells']} | {row['called_positive']:.1%} | {row['mean_p']:.3f} | "
+            f"{row['call']} | {'yes' if right else '**no**'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        parse_operating_point(args.operating_point)
+        started = time.time()
+        for fold in range(args.folds):
+            train_fold(fold_args(args, fold))
+        config = json.loads((args.out / "fold_0" / "config.json").read_text())
+        predictions = pooled_predictions(args.out, args.folds, config["labels"])
+    except (ValueError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+    write_predictions(args.out / "oof_predictions.csv", predictions)
+    positive = config["positive_class"]
+    report = evaluate_oof(predictions, positive, args.operating_point, args.slide_rule)
+    report["donor_folds"] = {
+        str(p): int(f) for p, f in zip(predictions.patients, predictions.folds, strict=True)
+    }
+    report["recipe"] = recipe_signature(fold_args(args, 0))
+    report["train_minutes"] = round(
+        sum(
+            json.loads((args.out / f"fold_{k}" / "metrics.json").read_text())["train_seconds"]
+            for k in range(args.folds)
+        )
+        / 60,
+        1,
+    )
+    (args.out / "cv.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "cv.md").write_text(render_markdown(report, f"Cross-validation: {args.out.name}"))
+    log.info("wrote %s (%.0f min)", args.out / "cv.md", (time.time() - started) / 60)
+    if args.shift:
+        from export import shift
+
+        shift.run_suite(args.out, args.data, args.folds, args.workers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Writing files that hold patient identifiers: atomically, privately, and cleaning up only
+what is provably dead.
+
+Every report is written to a temporary sibling, flushed, renamed into place and the folder
+fsynced, so a crash or a kill never leaves a half-written report and readers see either
+the old report or the new one. Files are created owner-only (0600 or 0640 for reports):
+slide names often carry patient identifiers. Temporary names carry the host and process
+id, so a later run removes a temporary file only when its writer is known to be gone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import socket
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+REPORT_MODE = 0o640
+PRIVATE_MODE = 0o600
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+class TargetError(OSError):
+    """A report target that must not be written (a device, a folder, ...)."""
+
+
+def check_target(path: str | os.PathLike) -> None:
+    """Refuse targets that are not (or not yet) regular files: renaming over a device node
+    such as /dev/null would replace it, and a folder cannot be a report."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(info.st_mode):
+        raise TargetError(f"{path} is a folder, not a file")
+    if not stat.S_ISREG(info.st_mode):
+        raise TargetError(f"{path} exists and is not a regular file (a device, pipe or socket)")
+
+
+def temporary_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a power cut after rename could lose it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_write(
+    path: str | os.PathLike, mode: str = "w", permissions: int = REPORT_MODE
+) -> Iterator[IO[Any]]:
+    """Write to a temporary sibling, fsync, rename over ``path``, fsync the folder."""
+    path = Path(path)
+    check_target(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                 permissions)  # fmt: skip
+    try:
+        os.fchmod(fd, permissions)  # the umask may have taken bits away; add none either
+        kwargs: dict = {} if "b" in mode else {"newline": "", "encoding": "utf-8"}
+        with os.fdopen(fd, mode, **kwargs) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        fsync_folder(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def remove_dead_temporaries(targets: list[Path | None]) -> int:
+    """Remove temporary siblings of ``targets`` whose writer was on this host and is no
+    longer running (a run killed with SIGKILL). Returns how many were removed."""
+    removed = 0
+    for target in targets:
+        if target is None or not target.parent.is_dir():
+            continue
+        for candidate in target.parent.glob(f".{target.name}.*.tmp"):
+            match = _TEMP.match(candidate.name)
+            if not match or match["name"] != target.name or match["host"] != _HOST:
+                continue
+            if int(match["pid"]) != os.getpid() and not _process_alive(int(match["pid"])):
+                candidate.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def create_private(path: Path) -> None:
+    """Create ``path`` owner-only if it does not exist (a log or state file that SQLite or
+    logging will open), and take world and group bits off an existing one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0),
+                 PRIVATE_MODE)  # fmt: skip
+    try:
+        os.fchmod(fd, PRIVATE_MODE)
+    finally:
+        os.close(fd)

@@ -1,0 +1,65 @@
+"""File names as reports and logs show them: every name printable, one line, lossless.
+
+Lab shares carry names from Windows and macOS clients in other encodings, and names with
+line breaks or terminal escape sequences. Python hands undecodable bytes over as lone
+surrogates (``surrogateescape``), which no UTF-8 report can hold. Report paths therefore
+escape, reversibly:
+
+- a byte that is not valid UTF-8 as ``\\xNN``;
+- a control character as ``\\n``, ``\\r``, ``\\t``, ``\\xNN`` (C0 and DEL) or ``\\uNNNN``
+  (C1), so a row is one line and a name never drives a terminal that shows a log;
+- a backslash as ``\\\\`` (so the escapes are unambiguous).
+
+:func:`unescape_name` gives back the exact name on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+_SIMPLE = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\\\udc80-\udcff]")
+_ESCAPE = re.compile(r"\\(\\|n|r|t|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4})")
+
+
+def _escape(match: re.Match) -> str:
+    char = match.group(0)
+    if char in _SIMPLE:
+        return _SIMPLE[char]
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte under surrogateescape
+        return f"\\x{code - 0xDC00:02x}"
+    if code >= 0x80:  # C1 control character
+        return f"\\u{code:04x}"
+    return f"\\x{code:02x}"
+
+
+def display_name(name: str) -> str:
+    """The escaped, printable, single-line form of a path or file name."""
+    if not _UNSAFE.search(name):
+        return name
+    return _UNSAFE.sub(_escape, name)
+
+
+def unescape_name(text: str) -> str:
+    """Inverse of :func:`display_name`: the name as the OS gives it (with surrogateescape
+    for bytes that are not UTF-8)."""
+    if "\\" not in text:
+        return text
+    out: list[bytes] = []
+    position = 0
+    for match in _ESCAPE.finditer(text):
+        out.append(text[position : match.start()].encode("utf-8", "surrogateescape"))
+        token = match.group(1)
+        if token == "\\":
+            out.append(b"\\")
+        elif token in ("n", "r", "t"):
+            out.append({"n": b"\n", "r": b"\r", "t": b"\t"}[token])
+        elif token[0] == "u":
+            out.append(chr(int(token[1:], 16)).encode("utf-8"))
+        else:
+            out.append(bytes([int(token[1:], 16)]))
+        position = match.end()
+    out.append(text[position:].encode("utf-8", "surrogateescape"))
+    return os.fsdecode(b"".join(out))

@@ -1,0 +1,218 @@
+"""Input quality control: crops the model cannot judge get no label, and the reason.
+
+A classifier answers every input with confidence: a black frame, a white frame, noise, a
+grayscale crop. Between decoding and inference, each crop is measured (cheaply, mostly on
+the already-resized input) and compared with the range of the crops the model was trained
+on. The ranges travel in the model file (``smearscan.qc``), fitted at export as robust
+percentiles of the training crops, so a retrained model brings its own. A few rules hold
+for every model: a frame with no cell, a cell filling the frame, and several cell-sized
+objects in one crop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+MODES = ("default", "strict", "off")
+FEATURES = ("area", "fill", "objects", "chroma", "brightness", "clipped", "focus")
+#: Feature ranges fitted on training crops (``objects`` and the empty frame are fixed rules).
+FITTED = ("area", "chroma", "brightness", "clipped", "focus")
+QC_VERSION = 1
+#: A second object counts as a cell when its area is at least this share of the largest.
+CELL_SIZED = 0.25
+#: The mask is subsampled by this step for counting objects (16x fewer pixels to label).
+OBJECT_STEP = 4
+MAX_FILL = 0.9
+CLIP_LEVEL = 250
+#: Percentiles stored in the model file, and the ones each mode's range starts from.
+PERCENTILES = (0.05, 0.1, 0.5, 1, 5, 50, 95, 99, 99.5, 99.9, 99.95)
+MODE_PERCENTILES = {"default": (0.05, 99.95), "strict": (0.5, 99.5)}
+#: The default range reaches this factor beyond the training set's rarest crops (every
+#: fitted feature is a positive quantity, so margins are ratios), so that an unusual but
+#: real crop passes while a blank, burnt, grey or blurred one does not.
+DEFAULT_MARGIN = 1.25
+#: Floors of the upper limit of the clipped share (training crops have none clipped, and a
+#: few saturated pixels do not make a crop unusable).
+CLIPPED_FLOOR = {"default": 0.02, "strict": 0.005}
+
+
+class QCError(ValueError):
+    """QC metadata that cannot be used."""
+
+
+@dataclass(frozen=True, slots=True)
+class QCFeatures:
+    """What quality control measures on one crop."""
+
+    area: float  # pixels of the largest object in the decoded frame
+    fill: float  # that area over the frame's area
+    objects: int  # objects at least CELL_SIZED of the largest
+    chroma: float  # mean (max - min channel) over the cell in the resized crop, 0-255
+    brightness: float  # mean grey level of the cell in the resized crop, 0-255
+    clipped: float  # share of the cell's pixels with a channel >= CLIP_LEVEL
+    focus: float  # variance of the Laplacian inside the cell (eroded), resized crop
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+_ERODE = np.ones((3, 3), np.uint8)
+
+
+def measure(gray: np.ndarray, resized: np.ndarray, threshold: int) -> QCFeatures:
+    """Measure a crop from its full-resolution grey image and its resized RGB input
+    (uint8, :func:`smearscan.preprocess.framed_and_resized`).
+
+    OpenCV calls only (numpy's per-pixel reductions over the channel axis cost ten times
+    more): about 0.2 ms a crop.
+    """
+    small = np.ascontiguousarray(gray[::OBJECT_STEP, ::OBJECT_STEP])
+    _, mask = cv2.threshold(small, threshold, 1, cv2.THRESH_BINARY)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    largest = int(areas.max()) if count > 1 else 0
+    objects = int((areas >= CELL_SIZED * largest).sum()) if largest else 0
+    area = float(largest * OBJECT_STEP * OBJECT_STEP)
+    fill = largest / float(mask.size)
+    red, green, blue = cv2.split(resized)
+    high = cv2.max(cv2.max(red, green), blue)
+    _, cell = cv2.threshold(high, threshold, 255, cv2.THRESH_BINARY)
+    pixels = cv2.countNonZero(cell)
+    if pixels == 0 or largest == 0:
+        nan = float("nan")
+        return QCFeatures(area, fill, objects, nan, nan, nan, nan)
+    low = cv2.min(cv2.min(red, green), blue)
+    grey = cv2.cvtColor(resized, cv2.COLOR_RGB2GRAY)
+    chroma = cv2.mean(cv2.subtract(high, low), mask=cell)[0]
+    brightness = cv2.mean(grey, mask=cell)[0]
+    _, burnt = cv2.threshold(high, CLIP_LEVEL - 1, 255, cv2.THRESH_BINARY)
+    clipped = cv2.countNonZero(cv2.bitwise_and(burnt, cell)) / pixels
+    inner = cv2.erode(cell, _ERODE, iterations=2)
+    if cv2.countNonZero(inner):
+        laplacian = cv2.Laplacian(grey, cv2.CV_32F, ksize=3)
+        _, deviation = cv2.meanStdDev(laplacian, mask=inner)
+        focus = float(deviation[0, 0]) ** 2
+    else:
+        focus = 0.0
+    return QCFeatures(area, fill, objects, float(chroma), float(brightness), float(clipped),
+                      focus)  # fmt: skip
+
+
+# ------------------------------------------------------------------ limits
+
+
+def fit(features: Iterable[QCFeatures], description: str) -> dict:
+    """The ``smearscan.qc`` metadata from training crops' features: percentiles of every
+    fitted feature and the range each mode applies."""
+    rows = [f.as_dict() for f in features]
+    if not rows:
+        raise QCError("no crops to fit quality-control limits on")
+    stored: dict[str, dict[str, float]] = {}
+    for name in FITTED:
+        values = np.array([r[name] for r in rows], dtype=np.float64)
+        values = values[np.isfinite(values)]
+        stored[name] = {f"p{p:g}": float(np.percentile(values, p)) for p in PERCENTILES}
+    return {
+        "version": QC_VERSION,
+        "fitted_on": description,
+        "crops": len(rows),
+        "percentiles": stored,
+        "limits": {mode: limits_for(stored, mode) for mode in ("default", "strict")},
+        "fixed": {"max_objects": 1, "max_fill": MAX_FILL},
+    }
+
+
+def limits_for(percentiles: Mapping[str, Mapping[str, float]], mode: str) -> dict:
+    """feature -> [low, high] for ``mode`` (None: unbounded on that side)."""
+    low_p, high_p = MODE_PERCENTILES[mode]
+    margin = DEFAULT_MARGIN if mode == "default" else 1.0
+    limits: dict[str, list[float | None]] = {}
+    for name, values in percentiles.items():
+        low: float | None = values[f"p{low_p:g}"] / margin
+        high = values[f"p{high_p:g}"] * margin
+        if name == "clipped":
+            low, high = None, max(high, CLIPPED_FLOOR[mode])
+        limits[name] = [low, high]
+    return limits
+
+
+@dataclass(frozen=True)
+class QualityControl:
+    """The checks of one run: a mode and the model's ranges."""
+
+    mode: str
+    ranges: Mapping[str, tuple[float | None, float | None]]
+    max_objects: int = 1
+    max_fill: float = MAX_FILL
+
+    @classmethod
+    def from_metadata(cls, text: str | None, mode: str) -> QualityControl | None:
+        """None when QC is off or the model has no QC metadata (older files)."""
+        if mode not in MODES:
+            raise QCError(f"QC mode must be one of {MODES}, not {mode!r}")
+        if mode == "off" or not text:
+            return None
+        try:
+            data = json.loads(text)
+            ranges = {
+                name: (_bound(low), _bound(high))
+                for name, (low, high) in data["limits"][mode].items()
+            }
+            fixed = data.get("fixed", {})
+            return cls(mode, ranges, int(fixed.get("max_objects", 1)),
+                       float(fixed.get("max_fill", MAX_FILL)))  # fmt: skip
+        except (ValueError, KeyError, TypeError) as exc:
+            raise QCError(f"invalid quality-control metadata: {exc}") from None
+
+    def reasons(self, f: QCFeatures) -> list[str]:
+        """Why this crop cannot be judged; empty when it passes."""
+        if f.area <= 0 or not math.isfinite(f.brightness):
+            return ["no cell found (nothing brighter than the background)"]
+        if f.fill >= self.max_fill:
+            return [f"the object fills the frame ({f.fill:.0%} of it): not a segmented cell"]
+        found = []
+        if f.objects > self.max_objects:
+            found.append(f"{f.objects} cell-sized objects in one crop")
+        for name in FITTED:
+            low, high = self.ranges.get(name, (None, None))
+            value = getattr(f, name)
+            if low is not None and value < low:
+                found.append(_describe(name, value, low, below=True))
+            elif high is not None and value > high:
+                found.append(_describe(name, value, high, below=False))
+        return found
+
+
+def _bound(value) -> float | None:
+    if value is None:
+        return None
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"limit {value!r} is not finite")
+    return number
+
+
+_TEXT = {
+    ("area", True): "cell too small ({value:,.0f} px, training crops >= {limit:,.0f})",
+    ("area", False): "cell too large ({value:,.0f} px, training crops <= {limit:,.0f})",
+    ("fill", True): "cell too small for the frame ({value:.1%} of it, training >= {limit:.1%})",
+    ("fill", False): "cell too large for the frame ({value:.1%} of it, training <= {limit:.1%})",
+    ("chroma", True): "grayscale or colourless (chroma {value:.1f}, training >= {limit:.1f})",
+    ("chroma", False): "colours stronger than any training crop (chroma {value:.1f} > {limit:.1f})",
+    ("brightness", True): "too dark (mean level {value:.0f}, training >= {limit:.0f})",
+    ("brightness", False): "too bright (mean level {value:.0f}, training <= {limit:.0f})",
+    ("clipped", False): "burnt out: {value:.0%} of the cell at full brightness "
+    "(training <= {limit:.1%})",
+    ("focus", True): "out of focus (sharpness {value:.1f}, training >= {limit:.1f})",
+    ("focus", False): "too sharp or noisy (sharpness {value:.0f}, training <= {limit:.0f})",
+}
+
+
+def _describe(name: str, value: float, limit: float, below: bool) -> str:
+    return _TEXT[(name, below)].format(value=value, limit=limit)

@@ -1,0 +1,628 @@
+"""Hostile trees, names, model files, signals and faults: never hang, crash, lie or leak.
+
+Every case is built with real files, processes and signals. Behaviour that root bypasses
+(permissions) runs as an unprivileged user through ``setpriv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import resource
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import IN_CI, ROOT, fixture_images, image_files, read_bgr, require_training_stack, run
+from conftest import rows as read_rows
+
+from smearscan.exitstatus import ExitStatus
+from smearscan.names import display_name, unescape_name
+
+NON_UTF8 = os.fsdecode(b"caf\xe9 \xff.png")
+
+
+def smearscan(*args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMEARSCAN_")}
+    env.update(kwargs.pop("env", {}))
+    return subprocess.run([sys.executable, "-m", "smearscan", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=timeout, env=env, **kwargs)  # fmt: skip
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+# ------------------------------------------------------------------ names
+
+
+def test_a_non_utf8_name_is_scanned_and_shown_losslessly(tmp_path, slide_tree):
+    source = next(iter(image_files(slide_tree)))
+    raw = os.path.join(os.fsencode(slide_tree / "patient_A"), os.fsencode(NON_UTF8))
+    with open(raw, "wb") as handle:
+        handle.write(source.read_bytes())
+    out, state = tmp_path / "r.csv", tmp_path / "state.db"
+    for extra in ([], ["--state", str(state), "--min-age", "0"], ["--state", str(state)]):
+        run(["scan", str(slide_tree), "--out", str(out), *extra])
+        row = next(r for r in read_rows(out) if "caf" in r["path"])
+        assert row["status"] == "ok" and row["path"] == "patient_A/caf\\xe9 \\xff.png"
+        assert unescape_name(row["path"]) == "patient_A/" + NON_UTF8
+        assert os.fsencode(unescape_name(row["path"])).endswith(b"caf\xe9 \xff.png")
+    html = out.with_name("r.html").read_text(encoding="utf-8")
+    assert "caf\\xe9" in html
+
+
+def test_names_with_line_breaks_and_formulas_round_trip_in_any_csv_reader(tmp_path, slide_tree):
+    source = next(iter(image_files(slide_tree))).read_bytes()
+    evil = ["x\n=1+1.png", "y\r@SUM(A1).png", "tab\t-2.png", "back\\slash.png",
+            "\x1b[31mred.png"]  # fmt: skip
+    folder = slide_tree / "patient_A"
+    for name in evil:
+        (folder / name).write_bytes(source)
+    out = tmp_path / "r.csv"
+    run(["scan", str(slide_tree), "--out", str(out)])
+    text = out.read_text(encoding="utf-8")
+    parsed = list(csv.DictReader(io.StringIO(text)))
+    assert len(parsed) == 8 + len(evil)
+    # a spreadsheet-style reader: one physical line per row, split on commas outside quotes
+    lines = text.splitlines()
+    assert len(lines) == 1 + 8 + len(evil)
+    for line in lines[1:]:
+        for cell in next(csv.reader([line])):
+            assert not cell or cell[0] not in "=+-@\t\r", line
+    names = {unescape_name(r["path"]).rsplit("/", 1)[1] for r in parsed}
+    assert set(evil) <= names
+    assert "\x1b" not in text
+
+
+def test_escaping_is_reversible_for_every_byte():
+    for byte in range(256):
+        name = os.fsdecode(b"a" + bytes([byte]) + b"\\x41.png") if byte != 0x2F else "a.png"
+        assert unescape_name(display_name(name)) == name
+        assert "\n" not in display_name(name) and "\x1b" not in display_name(name)
+
+
+def test_html_reports_escape_names_labels_and_model_metadata(tmp_path, slide_tree):
+    source = next(iter(image_files(slide_tree))).read_bytes()
+    hostile = slide_tree / "<img src=x onerror=alert(1)>"
+    hostile.mkdir()
+    (hostile / "<script>alert(2)<script>.png").write_bytes(source)
+    out = tmp_path / "r.csv"
+    run(["scan", str(slide_tree), "--out", str(out)])
+    page = out.with_name("r.html").read_text()
+    assert "<img src=x" not in page and "<script>alert" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page
+
+
+# ------------------------------------------------------------------ special files
+
+
+def test_a_fifo_named_like_an_image_never_hangs_the_run(tmp_path, slide_tree):
+    os.mkfifo(slide_tree / "patient_A" / "x.png")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(slide_tree / "patient_A" / "y.png"))
+    try:
+        out = tmp_path / "r.csv"
+        done = smearscan("scan", str(slide_tree), "--out", str(out), timeout=60)
+        assert done.returncode == ExitStatus.SOME_UNUSABLE, done.stderr
+        table = {r["path"]: r for r in read_rows(out)}
+        for name in ("x.png", "y.png"):
+            row = table[f"patient_A/{name}"]
+            assert row["status"] == "error" and "not a regular file" in row["reason"]
+        # named one by one, through --files-from, it is refused when opened
+        listed = tmp_path / "list.txt"
+        listed.write_text(str(slide_tree / "patient_A" / "x.png") + "\n")
+        done = smearscan("scan", "--files-from", str(listed), "--out", str(out), timeout=60)
+        assert "not a regular file" in read_rows(out)[0]["reason"]
+    finally:
+        listener.close()
+
+
+def test_a_device_node_named_like_an_image_is_refused(tmp_path, slide_tree):
+    if os.geteuid() != 0:
+        pytest.skip("creating a device node needs root")
+    node = slide_tree / "patient_A" / "z.png"
+    os.mknod(node, stat.S_IFCHR | 0o644, os.makedev(1, 5))  # /dev/zero: endless bytes
+    out = tmp_path / "r.csv"
+    run(["scan", str(slide_tree), "--out", str(out)], expect=ExitStatus.SOME_UNUSABLE)
+    row = next(r for r in read_rows(out) if r["path"].endswith("z.png"))
+    assert "not a regular file" in row["reason"]
+
+
+def test_files_are_capped_by_size_before_reading(tmp_path, slide_tree):
+    sparse = slide_tree / "patient_A" / "huge.tif"
+    with open(sparse, "wb") as handle:
+        handle.truncate(4 * 1024**3)  # 4 GB, sparse: costs no disk
+    out = tmp_path / "r.csv"
+    done = smearscan("scan", str(slide_tree), "--out", str(out), timeout=60)
+    assert done.returncode == ExitStatus.SOME_UNUSABLE, done.stderr
+    row = next(r for r in read_rows(out) if r["path"].endswith("huge.tif"))
+    assert "file too large" in row["reason"]
+    small = next(iter(image_files(slide_tree / "patient_B")))
+    run(["scan", str(small), "--out", str(out), "--max-bytes", "1000"],
+        expect=ExitStatus.SOME_UNUSABLE)  # fmt: skip
+    assert "file too large" in read_rows(out)[0]["reason"]
+
+
+#: Peak resident memory of this process image (VmHWM: unlike ru_maxrss it does not carry the
+#: pytest parent's peak across fork and exec).
+PEAK = """
+def peak_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) // 1024
+"""
+
+PIXEL_GUARD = PEAK + """
+import sys
+if sys.argv[1] == "cv2-first":
+    import cv2
+from pathlib import Path
+from smearscan import ScanRequest, load_classifier, run_scan
+from smearscan.preprocess import read_image
+import csv
+try:
+    read_image(sys.argv[2])
+    print("DECODED")
+except ValueError as exc:
+    print("REFUSED", exc)
+print("RSS_MB", peak_mb())
+"""
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory) -> Path:
+    """A 3 MB-ish PNG that decodes to 20000 x 20000 pixels (400 MP, 1.2 GB as RGB)."""
+    path = tmp_path_factory.mktemp("bomb") / "bomb.png"
+    cv2.imwrite(str(path), np.zeros((20000, 20000), np.uint8))
+    return path
+
+
+@pytest.mark.parametrize("order", ["smearscan-first", "cv2-first"])
+def test_the_pixel_guard_holds_whatever_loads_first(bomb, order):
+    done = subprocess.run([sys.executable, "-c", PIXEL_GUARD, order, str(bomb)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)  # fmt: skip
+    assert "REFUSED" in done.stdout and "too large" in done.stdout, done.stdout + done.stderr
+    rss = int(done.stdout.split("RSS_MB")[1])
+    assert rss < 600, rss  # refused from the header, never decoded
+
+
+def test_evaluate_refuses_a_bomb_from_its_header(bomb, tmp_path):
+    labelled = tmp_path / "labelled" / "all"
+    labelled.mkdir(parents=True)
+    (labelled / "bomb.png").write_bytes(bomb.read_bytes())
+    for source in fixture_images()[:3]:
+        cv2.imwrite(str(labelled / f"{source.stem}.png"), read_bgr(source))
+    out = tmp_path / "eval"
+    wrapper = PEAK + (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('PEAK_MB', peak_mb(), file=sys.stderr))\n"
+        "from smearscan.cli import main\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", wrapper, "evaluate", str(tmp_path / "labelled"),
+                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == ExitStatus.SOME_UNUSABLE, done.stderr
+    assert int(done.stderr.split("PEAK_MB")[1]) < 600
+    row = next(r for r in read_rows(out / "predictions.csv") if r["path"].endswith("bomb.png"))
+    assert "too large" in row["reason"]
+
+
+def test_max_pixels_above_the_default_is_honoured(tmp_path):
+    big = tmp_path / "big" / "cell.png"
+    big.parent.mkdir()
+    cell = read_bgr(fixture_images()[0])
+    canvas = np.zeros((9000, 9000, 3), np.uint8)  # 81 MP, over the 64 MP default
+    canvas[4000:4450, 4000:4450] = cell
+    cv2.imwrite(str(big), canvas)
+    out = tmp_path / "r.csv"
+    refused = smearscan("scan", str(big.parent), "--out", str(out), "--qc", "off")
+    assert refused.returncode == ExitStatus.SOME_UNUSABLE
+    assert "too large" in read_rows(out)[0]["reason"]
+    allowed = smearscan("scan", str(big.parent), "--out", str(out), "--qc", "off",
+                        "--max-pixels", "100000000")  # fmt: skip
+    assert allowed.returncode == 0, allowed.stderr
+    assert read_rows(out)[0]["status"] == "ok"
+
+
+# ------------------------------------------------------------------ folders
+
+
+def test_a_thousand_nested_levels_are_walked_without_recursion(tmp_path):
+    root = tmp_path / "deep"
+    folder = str(root)
+    os.mkdir(folder)
+    for _ in range(1000):
+        folder += "/d"
+        os.mkdir(folder)  # one level at a time: pathlib and os.makedirs recurse
+    cv2.imwrite(folder + "/cell.png", read_bgr(fixture_images()[0]))
+    out = tmp_path / "r.csv"
+    try:
+        run(["scan", str(root), "--out", str(out)])
+        table = read_rows(out)
+        assert len(table) == 1 and table[0]["status"] == "ok"
+        assert table[0]["path"].count("/") == 1000
+    finally:  # shutil.rmtree (and so pytest's cleanup) recurses once per level
+        os.unlink(folder + "/cell.png")
+        while folder != str(root):
+            os.rmdir(folder)
+            folder = folder.rsplit("/", 1)[0]
+        os.rmdir(folder)
+
+
+def test_a_path_over_path_max_becomes_an_error_row(tmp_path, slide_tree):
+    base = os.open(slide_tree, os.O_RDONLY)
+    try:
+        fd = base
+        for _ in range(20):  # 20 x 250 characters: past PATH_MAX (4096)
+            os.mkdir("l" * 250, dir_fd=fd)
+            child = os.open("l" * 250, os.O_RDONLY, dir_fd=fd)
+            if fd != base:
+                os.close(fd)
+            fd = child
+        os.close(fd)
+    finally:
+        os.close(base)
+    out = tmp_path / "r.csv"
+    result = run(["scan", str(slide_tree), "--out", str(out)], expect=ExitStatus.SOME_UNUSABLE)
+    row = next(r for r in read_rows(out) if r["status"] == "error")
+    assert row["reason"].startswith("cannot list folder") and row["path"].endswith("/")
+    assert "1 errors" in last_line(result.log)
+
+
+def _as_nobody() -> list[str]:
+    """The setpriv prefix that runs a command as 'nobody', or a skip (a fail in CI)."""
+    if os.geteuid() != 0:
+        return []
+    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import smearscan"],
+                           capture_output=True, cwd=ROOT)  # fmt: skip
+    if probe.returncode != 0:
+        message = f"cannot run as an unprivileged user: {probe.stderr[-300:]!r}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return prefix
+
+
+def test_an_unreadable_folder_is_an_error_row_and_exit_3(slide_tree):
+    prefix = _as_nobody()
+    shared = Path(tempfile.mkdtemp(prefix="smearscan-perm-"))
+    try:
+        os.chmod(shared, 0o777)
+        tree = shared / "slides"
+        import shutil
+
+        shutil.copytree(slide_tree, tree)
+        for path in [tree, *tree.rglob("*")]:
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        locked = tree / "patient_B"
+        os.chmod(locked, 0)
+        out = shared / "reports" / "r.csv"
+        (shared / "reports").mkdir()
+        os.chmod(shared / "reports", 0o777)
+        done = subprocess.run([*prefix, sys.executable, "-m", "smearscan", "scan", str(tree),
+                               "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
+                              timeout=120)  # fmt: skip
+        assert done.returncode == ExitStatus.SOME_UNUSABLE, done.stderr
+        table = read_rows(out)
+        row = next(r for r in table if r["path"] == "patient_B/")
+        assert row["status"] == "error" and "Permission denied" in row["reason"]
+        assert "1 errors" in last_line(done.stderr)
+        page = out.with_name("r.html").read_text()
+        assert "Unreadable files (1)" in page and "patient_B/" in page
+    finally:
+        os.chmod(shared / "slides" / "patient_B", 0o755)
+        import shutil
+
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_file_swapped_for_a_link_after_discovery_is_not_read(tmp_path, slide_tree):
+    from smearscan.discover import discover
+    from smearscan.inference import load_classifier
+    from smearscan.stages import StageConfig, prepare_item
+
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(next(iter(image_files(slide_tree))).read_bytes())
+    found = [f for f in discover([slide_tree])]
+    victim = found[0]
+    os.unlink(victim.path)
+    os.symlink(outside, victim.path)
+    recipe = load_classifier(device="cpu").info.recipe
+    result, model_input = prepare_item(victim, StageConfig(recipe))
+    assert model_input is None and result.status == "error"
+    assert "link out of the scanned folder" in result.reason
+
+
+# ------------------------------------------------------------------ report targets
+
+
+def test_report_targets_must_be_regular_files(tmp_path, slide_tree):
+    fifo = tmp_path / "fifo.csv"
+    os.mkfifo(fifo)
+    result = run(["scan", str(slide_tree), "--out", str(fifo)], expect=ExitStatus.USAGE)
+    assert "not a regular file" in result.log
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    folder = tmp_path / "folder.csv"
+    folder.mkdir()
+    run(["scan", str(slide_tree), "--out", str(folder)], expect=ExitStatus.USAGE)
+    if os.geteuid() == 0:
+        node = tmp_path / "null.csv"
+        os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        run(["scan", str(slide_tree), "--out", str(tmp_path / "r.csv"), "--summary",
+             str(node)], expect=ExitStatus.USAGE)  # fmt: skip
+        assert stat.S_ISCHR(node.stat().st_mode)
+
+
+def test_report_paths_may_not_clash(tmp_path, slide_tree):
+    usage = ExitStatus.USAGE
+    out = tmp_path / "r.csv"
+    result = run(["scan", str(slide_tree), "--out", str(out), "--summary", str(out)],
+                 expect=usage)  # fmt: skip
+    assert "overwrite" in result.log
+    run(["scan", str(slide_tree), "--out", str(tmp_path / "x.html")], expect=usage)
+    run(["scan", str(slide_tree), "--out", str(out), "--html", str(out)], expect=usage)
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------ model files
+
+
+def _tampered(tmp_path: Path, name: str = "bad.onnx", **metadata) -> Path:
+    require_training_stack()
+    import onnx
+
+    from smearscan.modelfile import default_model_path
+
+    model = onnx.load(str(default_model_path()))
+    existing = {p.key: p for p in model.metadata_props}
+    for key, value in metadata.items():
+        key = "smearscan." + key
+        if key in existing:
+            existing[key].value = value
+        else:
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+    path = tmp_path / name
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("metadata", "reason"),
+    [
+        ({"labels": json.dumps([1, "1"])}, "labels must be strings"),
+        ({"labels": json.dumps(["all", "ALL"])}, "distinct"),
+        ({"labels": json.dumps(["all", "<b>hem</b>"])}, "unsafe label"),
+        ({"labels": json.dumps(["all", "hem", "aml"])}, "does not match its 3 labels"),
+        ({"calibration": json.dumps({"temperature": 1.0, "threshold": "NaN"})}, "not a number"),
+        ({"calibration": json.dumps({"temperature": 1.0, "threshold": 1.5})}, "in [0, 1]"),
+        ({"decision": json.dumps({"cell": {"rule": "threshold", "threshold": -0.1}})}, "in [0, 1]"),
+        ({"calibration": json.dumps({"temperature": 0})}, "temperature"),
+        ({"calibration": json.dumps({"temperature": float("inf")})}, "temperature"),
+        ({"preprocessing": json.dumps({"input_size": 40000})}, "outside"),
+        ({"preprocessing": json.dumps({"input_size": 96})}, "does not match the recipe"),
+        ({"qc": "{not json"}, "quality-control"),
+    ],
+)
+def test_a_model_file_that_lies_is_refused_before_any_report(tmp_path, slide_tree, metadata,
+                                                            reason):  # fmt: skip
+    model = _tampered(tmp_path, **metadata)
+    out = tmp_path / "r.csv"
+    out.write_text("previous\n")
+    result = run(["scan", str(slide_tree), "--out", str(out), "--model", str(model)],
+                 expect=ExitStatus.ERROR)  # fmt: skip
+    assert reason in result.log, result.log
+    assert out.read_text() == "previous\n"
+
+
+def test_nan_and_negative_model_outputs_become_error_rows(tmp_path, slide_tree):
+    require_training_stack()
+    import onnx
+    from onnx import TensorProto, helper
+
+    from smearscan.modelfile import default_model_path
+
+    source = onnx.load(str(default_model_path()))
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 128, 128, 3])
+    probabilities = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT,
+                                                  ["batch", 2])  # fmt: skip
+    # mean colour per crop -> [r, g]; a crop brighter than 0.1 in red gets NaN, else -1, 2
+    nodes = [
+        helper.make_node("ReduceMean", ["image", "axes"], ["mean"], keepdims=0),
+        helper.make_node("Slice", ["mean", "start", "end", "axis"], ["pair"]),
+        helper.make_node("Sub", ["pair", "pair"], ["zero"]),
+        helper.make_node("Div", ["zero", "zero"], ["nan"]),
+    ]
+    initializers = [
+        helper.make_tensor("axes", TensorProto.INT64, [2], [1, 2]),
+        helper.make_tensor("start", TensorProto.INT64, [1], [0]),
+        helper.make_tensor("end", TensorProto.INT64, [1], [2]),
+        helper.make_tensor("axis", TensorProto.INT64, [1], [1]),
+    ]
+    graph = helper.make_graph(nodes, "nan", [image],
+                              [helper.make_tensor_value_info("nan", TensorProto.FLOAT,
+                                                             ["batch", 2])],
+                              initializers)  # fmt: skip
+    del probabilities
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = source.ir_version
+    for entry in source.metadata_props:
+        model.metadata_props.add(key=entry.key, value=entry.value)
+    path = tmp_path / "nan.onnx"
+    onnx.save(model, str(path))
+    out = tmp_path / "r.csv"
+    result = run(["scan", str(slide_tree), "--out", str(out), "--model", str(path)],
+                 expect=ExitStatus.SOME_UNUSABLE)  # fmt: skip
+    table = read_rows(out)
+    assert len(table) == 8 and all(r["status"] == "error" for r in table)
+    assert all("invalid output" in r["reason"] and r["label"] == "" for r in table)
+    assert "8 errors" in last_line(result.log)
+
+
+# ------------------------------------------------------------------ signals
+
+
+def many_crops(tmp_path: Path, copies: int = 30) -> Path:
+    import shutil
+
+    root = tmp_path / "share"
+    for i in range(copies):
+        slide = root / f"slide_{i:02d}"
+        slide.mkdir(parents=True)
+        for source in fixture_images():
+            shutil.copy(source, slide / source.name)
+    return root
+
+
+def _start(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMEARSCAN_")}
+    return subprocess.Popen([sys.executable, "-m", "smearscan", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                            **kwargs)  # fmt: skip
+
+
+def _wait_for_progress(process: subprocess.Popen, needle: str = "progress:") -> str:
+    """Read stderr lines until ``needle`` appears (the scan is under way)."""
+    seen = ""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            break
+        seen += line
+        if needle in line:
+            return seen
+    pytest.fail(f"never saw {needle!r}: {seen[-2000:]}")
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGHUP, 129), (signal.SIGINT, 130)])
+def test_hup_and_int_write_a_partial_report_marking_unfinished_slides(tmp_path, signum, code):
+    root = many_crops(tmp_path)
+    out = tmp_path / "r.csv"
+    process = _start(["scan", str(root), "--out", str(out), "--log-interval", "0",
+                      "--batch-size", "4", "--workers", "1"])  # fmt: skip
+    _wait_for_progress(process)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    assert f"exit {code}" in last_line(stderr)
+    summary = json.loads(out.with_name("r.summary.json").read_text())
+    assert summary["partial"] is True
+    calls = {name: s["call"] for name, s in summary["slides"].items()}
+    assert "incomplete" in calls.values()  # the slide being read when the signal came
+    last_slide = sorted(calls)[-1]
+    assert calls[last_slide] == "incomplete"
+    assert all(c != "incomplete" for name, c in calls.items() if name != last_slide)
+    assert "interrupted" in out.with_name("r.html").read_text()
+
+
+def test_a_second_signal_exits_at_once_without_a_report(tmp_path):
+    root = many_crops(tmp_path, copies=60)
+    out = tmp_path / "r.csv"
+    out.write_text("previous\n")
+    process = _start(["scan", str(root), "--out", str(out), "--log-interval", "0",
+                      "--batch-size", "64", "--workers", "1", "--tta"])  # fmt: skip
+    _wait_for_progress(process)
+    process.send_signal(signal.SIGINT)
+    _wait_for_progress(process, "finishing the batches in flight")
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "aborted (second signal" in last_line(stderr)
+    assert out.read_text() == "previous\n"
+
+
+def test_sigterm_while_waiting_for_the_lock_ends_the_wait_without_a_report(tmp_path, slide_tree):
+    from smearscan.state import RunLock
+
+    state = tmp_path / "state.db"
+    out = tmp_path / "r.csv"
+    out.write_text("previous\n")
+    with RunLock(state.with_name("state.db.lock")):
+        process = _start(["scan", str(slide_tree), "--out", str(out), "--state", str(state),
+                          "--wait", "600"])  # fmt: skip
+        time.sleep(3)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+        assert time.monotonic() - started < 10
+    assert process.returncode == 143, stderr
+    assert "interrupted" in last_line(stderr) and "exit 143" in last_line(stderr)
+    assert out.read_text() == "previous\n"
+
+
+def test_evaluate_follows_the_same_signal_contract(tmp_path):
+    root = tmp_path / "labelled"
+    for label in ("all", "hem"):
+        folder = root / label
+        folder.mkdir(parents=True)
+        for i in range(40):
+            for source in (p for p in fixture_images() if p.parent.name == label):
+                cv2.imwrite(str(folder / f"{i}_{source.stem}.png"), read_bgr(source))
+    out = tmp_path / "eval"
+    process = _start(["evaluate", str(root), "--out", str(out), "--batch-size", "4"])
+    time.sleep(4)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert "exit 143" in last_line(stderr)
+    assert not list(out.glob(".*.tmp"))
+
+
+# ------------------------------------------------------------------ faults
+
+
+def test_a_full_disk_still_ends_with_the_final_line_and_exit_1(tmp_path, slide_tree):
+    out = tmp_path / "r.csv"
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300))
+
+    done = smearscan("scan", str(slide_tree), "--out", str(out), preexec_fn=limit_file_size)
+    assert done.returncode == ExitStatus.ERROR, done.stderr
+    line = last_line(done.stderr)
+    assert line.startswith("smearscan failed: 8 files") and "exit 1" in line
+    assert not list(tmp_path.glob(".r.csv.*"))
+
+
+def test_anonymized_runs_keep_names_out_of_logs(tmp_path, slide_tree):
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32))
+    (slide_tree / "patient_A" / "secret_name.png").write_bytes(b"broken")
+    os.mkfifo(slide_tree / "patient_A" / "pipe.png")
+    log_file = tmp_path / "scan.log"
+    done = smearscan("scan", str(slide_tree), "--out", str(tmp_path / "r.csv"),
+                     "--anonymize-key-file", str(key), "--log-file", str(log_file),
+                     "--log-interval", "0")  # fmt: skip
+    assert done.returncode == ExitStatus.SOME_UNUSABLE
+    for text in (done.stderr, log_file.read_text()):
+        assert "patient_A" not in text and "secret_name" not in text and "pipe" not in text
+
+
+def test_metrics_json_is_strict_json_even_when_a_metric_is_undefined(tmp_path):
+    root = tmp_path / "labelled" / "all"
+    root.mkdir(parents=True)
+    for source in [p for p in fixture_images() if p.parent.name == "all"][:4]:
+        cv2.imwrite(str(root / f"{source.stem}.png"), read_bgr(source))
+    out = tmp_path / "eval"
+    run(["evaluate", str(tmp_path / "labelled"), "--out", str(out)])  # one class: AUC undefined
+
+    def refuse(constant):
+        raise ValueError(f"bare {constant} in JSON")
+
+    document = json.loads((out / "metrics.json").read_text(), parse_constant=refuse)
+    assert document["cells"]["roc_auc"] is None

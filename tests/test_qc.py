@@ -1,0 +1,181 @@
+"""Quality control: crops the model cannot judge get no label, and the reason.
+
+The synthetic unusable crops are generated from a real fixture crop; each must come back
+with status ``qc`` (never ``ok`` with a label) under the embedded model's limits.
+"""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+from conftest import SHARED_CNMC, TINY_3CLASS, fixture_images, read_bgr, rows, run
+
+from smearscan.exitstatus import ExitStatus
+from smearscan.inference import load_classifier
+from smearscan.modelfile import KEY_QC
+from smearscan.preprocess import framed_and_resized, gray_of
+from smearscan.qc import QualityControl, fit, measure
+
+
+def _two_cells(image: np.ndarray) -> np.ndarray:
+    small = cv2.resize(image, None, fx=0.55, fy=0.55, interpolation=cv2.INTER_AREA)
+    out = np.zeros_like(image)
+    h, w = small.shape[:2]
+    out[:h, :w] = small
+    out[-h:, -w:] = np.maximum(out[-h:, -w:], small)
+    return out
+
+
+def _speck(image: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(image)
+    cy, cx = image.shape[0] // 2, image.shape[1] // 2
+    out[cy - 6 : cy + 6, cx - 6 : cx + 6] = (120, 40, 110)
+    return out
+
+
+def unusable_crops() -> dict[str, tuple[np.ndarray, str]]:
+    """name -> (BGR crop, a word its reason must contain)."""
+    cell = read_bgr(fixture_images()[0])
+    rng = np.random.default_rng(0)
+    return {
+        "black": (np.zeros_like(cell), "no cell"),
+        "white": (np.full_like(cell, 255), "fills the frame"),
+        "uniform": (np.full_like(cell, 128), "fills the frame"),
+        "noise": (rng.integers(0, 256, cell.shape, dtype=np.uint8), "fills the frame"),
+        "grayscale": (
+            cv2.cvtColor(cv2.cvtColor(cell, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR),
+            "grayscale",
+        ),  # fmt: skip
+        "speck": (_speck(cell), "too small"),
+        "heavy_blur": (cv2.GaussianBlur(cell, (0, 0), 6), "out of focus"),
+        "burnt": (np.clip(cell.astype(np.int32) * 4, 0, 255).astype(np.uint8), "too bright"),
+        "two_cells": (_two_cells(cell), "cell-sized objects"),
+    }
+
+
+@pytest.fixture
+def unusable_tree(tmp_path):
+    root = tmp_path / "unusable" / "slide"
+    root.mkdir(parents=True)
+    for name, (image, _) in unusable_crops().items():
+        cv2.imwrite(str(root / f"{name}.png"), image)
+    for index, source in enumerate(fixture_images()[:4]):
+        cv2.imwrite(str(root / f"real_{index}.png"), read_bgr(source))
+    return root.parent
+
+
+def test_every_synthetic_unusable_crop_is_caught_with_its_reason(unusable_tree, tmp_path):
+    out = tmp_path / "r.csv"
+    result = run(["scan", str(unusable_tree), "--out", str(out)], expect=ExitStatus.SOME_UNUSABLE)
+    table = {row["path"].rsplit("/", 1)[1].removesuffix(".png"): row for row in rows(out)}
+    for name, (_, word) in unusable_crops().items():
+        row = table[name]
+        assert row["status"] == "qc", (name, row)
+        assert row["label"] == "" and row["p_all"] == "" and word in row["reason"], (name, row)
+    for index in range(4):
+        assert table[f"real_{index}"]["status"] == "ok"
+    assert "9 failed QC" in result.log.strip().splitlines()[-1]
+    summary = json.loads(out.with_name("r.summary.json").read_text())
+    assert summary["overall"]["qc_failed"] == 9
+    assert summary["overall"]["qc_rate"] == pytest.approx(9 / 13, abs=1e-4)
+    assert sum(summary["qc_reasons"].values()) >= 9
+    # the HTML lists them by reason, with thumbnails
+    page = out.with_name("r.html").read_text()
+    assert "failed quality control (9)" in page and "grayscale or colourless" in page
+
+
+def test_qc_off_restores_the_old_behaviour_and_says_so(unusable_tree, tmp_path):
+    out = tmp_path / "r.csv"
+    run(["scan", str(unusable_tree), "--out", str(out), "--qc", "off"])
+    table = rows(out)
+    assert all(r["status"] == "ok" and r["label"] for r in table)
+    summary = json.loads(out.with_name("r.summary.json").read_text())
+    assert summary["quality_control"].startswith("off (--qc off)")
+
+
+def test_strict_refuses_at_least_what_default_refuses(unusable_tree, tmp_path):
+    classifier = load_classifier(device="cpu")
+    text = classifier.info.metadata[KEY_QC]
+    default = QualityControl.from_metadata(text, "default")
+    strict = QualityControl.from_metadata(text, "strict")
+    assert default is not None and strict is not None
+    for name, (low, high) in default.ranges.items():
+        s_low, s_high = strict.ranges[name]
+        assert (low is None or s_low is None or s_low >= low) and s_high <= high, name
+
+
+def test_qc_failures_are_left_out_of_the_slide_call(tmp_path):
+    """A slide of 10 real normal cells and 10 burnt crops: the burnt ones neither count as
+    cells nor move the call; with only 9 usable cells the call is 'insufficient'."""
+    normal = [p for p in fixture_images() if p.parent.name == "hem"]
+    slide = tmp_path / "slides" / "donor"
+    slide.mkdir(parents=True)
+    for index in range(10):
+        cell = read_bgr(normal[index % len(normal)])
+        cv2.imwrite(str(slide / f"cell_{index:02d}.png"), np.rot90(cell, index % 4))
+        cv2.imwrite(str(slide / f"burnt_{index:02d}.png"), np.full_like(cell, 255))
+    out = tmp_path / "r.csv"
+    run(["scan", str(tmp_path / "slides"), "--out", str(out)], expect=ExitStatus.SOME_UNUSABLE)
+    stats = json.loads(out.with_name("r.summary.json").read_text())["slides"]["donor"]
+    assert stats["cells"] == 10 and stats["qc_failed"] == 10
+    assert stats["call"] in ("negative", "all-suspect")
+    assert stats["counts"]["all"] + stats["counts"]["hem"] == 10
+    (slide / "cell_00.png").unlink()
+    run(["scan", str(tmp_path / "slides"), "--out", str(out)], expect=ExitStatus.SOME_UNUSABLE)
+    stats = json.loads(out.with_name("r.summary.json").read_text())["slides"]["donor"]
+    assert stats["cells"] == 9 and stats["call"] == "insufficient"
+
+
+def test_an_old_model_without_qc_metadata_runs_with_a_warning(tmp_path, unusable_tree):
+    out = tmp_path / "r.csv"
+    result = run(["scan", str(unusable_tree), "--out", str(out), "--model", str(TINY_3CLASS)])
+    assert "quality control is off" in result.log
+    assert all(r["status"] == "ok" for r in rows(out))
+
+
+def test_limits_round_trip_through_metadata():
+    features = []
+    for path in fixture_images():
+        image = read_bgr(path)
+        gray = gray_of(image, "bgr")
+        from smearscan.preprocess import Recipe
+
+        features.append(measure(gray, framed_and_resized(image, Recipe(), "bgr", gray), 12))
+    metadata = fit(features, "24 fixture crops")
+    text = json.dumps(metadata)
+    control = QualityControl.from_metadata(text, "default")
+    assert control is not None and QualityControl.from_metadata(text, "off") is None
+    assert metadata["crops"] == 24 and set(metadata["limits"]) == {"default", "strict"}
+    assert all(control.reasons(f) == [] for f in features)  # its own crops pass
+    assert QualityControl.from_metadata(None, "default") is None
+
+
+def test_deep_images_are_scaled_by_their_real_bit_depth(tmp_path):
+    """12-bit data in a 16-bit PNG decodes to the same picture as the 8-bit original, not to
+    an almost black image that QC (or the model) would misjudge."""
+    from smearscan.preprocess import read_image
+
+    cell = read_bgr(fixture_images()[0])
+    twelve_bit = (cell.astype(np.uint16) << 4) | (cell.astype(np.uint16) >> 4)
+    path = tmp_path / "deep12.png"
+    cv2.imwrite(str(path), twelve_bit)
+    decoded = read_image(path, order="bgr")
+    assert np.abs(decoded.astype(int) - cell).max() <= 1
+    out = tmp_path / "r.csv"
+    run(["scan", str(path), "--out", str(out)])
+    assert rows(out)[0]["status"] == "ok"
+
+
+@pytest.mark.shared
+@pytest.mark.skipif(not SHARED_CNMC.is_dir(), reason="needs ../shared/data/cnmc")
+def test_real_crops_pass_at_the_documented_rate(tmp_path):
+    """At most 0.5 % of the 7,529 real training crops may fail the default QC."""
+    out = tmp_path / "r.csv"
+    run(["scan", str(SHARED_CNMC), "--out", str(out), "--no-html"], expect=(0, 3))
+    table = rows(out)
+    assert len(table) == 7529
+    failed = sum(r["status"] == "qc" for r in table)
+    assert failed / len(table) <= 0.005, failed

@@ -1,0 +1,172 @@
+"""The Ray engine on a real local Ray instance (one per test session) and on a two-raylet
+cluster: the same report as the local engine, and a killed worker loses nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import IN_CI, ROOT, fixture_images, image_files, rows, run
+
+from smearscan.exitstatus import ExitStatus
+
+if not IN_CI:
+    pytest.importorskip("ray", reason="Ray is the [ray] extra")
+
+
+def _same_rows(a: list[dict], b: list[dict]) -> None:
+    assert [r["path"] for r in a] == [r["path"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert (x["label"], x["status"], x["reason"]) == (y["label"], y["status"], y["reason"])
+        for key in ("p_all", "p_hem"):
+            if x[key]:
+                assert abs(float(x[key]) - float(y[key])) <= 1e-5
+
+
+def test_the_ray_engine_reports_what_the_local_engine_reports(ray_instance, tmp_path,
+                                                              messy_tree):  # fmt: skip
+    local, on_ray = tmp_path / "local.csv", tmp_path / "ray.csv"
+    run(["scan", str(messy_tree), "--out", str(local)], expect=ExitStatus.SOME_UNUSABLE)
+    run(["scan", str(messy_tree), "--out", str(on_ray), "--engine", "ray"],
+        expect=ExitStatus.SOME_UNUSABLE)  # fmt: skip
+    _same_rows(rows(local), rows(on_ray))
+    summary = json.loads(on_ray.with_name("ray.summary.json").read_text())
+    assert summary["engine"]["engine"] == "ray" and summary["engine"]["cpus"] == 2
+    local_summary = json.loads(local.with_name("local.summary.json").read_text())
+    assert summary["slides"] == local_summary["slides"]
+    assert "ray" in on_ray.with_name("ray.html").read_text()
+
+
+def test_the_ray_engine_with_state_sends_only_new_files(ray_instance, tmp_path, slide_tree):
+    state = tmp_path / "state.db"
+    out = tmp_path / "r.csv"
+    args = ["scan", str(slide_tree), "--out", str(out), "--state", str(state), "--min-age", "0",
+            "--engine", "ray"]  # fmt: skip
+    run(args)
+    extra = slide_tree / "patient_C"
+    extra.mkdir()
+    shutil.copy(fixture_images()[5], extra / "new.webp")
+    run(args)
+    summary = json.loads(out.with_name("r.summary.json").read_text())
+    assert summary["incremental"]["reused_from_earlier_runs"] == 8
+    assert len(rows(out)) == 9
+
+
+def _ray_workers() -> list[int]:
+    listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in listing.splitlines()
+            if "ray::" in line and ("MapBatches" in line or "MapWorker" in line)]  # fmt: skip
+
+
+def test_a_killed_worker_loses_and_duplicates_nothing(ray_instance, tmp_path):
+    from smearscan.engines.ray import RayEngine
+    from smearscan.inference import load_classifier
+    from smearscan.runner import ScanRequest, plan
+
+    root = tmp_path / "share"
+    for i in range(12):
+        folder = root / f"slide_{i:02d}"
+        folder.mkdir(parents=True)
+        for source in fixture_images():
+            shutil.copy(source, folder / source.name)
+    classifier = load_classifier(device="cpu")
+    request = ScanRequest(inputs=[root])
+    engine = RayEngine(plan(request, classifier).config, classifier, batch_size=4)
+    killed: list[int] = []
+
+    def killer() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not killed:
+            workers = _ray_workers()
+            if workers:
+                time.sleep(1.0)  # let it take work first
+                os.kill(workers[0], signal.SIGKILL)
+                killed.append(workers[0])
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    results = list(engine.run(request.found()))
+    thread.join()
+    assert killed, "no Ray worker process was found to kill"
+    paths = [r.path for r in results]
+    assert len(paths) == len(set(paths)) == len(image_files(root)) == 288
+    assert all(r.status == "ok" for r in results)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _stop_cluster(marker: str) -> None:
+    """Kill the processes of the cluster whose command lines name ``marker`` (its temp
+    folder): ``ray stop`` would also stop the session's own Ray instance."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if marker in command and int(entry.name) != os.getpid():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
+
+
+def test_a_two_raylet_cluster_gives_the_local_report(tmp_path, slide_tree):
+    ray_cli = Path(sys.executable).with_name("ray")
+    port = _free_port()
+    temp = Path(f"/tmp/smearscan-ray-{port}")  # short: Ray's socket paths have a length limit
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT),
+           "RAY_AUTH_MODE": "disabled"}  # fmt: skip
+    address = f"127.0.0.1:{port}"
+    try:
+        head = subprocess.run([str(ray_cli), "start", "--head", f"--port={port}",
+                               "--num-cpus=1", "--include-dashboard=false",
+                               "--disable-usage-stats", f"--temp-dir={temp}"],
+                              capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+        assert head.returncode == 0, head.stderr[-2000:]
+        worker = subprocess.run([str(ray_cli), "start", f"--address={address}", "--num-cpus=1"],
+                                capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+        assert worker.returncode == 0, worker.stderr[-2000:]
+        local, clustered = tmp_path / "local.csv", tmp_path / "cluster.csv"
+        run(["scan", str(slide_tree), "--out", str(local)])
+        done = subprocess.run(
+            [sys.executable, "-m", "smearscan", "scan", str(slide_tree), "--out", str(clustered),
+             "--engine", "ray", "--ray-address", address],
+            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        _same_rows(rows(local), rows(clustered))
+        summary = json.loads(clustered.with_name("cluster.summary.json").read_text())
+        assert summary["engine"]["nodes"] == 2 and summary["engine"]["cpus"] == 2
+    finally:
+        _stop_cluster(str(temp))
+        _stop_cluster(f"--gcs-address={address}")
+        _stop_cluster(f"--address={address}")
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_engine_ray_without_ray_says_how_to_install_it(tmp_path, slide_tree):
+    blocker = tmp_path / "no_ray" / "ray"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('simulated: Ray not installed')\n")
+    env = {**os.environ, "PYTHONPATH": f"{blocker.parent}{os.pathsep}{ROOT}"}
+    done = subprocess.run([sys.executable, "-m", "smearscan", "scan", str(slide_tree), "--out",
+                           str(tmp_path / "r.csv"), "--engine", "ray"], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=120)  # fmt: skip
+    assert done.returncode == ExitStatus.USAGE, done.stderr
+    assert "pip install 'smearscan[ray]'" in done.stderr
+    assert not (tmp_path / "r.csv").exists()
