@@ -8,9 +8,11 @@ Measures, on this machine, in one run:
      ``tf.keras.utils.image_dataset_from_directory`` with the same resize), when TensorFlow
      and the model's Keras run folder are available;
   2. the parts limit: onnxruntime model-only images/s at the best batch size and
-     preprocess-only images/s, combined for the machine's cores, and end-to-end as a share
-     of it;
-  3. ``smearscan --help`` wall time.
+     preprocess-only images/s (decode, quality control and preprocessing: the whole CPU
+     stage), combined for the machine's cores, and end-to-end as a share of it;
+  3. the cost of quality control: per crop (ms) and end to end, ``--qc default`` against
+     ``--qc off`` in alternating whole-process runs;
+  4. ``smearscan --help`` wall time.
 Crops are written from ../shared/data/cnmc when present, else from tests/fixtures.
 """
 
@@ -34,8 +36,11 @@ sys.path.insert(0, str(ROOT))
 
 # smearscan before cv2, as in the CLI: it sets OpenCV's header pixel limit, which spares
 # the slower Pillow header check
+from smearscan.discover import Found  # noqa: E402
 from smearscan.inference import load_classifier  # noqa: E402
-from smearscan.preprocess import load_and_preprocess  # noqa: E402
+from smearscan.preprocess import framed_and_resized, gray_of, read_image  # noqa: E402
+from smearscan.qc import QualityControl, measure  # noqa: E402
+from smearscan.stages import StageConfig, prepare_item  # noqa: E402
 
 # isort: split
 import cv2  # noqa: E402
@@ -174,16 +179,19 @@ def model_only(model: Path | None, cores: int) -> dict:
 
 
 def preprocess_only(data: Path, model: Path | None, cores: int, limit: int = 1000) -> dict:
-    """Preprocessing throughput with every core busy (``cores`` threads, as when scanning:
+    """The CPU stage's throughput with every core busy (``cores`` threads, as when scanning:
     cores share caches and memory bandwidth, so one thread's speed times the cores would
-    overstate it); best of 3 passes, so the limit is not understated."""
-    recipe = load_classifier(model, device="cpu").info.recipe
-    files = sorted(data.rglob("*.bmp"))[:limit]
+    overstate it); best of 3 passes, so the limit is not understated. Also the cost of the
+    quality-control measurements alone, per crop on one thread."""
+    info = load_classifier(model, device="cpu").info
+    qc = QualityControl.from_metadata(info.metadata.get("smearscan.qc"), "default")
+    config = StageConfig(info.recipe, qc)
+    files = [Found(str(p), p.name, "s") for p in sorted(data.rglob("*.bmp"))[:limit]]
     shares = [files[i::cores] for i in range(cores)]
 
-    def work(share: list[Path]) -> None:
-        for path in share:
-            load_and_preprocess(path, recipe)
+    def work(share: list[Found]) -> None:
+        for item in share:
+            prepare_item(item, config)
 
     rates = []
     with ThreadPoolExecutor(cores) as pool:
@@ -192,11 +200,36 @@ def preprocess_only(data: Path, model: Path | None, cores: int, limit: int = 100
             list(pool.map(work, shares))
             rates.append(len(files) / (time.perf_counter() - started))
     started = time.perf_counter()
-    for path in files:
-        work([path])
+    work(files)
     one_core = (time.perf_counter() - started) / len(files)
+    images = [read_image(f.path, order="bgr") for f in files[:200]]
+    grays = [gray_of(image, "bgr") for image in images]
+    resized = [
+        framed_and_resized(image, info.recipe, "bgr", gray)
+        for image, gray in zip(images, grays, strict=True)
+    ]
+    started = time.perf_counter()
+    for _ in range(5):
+        for gray, crop in zip(grays, resized, strict=True):
+            measure(gray, crop, info.recipe.background_threshold)
+    qc_ms = (time.perf_counter() - started) / (5 * len(images)) * 1000
     return {"images_per_s_all_cores": round(max(rates), 1),
-            "ms_per_image_one_thread_alone": round(one_core * 1000, 3)}  # fmt: skip
+            "ms_per_image_one_thread_alone": round(one_core * 1000, 3),
+            "qc_measure_ms_per_image": round(qc_ms, 3),
+            "stage": "read + decode + QC + preprocess (stages.prepare_item)"}  # fmt: skip
+
+
+def qc_cost(data: Path, model: Path | None, work: Path, repeats: int) -> dict:
+    """End-to-end scans with quality control on and off, alternating, so both see the same
+    machine speed; the slowdown is the median of the per-pair ratios."""
+    on, off = [], []
+    for _ in range(repeats):
+        on.append(timed_process(scan_command(data, model, work, ["--qc", "default"]))[0])
+        off.append(timed_process(scan_command(data, model, work, ["--qc", "off"]))[0])
+    ratios = [a / b for a, b in zip(on, off, strict=True)]
+    return {"seconds_qc_default": [round(x, 2) for x in on],
+            "seconds_qc_off": [round(x, 2) for x in off],
+            "slowdown_median": round(statistics.median(ratios) - 1, 4)}  # fmt: skip
 
 
 def help_time() -> float:
@@ -243,6 +276,7 @@ def main() -> None:
     e2e = results["smearscan_e2e"]
     results["e2e_share_of_limit"] = round(e2e["images_per_s"] / limit, 3)
     results["in_run_share_of_limit"] = round(e2e["in_run_images_per_s"] / limit, 3)
+    results["quality_control_cost"] = qc_cost(data, args.model, args.work, max(3, args.repeats))
     results["help_seconds_min_of_5"] = help_time()
     text = json.dumps(results, indent=2)
     print(text)

@@ -2,9 +2,10 @@
 
 Each group attacks one nuisance factor that moved the shipped model's decisions on new donors
 (docs/model-card.md): ``scale`` the absolute cell size, ``photometric`` exposure and
-contrast, ``stain`` the haematoxylin/eosin balance, ``focus`` blur and sharpening; ``flips``
-are the symmetries of a cell. The black background stays black under every photometric
-change, as it is in real crops, so the cell mask the scanner computes is not disturbed.
+contrast, ``stain`` the haematoxylin/eosin balance and the hue, ``focus`` blur and
+sharpening; ``flips`` are the symmetries of a cell. The black background stays black under
+every photometric change, as it is in real crops, so the cell mask the scanner computes is
+not disturbed.
 """
 
 from __future__ import annotations
@@ -89,7 +90,9 @@ def make_augmenter(tf, groups: tuple[str, ...], scale_range: tuple[float, float]
         density = -tf.math.log(tf.clip_by_value(image, 1.0 / 255.0, 1.0))
         hed = tf.reshape(density, [-1, 3]) @ hed_from_rgb
         hed = hed * uniform(0.93, 1.07, [3]) + uniform(-0.03, 0.03, [3])
-        return tf.reshape(tf.exp(-(hed @ rgb_from_hed)), tf.shape(image))
+        image = tf.reshape(tf.exp(-(hed @ rgb_from_hed)), tf.shape(image))
+        # and the hue of the whole stain (another scanner's colour balance): up to +-12 deg
+        return tf.image.adjust_hue(tf.clip_by_value(image, 0.0, 1.0), uniform(-1 / 30, 1 / 30))
 
     def focus(image):
         # a < 0 blurs (a = -1: the Gaussian itself), a > 0 sharpens (unsharp mask)

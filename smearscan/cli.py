@@ -70,6 +70,42 @@ def _setup_logging(env: Environment, quiet: bool, log_file: Path | None) -> None
         root.addHandler(file_handler)
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced(env: Environment, quiet: bool):
+    """With -q, native libraries (libpng, libjpeg, Ray's C++ core) that write to file
+    descriptor 2 themselves are sent to /dev/null; smearscan's own errors and final line go
+    to a duplicate of the real stderr. Every such decode problem is an error row anyway."""
+    try:
+        fd = env.stderr.fileno() if quiet else -1
+    except (AttributeError, OSError, ValueError):
+        fd = -1
+    if fd != 2:
+        yield
+        return
+    env.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    original = env.stderr
+    ours = os.fdopen(saved, "w", buffering=1, encoding=getattr(original, "encoding", "utf-8"),
+                     errors="backslashreplace")  # fmt: skip
+    handlers = [h for h in log.handlers if isinstance(h, logging.StreamHandler)
+                and not isinstance(h, logging.FileHandler)]  # fmt: skip
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    env.stderr = ours
+    for handler in handlers:
+        handler.setStream(ours)
+    try:
+        yield
+    finally:
+        ours.flush()
+        os.dup2(saved, 2)
+        env.stderr = original
+        for handler in handlers:
+            handler.setStream(original)
+        ours.close()
+
+
 def _quiet_opencv() -> None:
     """OpenCV's own warnings go straight to stderr and would get through -q; every decode
     problem already becomes an error row with its reason."""
@@ -486,7 +522,7 @@ def _run_command(env: Environment, name: str, quiet: bool, log_interval: float, 
                     errors=progress.errors, seconds=time.time() - started)  # fmt: skip
         sys.exit(status)
 
-    with SignalGuard(env, aborted) as guard:
+    with SignalGuard(env, aborted) as guard, _native_stderr_silenced(env, quiet):
         try:
             from smearscan.state import StateError, StateLocked
 

@@ -176,6 +176,19 @@ def _rebuild_predictor(path: str, device: str, tta: bool, pad_to: int | None) ->
     return BatchPredictor(path, device=device, tta=tta, pad_to=pad_to)
 
 
+def _preload_cuda_libraries(ort) -> None:
+    """Load CUDA and cuDNN from NVIDIA's pip wheels (onnxruntime-gpu's [cuda,cudnn] extras)
+    when they are installed, so no system CUDA toolkit is needed; a machine with a system
+    installation is unaffected."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as exc:  # noqa: BLE001  (missing wheels: the system libraries may do)
+        log.debug("preload_dlls: %s", exc)
+
+
 def _check_shapes(session, info: ModelInfo) -> None:
     """The graph must take (batch, S, S, 3) for the recipe's S and give one output per
     label: a file whose metadata disagrees with its graph is refused, not half-used."""
@@ -231,6 +244,8 @@ def load_classifier(
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     note = ""
+    if kind != "cpu" and CUDA in available:
+        _preload_cuda_libraries(ort)
     if kind == "cpu":
         providers: list = [CPU]
     elif CUDA in available:

@@ -163,7 +163,9 @@ def peak_mb():
             return int(line.split()[1]) // 1024
 """
 
-PIXEL_GUARD = PEAK + """
+PIXEL_GUARD = (
+    PEAK
+    + """
 import sys
 if sys.argv[1] == "cv2-first":
     import cv2
@@ -178,6 +180,7 @@ except ValueError as exc:
     print("REFUSED", exc)
 print("RSS_MB", peak_mb())
 """
+)
 
 
 @pytest.fixture(scope="module")
@@ -626,3 +629,58 @@ def test_metrics_json_is_strict_json_even_when_a_metric_is_undefined(tmp_path):
 
     document = json.loads((out / "metrics.json").read_text(), parse_constant=refuse)
     assert document["cells"]["roc_auc"] is None
+
+
+def test_native_library_warnings_do_not_get_through_quiet(tmp_path):
+    folder = tmp_path / "crops"
+    folder.mkdir()
+    ok, png = cv2.imencode(".png", read_bgr(fixture_images()[0]))
+    damaged = bytearray(png.tobytes())
+    damaged[200] ^= 0xFF  # a CRC error: libpng prints its own message to file descriptor 2
+    (folder / "crc.png").write_bytes(bytes(damaged))
+    loud = smearscan("scan", str(folder), "--out", str(tmp_path / "r.csv"))
+    assert "libpng" in loud.stderr  # the library does write to stderr
+    quiet = smearscan("scan", str(folder), "--out", str(tmp_path / "r.csv"), "-q")
+    assert quiet.returncode == ExitStatus.SOME_UNUSABLE
+    assert quiet.stderr.strip().splitlines() == [last_line(quiet.stderr)]
+    assert last_line(quiet.stderr).startswith("smearscan done: 1 files")
+
+
+def test_temporaries_of_a_killed_run_are_removed_without_a_state(tmp_path, slide_tree):
+    from smearscan.files import _HOST
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".r.csv.{_HOST}.{dead.pid}.0badc0de.tmp"
+    stale.write_text("half a report")
+    run(["scan", str(slide_tree), "--out", str(tmp_path / "r.csv")])
+    assert not stale.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_terminal_escapes_in_names_never_reach_the_log(tmp_path, slide_tree):
+    escape = slide_tree / "\x1b[2J\x1b]0;owned\x07"
+    escape.mkdir()
+    (escape / "\x1b[31mcell.png").write_bytes(next(iter(image_files(slide_tree))).read_bytes())
+    os.chmod(escape, 0o755)
+    log_file = tmp_path / "scan.log"
+    done = smearscan("scan", str(slide_tree), "--out", str(tmp_path / "r.csv"),
+                     "--log-file", str(log_file), "--log-interval", "0")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    for text in (done.stderr, log_file.read_text(), (tmp_path / "r.csv").read_text(),
+                 (tmp_path / "r.html").read_text()):  # fmt: skip
+        assert "\x1b" not in text and "\x07" not in text
+
+
+def test_both_onnx_runtimes_installed_is_refused_with_the_fix(tmp_path, slide_tree):
+    fake = tmp_path / "site" / "onnxruntime_gpu-1.31.1.dist-info"
+    fake.mkdir(parents=True)
+    (fake / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: onnxruntime-gpu\nVersion: 1.31.1\n"
+    )
+    env = {"PYTHONPATH": f"{fake.parent}{os.pathsep}{ROOT}"}
+    done = smearscan("scan", str(slide_tree), "--out", str(tmp_path / "r.csv"), env=env)
+    assert done.returncode == ExitStatus.ERROR
+    assert "both onnxruntime (CPU) and onnxruntime-gpu are installed" in done.stderr
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu" in done.stderr
+    assert last_line(done.stderr).startswith("smearscan failed:")

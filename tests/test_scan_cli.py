@@ -324,3 +324,18 @@ def test_python_api_as_the_readme_shows(tmp_path):
     outcome = run_scan(ScanRequest(inputs=[ROOT / "examples" / "slides"],
                                    out=tmp_path / "r.csv"), classifier)  # fmt: skip
     assert outcome.files == 24 and outcome.status == ExitStatus.SUCCESS
+
+
+def test_labels_follow_the_models_own_operating_point(tmp_path, slide_tree):
+    from smearscan.inference import load_classifier
+
+    decision = load_classifier(device="cpu").info.json_field("smearscan.decision")
+    threshold = decision["cell"]["threshold"]
+    out = tmp_path / "r.csv"
+    run(["scan", str(slide_tree), "--out", str(out)])
+    for row in rows(out):
+        assert row["label"] == ("all" if float(row["p_all"]) >= threshold else "hem")
+        assert row["decided_by"] == f"P(all) >= {threshold:g}"
+    summary = json.loads(out.with_name("r.summary.json").read_text())
+    assert summary["decision"]["threshold"] == threshold
+    assert summary["decision"]["slide_rule"] == decision["slide"]["rule"]
