@@ -8,6 +8,7 @@ import csv
 import io
 import os
 import shutil
+import time
 from pathlib import Path
 
 import cv2
@@ -102,6 +103,21 @@ def messy_tree(slide_tree: Path) -> Path:
         os.replace(odd / "tmp.png", odd / name)
     (slide_tree / "README.txt").write_text("not scanned: not an image type")
     return slide_tree
+
+
+def make_share(tmp_path: Path, copies: int, age_seconds: float = 0.0) -> Path:
+    """A share of ``copies`` slides, each holding all 24 fixture crops (a run long enough
+    to interrupt); with ``age_seconds`` their mtimes lie that far in the past."""
+    root = tmp_path / "share"
+    for i in range(copies):
+        slide = root / f"slide_{i:02d}"
+        slide.mkdir(parents=True)
+        for source in fixture_images():
+            shutil.copy(source, slide / source.name)
+            if age_seconds:
+                old = time.time() - age_seconds
+                os.utime(slide / source.name, (old, old))
+    return root
 
 
 @pytest.fixture

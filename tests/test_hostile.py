@@ -23,7 +23,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import IN_CI, ROOT, fixture_images, image_files, read_bgr, require_training_stack, run
+from conftest import (
+    IN_CI,
+    ROOT,
+    fixture_images,
+    image_files,
+    make_share,
+    read_bgr,
+    require_training_stack,
+    run,
+)
 from conftest import rows as read_rows
 
 from smearscan.exitstatus import ExitStatus
@@ -478,18 +487,6 @@ def test_nan_and_negative_model_outputs_become_error_rows(tmp_path, slide_tree):
 # ------------------------------------------------------------------ signals
 
 
-def many_crops(tmp_path: Path, copies: int = 30) -> Path:
-    import shutil
-
-    root = tmp_path / "share"
-    for i in range(copies):
-        slide = root / f"slide_{i:02d}"
-        slide.mkdir(parents=True)
-        for source in fixture_images():
-            shutil.copy(source, slide / source.name)
-    return root
-
-
 def _start(args: list[str], **kwargs) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMEARSCAN_")}
     return subprocess.Popen([sys.executable, "-m", "smearscan", *args], stdout=subprocess.PIPE,
@@ -513,7 +510,7 @@ def _wait_for_progress(process: subprocess.Popen, needle: str = "progress:") -> 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGHUP, 129), (signal.SIGINT, 130)])
 def test_hup_and_int_write_a_partial_report_marking_unfinished_slides(tmp_path, signum, code):
-    root = many_crops(tmp_path)
+    root = make_share(tmp_path, 30)
     out = tmp_path / "r.csv"
     process = _start(["scan", str(root), "--out", str(out), "--log-interval", "0",
                       "--batch-size", "4", "--workers", "1"])  # fmt: skip
@@ -533,7 +530,7 @@ def test_hup_and_int_write_a_partial_report_marking_unfinished_slides(tmp_path, 
 
 
 def test_a_second_signal_exits_at_once_without_a_report(tmp_path):
-    root = many_crops(tmp_path, copies=60)
+    root = make_share(tmp_path, copies=60)
     out = tmp_path / "r.csv"
     out.write_text("previous\n")
     process = _start(["scan", str(root), "--out", str(out), "--log-interval", "0",
@@ -557,7 +554,8 @@ def test_sigterm_while_waiting_for_the_lock_ends_the_wait_without_a_report(tmp_p
     with RunLock(state.with_name("state.db.lock")):
         process = _start(["scan", str(slide_tree), "--out", str(out), "--state", str(state),
                           "--wait", "600"])  # fmt: skip
-        time.sleep(3)
+        _wait_for_progress(process, "execution provider")
+        time.sleep(1)  # now waiting for the lock
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=30)
@@ -576,12 +574,14 @@ def test_evaluate_follows_the_same_signal_contract(tmp_path):
             for source in (p for p in fixture_images() if p.parent.name == label):
                 cv2.imwrite(str(folder / f"{i}_{source.stem}.png"), read_bgr(source))
     out = tmp_path / "eval"
-    process = _start(["evaluate", str(root), "--out", str(out), "--batch-size", "4"])
-    time.sleep(4)
+    process = _start(["evaluate", str(root), "--out", str(out), "--batch-size", "4", "--tta"])
+    _wait_for_progress(process, "execution provider")  # the signal handlers are in place
+    time.sleep(1)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr
     assert "exit 143" in last_line(stderr)
+    assert json.loads((out / "predictions.summary.json").read_text())["partial"] is True
     assert not list(out.glob(".*.tmp"))
 
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY_3CLASS, fixture_images, image_files, rows, run
+from conftest import ROOT, TINY_3CLASS, fixture_images, image_files, make_share, rows, run
 
 from smearscan.exitstatus import ExitStatus
 from smearscan.state import RunLock
@@ -182,19 +182,6 @@ def test_lock_of_a_killed_process_does_not_block(tmp_path, slide_tree):
     run([*args, "--min-age", "0"])
 
 
-def many_files(tmp_path: Path, copies: int = 25) -> Path:
-    root = tmp_path / "share"
-    for i in range(copies):
-        slide = root / f"slide_{i:02d}"
-        slide.mkdir(parents=True)
-        for source in fixture_images():
-            shutil.copy(source, slide / source.name)
-    old = time.time() - 3600
-    for path in root.rglob("*.webp"):
-        os.utime(path, (old, old))
-    return root
-
-
 def start_scan(root: Path, out: Path, state: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "smearscan", "scan", str(root), "--out", str(out),
@@ -220,7 +207,7 @@ def wait_for_rows(state: Path, minimum: int, process: subprocess.Popen) -> int:
 
 
 def test_kill_9_mid_run_then_rerun_reports_every_file_once(tmp_path):
-    root = many_files(tmp_path)
+    root = make_share(tmp_path, 25, age_seconds=3600)
     total = len(image_files(root))
     out, state = tmp_path / "r.csv", tmp_path / "state.db"
     out.write_text("yesterday's report\n")
@@ -245,7 +232,7 @@ def test_kill_9_mid_run_then_rerun_reports_every_file_once(tmp_path):
 
 
 def test_sigterm_finishes_the_batch_and_writes_a_partial_report(tmp_path):
-    root = many_files(tmp_path)
+    root = make_share(tmp_path, 25, age_seconds=3600)
     total = len(image_files(root))
     out, state = tmp_path / "r.csv", tmp_path / "state.db"
     process = start_scan(root, out, state)
