@@ -63,12 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="run the shift suite on the out-of-fold donors",
     )
+    parser.add_argument(
+        "--average-of",
+        nargs="+",
+        type=Path,
+        metavar="CV_DIR",
+        help="train nothing: evaluate the average of these runs' out-of-fold predictions "
+        "(the same folds, other seeds), to measure what averaging models buys",
+    )
     return parser
 
 
 def fold_args(args: argparse.Namespace, fold: int) -> argparse.Namespace:
     values = dict(vars(args))
-    for name in ("operating_point", "slide_rule", "shift"):
+    for name in ("operating_point", "slide_rule", "shift", "average_of"):
         values.pop(name)
     values.update(fold=fold, out=args.out / f"fold_{fold}", quiet=True)
     return argparse.Namespace(**values)
@@ -128,6 +136,18 @@ def pooled_predictions(out: Path, folds: int, labels: list[str] | None = None) -
         np.concatenate([p.folds for p in parts]),
         np.concatenate([p.probabilities for p in parts]),
     )
+
+
+def averaged_predictions(folders: list[Path]) -> Predictions:
+    """The mean of several CV runs' out-of-fold probabilities, crop by crop; the runs must
+    have held out each donor in the same fold."""
+    runs = [read_predictions(folder / "oof_predictions.csv") for folder in folders]
+    first = runs[0]
+    for folder, other in zip(folders[1:], runs[1:], strict=True):
+        if other.paths != first.paths or not np.array_equal(other.folds, first.folds):
+            raise ValueError(f"{folder} did not hold out the same donors in the same folds")
+    return Predictions(first.labels, first.paths, first.patients, first.y, first.folds,
+                       np.mean([r.probabilities for r in runs], axis=0))  # fmt: skip
 
 
 def evaluate_oof(
@@ -210,10 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parse_operating_point(args.operating_point)
         started = time.time()
-        for fold in range(args.folds):
-            train_fold(fold_args(args, fold))
-        config = json.loads((args.out / "fold_0" / "config.json").read_text())
-        predictions = pooled_predictions(args.out, args.folds, config["labels"])
+        if args.average_of:
+            config = json.loads((args.average_of[0] / "fold_0" / "config.json").read_text())
+            predictions = averaged_predictions(args.average_of)
+            args.out.mkdir(parents=True, exist_ok=True)
+        else:
+            for fold in range(args.folds):
+                train_fold(fold_args(args, fold))
+            config = json.loads((args.out / "fold_0" / "config.json").read_text())
+            predictions = pooled_predictions(args.out, args.folds, config["labels"])
     except (ValueError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2
@@ -223,10 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     report["donor_folds"] = {
         str(p): int(f) for p, f in zip(predictions.patients, predictions.folds, strict=True)
     }
-    report["recipe"] = recipe_signature(fold_args(args, 0))
+    sources = args.average_of or [args.out]
+    report["recipe"] = (
+        {"average_of": [str(p) for p in args.average_of]}
+        if args.average_of else recipe_signature(fold_args(args, 0))
+    )  # fmt: skip
     report["train_minutes"] = round(
         sum(
-            json.loads((args.out / f"fold_{k}" / "metrics.json").read_text())["train_seconds"]
+            json.loads((source / f"fold_{k}" / "metrics.json").read_text())["train_seconds"]
+            for source in sources
             for k in range(args.folds)
         )
         / 60,
@@ -235,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "cv.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "cv.md").write_text(render_markdown(report, f"Cross-validation: {args.out.name}"))
     log.info("wrote %s (%.0f min)", args.out / "cv.md", (time.time() - started) / 60)
-    if args.shift:
+    if args.shift and not args.average_of:
         from export import shift
 
         shift.run_suite(args.out, args.data, args.folds, args.workers)

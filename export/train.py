@@ -429,6 +429,15 @@ def train(args: argparse.Namespace) -> dict:
     started = time.time()
 
     recipe = recipe_from_args(args)
+    if args.init_from:  # before any data is read: a mismatch should fail at once
+        parent_path = resolve_parent(args.init_from)
+        parent_config = json.loads((parent_path.parent / "config.json").read_text())
+        parent_recipe = Recipe.from_json(json.dumps(parent_config["recipe"]))
+        if parent_recipe != recipe:
+            raise ValueError(
+                f"--init-from {args.init_from}: its preprocessing differs from this training's "
+                "(use the same --crop/--window/--margin)"
+            )
     split = load_split(args.data, recipe, args.folds, args.fold, args.split_seed, args.cache_dir,
                        args.workers)  # fmt: skip
     labels, samples = split.labels, split.samples
@@ -449,17 +458,15 @@ def train(args: argparse.Namespace) -> dict:
     if validating and len(set(y_val.tolist())) < 2:
         raise ValueError("validation patients cover fewer than two classes: use fewer --folds")
     positive = "all" if "all" in labels else labels[0]
+    if args.init_from and parent_config["labels"] != labels:
+        raise ValueError(
+            f"--init-from {args.init_from}: its labels {parent_config['labels']} differ from "
+            f"this training's {labels}"
+        )
 
     parent = None
     if args.init_from:
-        parent_path = resolve_parent(args.init_from)
         model = keras.models.load_model(parent_path, compile=False)
-        parent_config = json.loads((parent_path.parent / "config.json").read_text())
-        if parent_config["labels"] != labels or parent_config["recipe"] != asdict(recipe):
-            raise ValueError(
-                f"--init-from {args.init_from}: its labels {parent_config['labels']} and "
-                "preprocessing must match this training's (same --crop/--window/--margin)"
-            )
         parent = {
             "path": str(parent_path),
             "name": parent_config.get("name", parent_path.parent.name),
