@@ -542,11 +542,10 @@ def train(args: argparse.Namespace) -> dict:
     val_ds = make_dataset(tf, x_val, y_val, len(labels), args, training=False, rng=rng)
     average = WeightAverage(model, args.ema) if args.ema > 0 else None
     callbacks = [average.callback()] if average else []
-    recalibration = x_train[
-        np.sort(epoch_indices(patients_train, y_train, args, np.random.default_rng(1)))[
-            : args.bn_recalibrate
-        ]
-    ] if args.bn_recalibrate > 0 else x_train[:0]  # fmt: skip
+    # a donor-balanced draw of clean crops (epoch_indices shuffles: the first N are a random
+    # sample of every donor, not the first donors on disk)
+    drawn = epoch_indices(patients_train, y_train, args, np.random.default_rng(1))
+    recalibration = x_train[drawn[: max(0, args.bn_recalibrate)]]
 
     def evaluated_weights() -> list[np.ndarray]:
         """The model as it will be saved (averaged, batch norm re-estimated)."""
