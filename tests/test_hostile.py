@@ -293,23 +293,42 @@ def test_a_path_over_path_max_becomes_an_error_row(tmp_path, slide_tree):
     assert "1 errors" in last_line(result.log)
 
 
-def _as_nobody() -> list[str]:
-    """The setpriv prefix that runs a command as 'nobody', or a skip (a fail in CI)."""
+@pytest.fixture
+def as_nobody():
+    """The setpriv prefix that runs a command as 'nobody' (permissions bind it, unlike root).
+
+    A clean clone may sit in a folder only root can enter (mktemp makes them 0700): the
+    folders above the project and its interpreter get the search bit for others for the
+    test's duration (never read permission), and get their modes back after it."""
     if os.geteuid() != 0:
-        return []
-    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    probe = subprocess.run([*prefix, sys.executable, "-c", "import smearscan"],
-                           capture_output=True, cwd=ROOT)  # fmt: skip
-    if probe.returncode != 0:
-        message = f"cannot run as an unprivileged user: {probe.stderr[-300:]!r}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return prefix
+        yield []
+        return
+    widened: list[tuple[Path, int]] = []
+    for start in (ROOT, Path(sys.prefix), Path(sys.executable).resolve()):
+        for folder in [start, *start.parents]:
+            if not folder.is_dir():
+                continue
+            mode = folder.stat().st_mode
+            if not mode & stat.S_IXOTH and folder not in [w for w, _ in widened]:
+                widened.append((folder, stat.S_IMODE(mode)))
+                os.chmod(folder, stat.S_IMODE(mode) | stat.S_IXOTH)
+    try:
+        prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        probe = subprocess.run([*prefix, sys.executable, "-c", "import smearscan"],
+                               capture_output=True, cwd="/")  # fmt: skip
+        if probe.returncode != 0:
+            message = f"cannot run as an unprivileged user: {probe.stderr[-300:]!r}"
+            if IN_CI:
+                pytest.fail(message)
+            pytest.skip(message)
+        yield prefix
+    finally:
+        for folder, mode in reversed(widened):
+            os.chmod(folder, mode)
 
 
-def test_an_unreadable_folder_is_an_error_row_and_exit_3(slide_tree):
-    prefix = _as_nobody()
+def test_an_unreadable_folder_is_an_error_row_and_exit_3(slide_tree, as_nobody):
+    prefix = as_nobody
     shared = Path(tempfile.mkdtemp(prefix="smearscan-perm-"))
     try:
         os.chmod(shared, 0o777)
@@ -325,7 +344,7 @@ def test_an_unreadable_folder_is_an_error_row_and_exit_3(slide_tree):
         (shared / "reports").mkdir()
         os.chmod(shared / "reports", 0o777)
         done = subprocess.run([*prefix, sys.executable, "-m", "smearscan", "scan", str(tree),
-                               "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
+                               "--out", str(out)], capture_output=True, text=True, cwd="/",
                               timeout=120)  # fmt: skip
         assert done.returncode == ExitStatus.SOME_UNUSABLE, done.stderr
         table = read_rows(out)
