@@ -168,6 +168,14 @@ def build_parser(prog: str = "python -m export.train") -> argparse.ArgumentParse
         help="fine-tune: start from 'default' (the shipped model's weights in export/), a "
         "run folder or a .keras file; the parent is recorded in the run and the model file",
     )
+    p.add_argument(
+        "--freeze-batch-norm",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the batch-norm layers of an --init-from model as they are (inference mode, "
+        "no re-estimation): a few hundred crops from a few donors are too few to estimate "
+        "them again [default: on with --init-from, else off]",
+    )
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--cache-dir", type=Path, default=Path(".cache/arrays"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -465,6 +473,8 @@ def train(args: argparse.Namespace) -> dict:
         )
 
     parent = None
+    if args.freeze_batch_norm is None:
+        args.freeze_batch_norm = bool(args.init_from)
     if args.init_from:
         model = keras.models.load_model(parent_path, compile=False)
         parent = {
@@ -484,6 +494,11 @@ def train(args: argparse.Namespace) -> dict:
             dropout=args.dropout,
             initializer=args.init,
         )
+    if args.freeze_batch_norm:
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False  # Keras runs frozen batch norm in inference mode
+        args.bn_recalibrate = 0
     steps_per_epoch = max(
         1, len(epoch_indices(patients_train, y_train, args, np.random.default_rng(0)))
         // args.batch_size
