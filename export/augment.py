@@ -57,8 +57,14 @@ def gaussian_blur(tf, image, sigma):
     return batch[0]
 
 
-def make_augmenter(tf, groups: tuple[str, ...], scale_range: tuple[float, float], size: int):
-    """A function image -> image (one HWC float32 crop in [0, 1]) applying ``groups``."""
+def make_augmenter(
+    tf, groups: tuple[str, ...], scale_range: tuple[float, float], size: int, strength: float = 1.0
+):
+    """A function image -> image (one HWC float32 crop in [0, 1]) applying ``groups``.
+
+    ``strength`` scales every photometric, stain and focus range (1: the ranges below; 0.5:
+    half as wide); the scale range is given separately."""
+    k = float(strength)
     low, high = np.log(scale_range[0]), np.log(scale_range[1])
     hed_from_rgb = tf.constant(HED_FROM_RGB)
     rgb_from_hed = tf.constant(RGB_FROM_HED)
@@ -79,9 +85,9 @@ def make_augmenter(tf, groups: tuple[str, ...], scale_range: tuple[float, float]
         return tf.image.resize_with_crop_or_pad(resized, size, size)
 
     def photometric(image, cell):
-        gain = uniform(0.85, 1.15)
-        gamma = tf.exp(uniform(np.log(0.8), np.log(1.25)))
-        contrast = uniform(0.85, 1.15)
+        gain = uniform(1 - 0.15 * k, 1 + 0.15 * k)
+        gamma = tf.exp(uniform(-0.223 * k, 0.223 * k))  # 0.8 .. 1.25 at strength 1
+        contrast = uniform(1 - 0.15 * k, 1 + 0.15 * k)
         image = tf.clip_by_value(image * gain, 0.0, 1.0) ** gamma
         mean = tf.reduce_sum(image * cell) / tf.maximum(tf.reduce_sum(cell) * 3.0, 1.0)
         return (image - mean) * contrast + mean
@@ -89,15 +95,15 @@ def make_augmenter(tf, groups: tuple[str, ...], scale_range: tuple[float, float]
     def stain(image):
         density = -tf.math.log(tf.clip_by_value(image, 1.0 / 255.0, 1.0))
         hed = tf.reshape(density, [-1, 3]) @ hed_from_rgb
-        hed = hed * uniform(0.93, 1.07, [3]) + uniform(-0.03, 0.03, [3])
+        hed = hed * uniform(1 - 0.07 * k, 1 + 0.07 * k, [3]) + uniform(-0.03 * k, 0.03 * k, [3])
         image = tf.reshape(tf.exp(-(hed @ rgb_from_hed)), tf.shape(image))
         # and the hue of the whole stain (another scanner's colour balance): up to +-12 deg
-        return tf.image.adjust_hue(tf.clip_by_value(image, 0.0, 1.0), uniform(-1 / 30, 1 / 30))
+        return tf.image.adjust_hue(tf.clip_by_value(image, 0.0, 1.0), uniform(-k / 30, k / 30))
 
     def focus(image):
         # a < 0 blurs (a = -1: the Gaussian itself), a > 0 sharpens (unsharp mask)
-        sigma = uniform(0.4, 1.5)
-        amount = uniform(-1.0, 1.5)
+        sigma = uniform(0.4, 0.4 + 1.1 * k)
+        amount = uniform(-1.0 * k, 1.5 * k)
         return image + amount * (image - gaussian_blur(tf, image, sigma))
 
     def augment(image):

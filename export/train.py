@@ -120,6 +120,12 @@ def build_parser(prog: str = "python -m export.train") -> argparse.ArgumentParse
         help=f"none, full, or a comma-separated subset of {','.join(GROUPS)}",
     )
     p.add_argument(
+        "--augment-strength",
+        type=float,
+        default=1.0,
+        help="scales the photometric, stain and focus ranges (0.5: half as wide)",
+    )
+    p.add_argument(
         "--scale-range",
         type=scale_range,
         default="0.7,1.4",
@@ -258,7 +264,8 @@ def make_dataset(tf, x, y, num_classes: int, args, training: bool, rng: np.rando
     augmentation and mixup (training only). Labels are one-hot (mixup blends them)."""
     autotune = tf.data.AUTOTUNE
     size = x.shape[1]
-    augment = make_augmenter(tf, args.augment, args.scale_range, size)
+    augment = make_augmenter(tf, args.augment, args.scale_range, size,
+                             getattr(args, "augment_strength", 1.0))  # fmt: skip
 
     def scale(image, label):
         return tf.cast(image, tf.float32) * (1.0 / 255.0), tf.one_hot(label, num_classes)
