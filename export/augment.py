@@ -24,6 +24,27 @@ HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED).astype(np.float32)
 BACKGROUND = 12.0 / 255.0
 
 
+def rescale(image: np.ndarray, factor: float) -> np.ndarray:
+    """The whole decoded frame scaled by ``factor`` around its centre, cropped or padded
+    (black) back to its size: the same cell seen at another magnification. Training applies
+    it to the raw crop before the scanner's preprocessing, as a microscope would; zooming
+    the small model input instead changes the texture's sharpness with the size, so a model
+    can still read size from sharpness."""
+    import cv2
+
+    height, width = image.shape[:2]
+    interpolation = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+    scaled = cv2.resize(image, None, fx=factor, fy=factor, interpolation=interpolation)
+    sh, sw = scaled.shape[:2]
+    out = np.zeros_like(image)
+    # overlap of the scaled frame and the original frame, both centred
+    y0, x0 = max(0, (sh - height) // 2), max(0, (sw - width) // 2)
+    ty, tx = max(0, (height - sh) // 2), max(0, (width - sw) // 2)
+    h, w = min(height, sh), min(width, sw)
+    out[ty : ty + h, tx : tx + w] = scaled[y0 : y0 + h, x0 : x0 + w]
+    return out
+
+
 def parse_groups(text: str) -> tuple[str, ...]:
     """``none``, ``full`` (every group) or a comma-separated subset of :data:`GROUPS`."""
     text = text.strip().lower()
@@ -63,7 +84,9 @@ def make_augmenter(
     """A function image -> image (one HWC float32 crop in [0, 1]) applying ``groups``.
 
     ``strength`` scales every photometric, stain and focus range (1: the ranges below; 0.5:
-    half as wide); the scale range is given separately."""
+    half as wide); the scale range is given separately. ``scale`` here zooms the model input
+    (``--scale-at input``); by default training rescales the raw crop instead
+    (:func:`rescale`)."""
     k = float(strength)
     low, high = np.log(scale_range[0]), np.log(scale_range[1])
     hed_from_rgb = tf.constant(HED_FROM_RGB)

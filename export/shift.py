@@ -26,7 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from export.augment import HED_FROM_RGB, RGB_FROM_HED
+from export.augment import HED_FROM_RGB, RGB_FROM_HED, rescale
 from export.data import discover_dataset
 from export.donors import Predictions, donor_rows, summary_of
 from smearscan.inference import apply_temperature
@@ -39,22 +39,6 @@ SCALE_TARGET_SHIFTS = ("scale 0.8x", "scale 1.25x")
 MIN_AGREEMENT = 0.90
 MIN_SPECIFICITY = 0.85
 MAX_WF1_DROP = 0.03
-
-
-def rescale(image: np.ndarray, factor: float) -> np.ndarray:
-    """The whole frame scaled by ``factor`` around its centre, cropped or padded (black)
-    back to its size: the same cell seen at another magnification."""
-    height, width = image.shape[:2]
-    interpolation = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
-    scaled = cv2.resize(image, None, fx=factor, fy=factor, interpolation=interpolation)
-    sh, sw = scaled.shape[:2]
-    out = np.zeros_like(image)
-    # overlap of the scaled frame and the original frame, both centred
-    y0, x0 = max(0, (sh - height) // 2), max(0, (sw - width) // 2)
-    ty, tx = max(0, (height - sh) // 2), max(0, (width - sw) // 2)
-    h, w = min(height, sh), min(width, sw)
-    out[ty : ty + h, tx : tx + w] = scaled[y0 : y0 + h, x0 : x0 + w]
-    return out
 
 
 def _cell(image: np.ndarray) -> np.ndarray:

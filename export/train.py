@@ -31,6 +31,7 @@ log = logging.getLogger("export.train")
 
 BALANCING = ("none", "weights", "oversample", "donors")
 SELECTIONS = ("last", "best")
+SCALE_AT = ("raw", "input")
 DEFAULT_EPOCHS = 10
 #: The preprocessing of the default model (chosen by donor-level cross-validation).
 DEFAULT_RECIPE = Recipe()
@@ -118,6 +119,14 @@ def build_parser(prog: str = "python -m export.train") -> argparse.ArgumentParse
         type=augment_groups,
         default="full",
         help=f"none, full, or a comma-separated subset of {','.join(GROUPS)}",
+    )
+    p.add_argument(
+        "--scale-at",
+        default="raw",
+        choices=SCALE_AT,
+        help="where the scale augmentation acts: on the decoded crop before preprocessing "
+        "(raw: as another magnification would; decodes every drawn crop again) or on the "
+        "small model input (input: cheaper, but a model can then read size from sharpness)",
     )
     p.add_argument(
         "--augment-strength",
@@ -259,22 +268,70 @@ def load_split(
     )  # fmt: skip
 
 
-def make_dataset(tf, x, y, num_classes: int, args, training: bool, rng: np.random.Generator):
+class RawRescaler:
+    """Training crops decoded again at every draw, rescaled by a random factor around the
+    frame centre and then preprocessed by the scanner's own function: the scale
+    augmentation acts where a different magnification would. The encoded bytes stay in
+    memory (about 25 kB a crop)."""
+
+    def __init__(self, samples: list[Sample], recipe: Recipe, scale_range) -> None:
+        self.data = [sample.path.read_bytes() for sample in samples]
+        self.recipe = recipe
+        self.low, self.high = np.log(scale_range[0]), np.log(scale_range[1])
+
+    def __call__(self, index, seed) -> np.ndarray:
+        from export.augment import rescale
+        from smearscan.preprocess import decode_image, preprocess
+
+        rng = np.random.default_rng(int(seed))
+        image = decode_image(self.data[int(index)], order="bgr")
+        factor = float(np.exp(rng.uniform(self.low, self.high)))
+        model_input = preprocess(rescale(image, factor), self.recipe, order="bgr")
+        return np.round(model_input * 255.0).astype(np.uint8)
+
+
+def make_dataset(
+    tf,
+    x,
+    y,
+    num_classes: int,
+    args,
+    training: bool,
+    rng: np.random.Generator,
+    rescaler: RawRescaler | None = None,
+    indices: np.ndarray | None = None,
+):
     """tf.data pipeline: uint8 -> float in [0, 1] exactly as ``preprocess`` scales, then
-    augmentation and mixup (training only). Labels are one-hot (mixup blends them)."""
+    augmentation and mixup (training only). Labels are one-hot (mixup blends them). With a
+    ``rescaler``, the crops at ``indices`` are decoded, rescaled and preprocessed afresh
+    instead of taken from ``x``."""
     autotune = tf.data.AUTOTUNE
     size = x.shape[1]
-    augment = make_augmenter(tf, args.augment, args.scale_range, size,
+    groups = args.augment
+    if rescaler is not None:
+        groups = tuple(g for g in groups if g != "scale")  # done on the raw crop
+    augment = make_augmenter(tf, groups, args.scale_range, size,
                              getattr(args, "augment_strength", 1.0))  # fmt: skip
 
     def scale(image, label):
         return tf.cast(image, tf.float32) * (1.0 / 255.0), tf.one_hot(label, num_classes)
 
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if rescaler is not None and indices is not None:
+        seeds = rng.integers(1 << 31, size=len(indices))
+        ds = tf.data.Dataset.from_tensor_slices((indices, seeds, y))
+
+        def load(index, seed, label):
+            image = tf.numpy_function(rescaler, [index, seed], tf.uint8, stateful=False)
+            image.set_shape([size, size, 3])
+            return image, label
+
+        ds = ds.map(load, num_parallel_calls=autotune)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices((x, y))
     if training:
-        ds = ds.shuffle(len(x), seed=int(rng.integers(1 << 31)), reshuffle_each_iteration=True)
+        ds = ds.shuffle(len(y), seed=int(rng.integers(1 << 31)), reshuffle_each_iteration=True)
     ds = ds.map(scale, num_parallel_calls=autotune)
-    if training and args.augment:
+    if training and groups:
         ds = ds.map(lambda image, label: (augment(image), label), num_parallel_calls=autotune)
     ds = ds.batch(args.batch_size)
     if training and args.mixup > 0:
@@ -562,6 +619,9 @@ def train(args: argparse.Namespace) -> dict:
     (args.out / "config.json").write_text(json.dumps(config, indent=2))
 
     val_ds = make_dataset(tf, x_val, y_val, len(labels), args, training=False, rng=rng)
+    rescaler = None
+    if "scale" in args.augment and args.scale_at == "raw":
+        rescaler = RawRescaler(train_samples, recipe, args.scale_range)
     average = WeightAverage(model, args.ema) if args.ema > 0 else None
     callbacks = [average.callback()] if average else []
     # a donor-balanced draw of clean crops (epoch_indices shuffles: the first N are a random
@@ -586,7 +646,8 @@ def train(args: argparse.Namespace) -> dict:
         tick = time.time()
         idx = epoch_indices(patients_train, y_train, args, rng)
         train_ds = make_dataset(tf, x_train[idx], y_train[idx], len(labels), args,
-                                training=True, rng=rng)  # fmt: skip
+                                training=True, rng=rng, rescaler=rescaler,
+                                indices=idx)  # fmt: skip
         fit = model.fit(
             train_ds,
             epochs=1,
