@@ -36,9 +36,17 @@ from export.donors import (
 
 log = logging.getLogger("export.cv")
 
+#: Normal donors whose median segmented cell area is at least this are "large-cell" donors:
+#: in the training set normal cells are mostly small (about 23,000 px) and blasts large
+#: (about 36,000 px), while in other acquisition batches normal cells measure 31,000-36,000
+#: px. Specificity on these donors is where a model that reads size as malignancy fails.
+LARGE_CELL_AREA = 29_000
+
 #: Training options that do not change the model (a fold trained with other values of
 #: these is still reusable).
 NEUTRAL_OPTIONS = {"out", "fold", "quiet", "workers", "cache_dir"}
+#: What runs made before an option existed did, for the reuse check.
+LEGACY_DEFAULTS = {"scale_at": "input", "augment_strength": 1.0, "freeze_batch_norm": None}
 DEFAULT_OPERATING_POINT = "balanced"
 
 
@@ -103,7 +111,7 @@ def train_fold(args: argparse.Namespace) -> None:
     """Train one fold unless a finished run with the same recipe is already there."""
     done = args.out / "metrics.json"
     if done.exists():
-        stored = json.loads((args.out / "config.json").read_text())["args"]
+        stored = {**LEGACY_DEFAULTS, **json.loads((args.out / "config.json").read_text())["args"]}
         stored["augment"] = list(training.augment_groups(stored["augment"]))
         wanted = recipe_signature(args)
         differing = sorted(k for k in wanted if stored.get(k) != wanted[k])
@@ -148,6 +156,46 @@ def averaged_predictions(folders: list[Path]) -> Predictions:
             raise ValueError(f"{folder} did not hold out the same donors in the same folds")
     return Predictions(first.labels, first.paths, first.patients, first.y, first.folds,
                        np.mean([r.probabilities for r in runs], axis=0))  # fmt: skip
+
+
+def donor_cell_areas(data: Path, workers: int) -> dict[str, float]:
+    """Median segmented cell area (pixels, the QC measurement) per donor."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from export.data import discover_dataset
+    from smearscan.preprocess import Recipe, framed_and_resized, gray_of, read_image
+    from smearscan.qc import measure
+
+    recipe = Recipe()
+
+    def area(path: Path) -> float:
+        image = read_image(path, order="bgr")
+        gray = gray_of(image, "bgr")
+        return measure(gray, framed_and_resized(image, recipe, "bgr", gray), 12).area
+
+    samples = discover_dataset(data)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        areas = list(pool.map(area, [s.path for s in samples]))
+    by_donor: dict[str, list[float]] = {}
+    for sample, value in zip(samples, areas, strict=True):
+        by_donor.setdefault(sample.patient, []).append(value)
+    return {donor: float(np.median(values)) for donor, values in by_donor.items()}
+
+
+def large_cell_specificity(report: dict, areas: dict[str, float], key: str) -> dict:
+    """Specificity of the normal donors with large cells (>= LARGE_CELL_AREA) and of the
+    others, donor by donor (macro)."""
+    positive = report["positive_class"]
+    normal = [r for r in report[key]["donor_rows"] if r["truth"] != positive]
+    large = [r["cell_accuracy"] for r in normal if areas.get(r["patient"], 0) >= LARGE_CELL_AREA]
+    small = [r["cell_accuracy"] for r in normal if areas.get(r["patient"], 0) < LARGE_CELL_AREA]
+    return {
+        "threshold_px": LARGE_CELL_AREA,
+        "large_cell_donors": len(large),
+        "large_cell_macro_specificity": float(np.mean(large)) if large else None,
+        "small_cell_donors": len(small),
+        "small_cell_macro_specificity": float(np.mean(small)) if small else None,
+    }
 
 
 def evaluate_oof(
@@ -200,6 +248,16 @@ def render_markdown(report: dict, title: str) -> str:
             f"{round(s['slide_call_accuracy'] * s['donors'])}/{s['donors']} |"
         )
     final = report["rules_on_all_donors"]
+    sizes = report.get("cell_size")
+    if sizes:
+        lines += [
+            "",
+            f"Normal donors with large cells (median area ≥ {sizes['threshold_px']:,} px, as "
+            f"large as blasts; {sizes['large_cell_donors']} donors): donor-macro specificity "
+            f"{sizes['large_cell_macro_specificity']:.4f}; the other "
+            f"{sizes['small_cell_donors']}: {sizes['small_cell_macro_specificity']:.4f} "
+            "(cross-fitted rules).",
+        ]
     lines += [
         "",
         f"Rules fitted on all donors (what the model file stores): temperature "
@@ -210,14 +268,18 @@ def render_markdown(report: dict, title: str) -> str:
         "",
         f"Per donor (cross-fitted rules; 'called' = share of cells labelled '{positive}'):",
         "",
-        "| donor | truth | fold | cells | called | mean P | slide call | right |",
-        "|---|---|---|---|---|---|---|---|",
+        "| donor | truth | fold | median cell area (px) | cells | called | mean P | slide call "
+        "| right |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     folds = report.get("donor_folds", {})
+    areas = report.get("donor_areas", {})
     for row in report["cross_fitted"]["donor_rows"]:
         right = (row["call"] == f"{positive}-suspect") == (row["truth"] == positive)
+        area = areas.get(row["patient"])
         lines.append(
             f"| {row['patient']} | {row['truth']} | {folds.get(row['patient'], '')} | "
+            f"{'' if area is None else f'{area:,.0f}'} | "
             f"{row['cells']} | {row['called_positive']:.1%} | {row['mean_p']:.3f} | "
             f"{row['call']} | {'yes' if right else '**no**'} |"
         )
@@ -248,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     report["donor_folds"] = {
         str(p): int(f) for p, f in zip(predictions.patients, predictions.folds, strict=True)
     }
+    report["donor_areas"] = donor_cell_areas(args.data, args.workers)
+    report["cell_size"] = large_cell_specificity(report, report["donor_areas"], "cross_fitted")
     sources = args.average_of or [args.out]
     report["recipe"] = (
         {"average_of": [str(p) for p in args.average_of]}

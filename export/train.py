@@ -537,8 +537,8 @@ def train(args: argparse.Namespace) -> dict:
         )
 
     parent = None
-    if args.freeze_batch_norm is None:
-        args.freeze_batch_norm = bool(args.init_from)
+    freeze = bool(args.init_from) if args.freeze_batch_norm is None else args.freeze_batch_norm
+    bn_recalibrate = 0 if freeze else args.bn_recalibrate
     if args.init_from:
         model = keras.models.load_model(parent_path, compile=False)
         parent = {
@@ -558,11 +558,10 @@ def train(args: argparse.Namespace) -> dict:
             dropout=args.dropout,
             initializer=args.init,
         )
-    if args.freeze_batch_norm:
+    if freeze:
         for layer in model.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.trainable = False  # Keras runs frozen batch norm in inference mode
-        args.bn_recalibrate = 0
     steps_per_epoch = max(
         1, len(epoch_indices(patients_train, y_train, args, np.random.default_rng(0)))
         // args.batch_size
@@ -627,7 +626,7 @@ def train(args: argparse.Namespace) -> dict:
     # a donor-balanced draw of clean crops (epoch_indices shuffles: the first N are a random
     # sample of every donor, not the first donors on disk)
     drawn = epoch_indices(patients_train, y_train, args, np.random.default_rng(1))
-    recalibration = x_train[drawn[: max(0, args.bn_recalibrate)]]
+    recalibration = x_train[drawn[: max(0, bn_recalibrate)]]
 
     def evaluated_weights() -> list[np.ndarray]:
         """The model as it will be saved (averaged, batch norm re-estimated)."""
