@@ -74,7 +74,7 @@ def test_a_killed_worker_loses_and_duplicates_nothing(ray_instance, tmp_path):
     from smearscan.runner import ScanRequest, plan
 
     root = tmp_path / "share"
-    for i in range(12):
+    for i in range(24):
         folder = root / f"slide_{i:02d}"
         folder.mkdir(parents=True)
         for source in fixture_images():
@@ -87,12 +87,15 @@ def test_a_killed_worker_loses_and_duplicates_nothing(ray_instance, tmp_path):
     def killer() -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not killed:
-            workers = _ray_workers()
-            if workers:
-                time.sleep(1.0)  # let it take work first
-                os.kill(workers[0], signal.SIGKILL)
-                killed.append(workers[0])
-            time.sleep(0.1)
+            for worker in _ray_workers():
+                time.sleep(0.3)  # let it take work first
+                try:
+                    os.kill(worker, signal.SIGKILL)
+                except ProcessLookupError:  # it finished its share meanwhile: try another
+                    continue
+                killed.append(worker)
+                break
+            time.sleep(0.05)
 
     thread = threading.Thread(target=killer)
     thread.start()
@@ -100,7 +103,7 @@ def test_a_killed_worker_loses_and_duplicates_nothing(ray_instance, tmp_path):
     thread.join()
     assert killed, "no Ray worker process was found to kill"
     paths = [r.path for r in results]
-    assert len(paths) == len(set(paths)) == len(image_files(root)) == 288
+    assert len(paths) == len(set(paths)) == len(image_files(root)) == 576
     assert all(r.status == "ok" for r in results)
 
 
