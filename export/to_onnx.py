@@ -148,6 +148,10 @@ def qc_features(samples: list[Sample], recipe: Recipe, workers: int) -> list[qc.
         return [f for f in pool.map(one, samples) if f is not None]
 
 
+#: Name prefix of an averaged ensemble's Keras model (followed by the member count).
+ENSEMBLE_PREFIX = "ensemble_of_"
+
+
 def load_keras(path: Path):
     import keras
 
@@ -164,7 +168,7 @@ def ensemble_model(members: list, input_size: int):
         renamed = keras.Model(member.input, member.output, name=f"member_{index}")
         outputs.append(renamed(inputs))
     averaged = keras.layers.Average(name="probabilities")(outputs)
-    return keras.Model(inputs, averaged, name=f"ensemble_of_{len(members)}")
+    return keras.Model(inputs, averaged, name=f"{ENSEMBLE_PREFIX}{len(members)}")
 
 
 def read_recipe(config: dict) -> Recipe:
@@ -326,6 +330,11 @@ def export(args: argparse.Namespace) -> dict:
             "cross-validation, averaged inside this graph",
             "member_sha256": [hashlib.sha256(p.read_bytes()).hexdigest() for p in source.members],
         })  # fmt: skip
+    elif model.name.startswith(ENSEMBLE_PREFIX):  # a fine-tuned ensemble stays one
+        entries[mf.KEY_ENSEMBLE] = json.dumps({
+            "members": int(model.name.removeprefix(ENSEMBLE_PREFIX)),
+            "description": "an averaged ensemble fine-tuned as one graph",
+        })
     parent = source.config.get("parent")
     if parent:
         entries[mf.KEY_PARENT] = json.dumps(parent)

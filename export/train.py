@@ -459,7 +459,8 @@ def recalibrate_batch_norm(model, images: np.ndarray, batch_size: int = 64) -> N
     (un-augmented training crops, uint8): a cumulative mean, batch by batch."""
     import keras
 
-    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    layers = [layer for layer in all_layers(model)
+              if isinstance(layer, keras.layers.BatchNormalization)]  # fmt: skip
     if not layers or len(images) == 0:
         return
     momenta = [layer.momentum for layer in layers]
@@ -475,16 +476,54 @@ def recalibrate_batch_norm(model, images: np.ndarray, batch_size: int = 64) -> N
 
 
 def resolve_parent(spec: str) -> Path:
-    """The Keras model file that ``--init-from`` names."""
+    """The training run, cross-validation folder or Keras file that ``--init-from`` names."""
     path = DEFAULT_PARENT if spec == "default" else Path(spec)
+    if path.is_dir() and (path / "cv.json").is_file():
+        return path  # the fold models, averaged as shipped
     if path.is_dir():
         path = path / "model.keras"
     if path.suffix != ".keras" or not path.is_file():
         raise ValueError(
-            f"--init-from {spec}: need 'default', a training run folder or a .keras file "
-            f"({path} not found)"
+            f"--init-from {spec}: need 'default', a training run or cross-validation folder, "
+            f"or a .keras file ({path} not found)"
         )
     return path
+
+
+def cv_folds(folder: Path) -> list[Path]:
+    return sorted(folder.glob("fold_*"), key=lambda p: int(p.name.split("_")[1]))
+
+
+def parent_config_of(parent: Path) -> dict:
+    """The training config that describes a parent's weights (labels, recipe, architecture)."""
+    if parent.is_dir():
+        config = json.loads((cv_folds(parent)[0] / "config.json").read_text())
+        return {**config, "name": parent.name}
+    return json.loads((parent.parent / "config.json").read_text())
+
+
+def load_parent(parent: Path):
+    """The parent's weights as one Keras model: a CV folder's fold models are averaged in one
+    graph, exactly as ``export.to_onnx`` ships them."""
+    import keras
+
+    if not parent.is_dir():
+        return keras.models.load_model(parent, compile=False)
+    from export.to_onnx import ensemble_model
+
+    members = [keras.models.load_model(f / "model.keras", compile=False)
+               for f in cv_folds(parent)]  # fmt: skip
+    return ensemble_model(members, members[0].input_shape[1])
+
+
+def all_layers(model) -> list:
+    """Every layer, inside nested models too (an ensemble holds its members as layers)."""
+    found = []
+    for layer in model.layers:
+        found.append(layer)
+        if hasattr(layer, "layers"):
+            found.extend(all_layers(layer))
+    return found
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -503,7 +542,7 @@ def train(args: argparse.Namespace) -> dict:
     recipe = recipe_from_args(args)
     if args.init_from:  # before any data is read: a mismatch should fail at once
         parent_path = resolve_parent(args.init_from)
-        parent_config = json.loads((parent_path.parent / "config.json").read_text())
+        parent_config = parent_config_of(parent_path)
         parent_recipe = Recipe.from_json(json.dumps(parent_config["recipe"]))
         if parent_recipe != recipe:
             raise ValueError(
@@ -540,7 +579,7 @@ def train(args: argparse.Namespace) -> dict:
     freeze = bool(args.init_from) if args.freeze_batch_norm is None else args.freeze_batch_norm
     bn_recalibrate = 0 if freeze else args.bn_recalibrate
     if args.init_from:
-        model = keras.models.load_model(parent_path, compile=False)
+        model = load_parent(parent_path)
         parent = {
             "path": str(parent_path),
             "name": parent_config.get("name", parent_path.parent.name),
@@ -559,7 +598,7 @@ def train(args: argparse.Namespace) -> dict:
             initializer=args.init,
         )
     if freeze:
-        for layer in model.layers:
+        for layer in all_layers(model):
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.trainable = False  # Keras runs frozen batch norm in inference mode
     steps_per_epoch = max(

@@ -322,6 +322,35 @@ def test_fine_tuning_starts_from_the_parent_and_records_it(tiny_run, tmp_path):
                        "--cache-dir", str(tiny_run.parent / "cache")]) == 2  # fmt: skip
 
 
+def test_fine_tuning_a_cv_folder_starts_from_its_averaged_folds(tiny_cv, tmp_path):
+    """``--init-from default`` names a CV folder like this one: the child starts from the
+    fold models averaged in one graph (what ships) and exports as an ensemble."""
+    child = tmp_path / "child"
+    assert train.main(["--data", str(CNMC), "--out", str(child), "--epochs", "1", "--seed", "3",
+                       *TINY, "--init-from", str(tiny_cv), "--lr", "1e-12", "--ema", "0",
+                       "--cache-dir", str(tiny_cv / "fold_0" / "cache")]) == 0  # fmt: skip
+    config = json.loads((child / "config.json").read_text())
+    assert config["parent"]["name"] == "cv-tiny" and config["parent"]["path"] == str(tiny_cv)
+    import keras
+
+    from export.train import all_layers
+
+    child_model = keras.models.load_model(child / "model.keras")
+    assert child_model.name == "ensemble_of_3"
+    norms = [layer for layer in all_layers(child_model)
+             if isinstance(layer, keras.layers.BatchNormalization)]  # fmt: skip
+    assert norms and not any(layer.trainable for layer in norms)  # frozen by default
+    fold_model = keras.models.load_model(tiny_cv / "fold_1" / "model.keras")
+    member = child_model.get_layer("member_1")
+    for mine, theirs in zip(member.weights, fold_model.weights, strict=True):
+        assert np.abs(np.asarray(mine) - np.asarray(theirs)).max() < 1e-6
+    model = tmp_path / "child.onnx"
+    assert to_onnx.main([str(child), "--out", str(model), "--parity-images", "4"]) == 0
+    info = load_classifier(model, device="cpu").info
+    assert info.json_field("smearscan.ensemble")["members"] == 3
+    assert info.json_field("smearscan.parent")["name"] == "cv-tiny"
+
+
 def test_table1_quick_path(tmp_path):
     from export import table1
 
