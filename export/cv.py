@@ -90,6 +90,13 @@ def fold_args(args: argparse.Namespace, fold: int) -> argparse.Namespace:
     return argparse.Namespace(**values)
 
 
+def resolved(options: dict) -> dict:
+    """Options with their automatic values filled in as training resolves them."""
+    if options.get("freeze_batch_norm") is None:
+        return {**options, "freeze_batch_norm": bool(options.get("init_from"))}
+    return options
+
+
 def recipe_signature(args: argparse.Namespace) -> dict:
     """The options that define a fold's model, as stored in its config.json."""
     return {
@@ -111,9 +118,11 @@ def train_fold(args: argparse.Namespace) -> None:
     """Train one fold unless a finished run with the same recipe is already there."""
     done = args.out / "metrics.json"
     if done.exists():
-        stored = {**LEGACY_DEFAULTS, **json.loads((args.out / "config.json").read_text())["args"]}
+        stored = resolved(
+            {**LEGACY_DEFAULTS, **json.loads((args.out / "config.json").read_text())["args"]}
+        )
         stored["augment"] = list(training.augment_groups(stored["augment"]))
-        wanted = recipe_signature(args)
+        wanted = resolved(recipe_signature(args))
         differing = sorted(k for k in wanted if stored.get(k) != wanted[k])
         if differing:
             raise ValueError(

@@ -244,6 +244,24 @@ def test_cross_validation_predicts_every_donor_out_of_fold(tiny_cv):
     assert "| donor | truth | fold |" in (tiny_cv / "cv.md").read_text()
 
 
+def test_an_interrupted_cv_resumes_with_the_same_recipe_only(tiny_cv, tmp_path, caplog):
+    """Rerunning the same command reuses finished folds (a killed run resumes); other
+    training options refuse rather than mix recipes in one report."""
+    again = tmp_path / "cv-again"
+    shutil.copytree(tiny_cv, again)
+    shutil.rmtree(again / "fold_2")
+    before = (again / "fold_0" / "model.keras").stat().st_mtime_ns
+    base = ["--data", str(CNMC), "--out", str(again), "--epochs", "1", *TINY, "--no-shift",
+            "--cache-dir", str(tiny_cv.parent / "cache")]  # fmt: skip
+    with caplog.at_level("INFO", logger="export.cv"):
+        assert cv.main(base) == 0
+    assert "fold 0: reusing" in caplog.text and "fold 1: reusing" in caplog.text
+    assert (again / "fold_0" / "model.keras").stat().st_mtime_ns == before
+    assert (again / "fold_2" / "metrics.json").is_file()
+    assert len(rows(again / "oof_predictions.csv")) == len(rows(tiny_cv / "oof_predictions.csv"))
+    assert cv.main([*base, "--ema", "0.5"]) == 2
+
+
 def test_the_shift_suite_covers_every_shift_and_checks_the_targets(tiny_cv):
     report = json.loads((tiny_cv / "shift.json").read_text())
     names = set(report["shifts"])
