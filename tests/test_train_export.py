@@ -283,9 +283,20 @@ def test_the_shift_suite_covers_every_shift_and_checks_the_targets(tiny_cv):
     del cv2
 
 
-def test_a_cv_folder_exports_as_one_ensemble_graph(tiny_cv, tmp_path, slide_tree):
+def test_a_promoted_cv_folder_exports_as_one_ensemble_graph(tiny_cv, tmp_path, slide_tree):
+    """What ``export/default_model`` holds (a promoted CV run) exports the shipped way."""
+    from export import promote
+
+    kept = tmp_path / "default_model"
+    assert promote.main([str(tiny_cv), "--into", str(kept)]) == 0
+    assert promote.main([str(tmp_path), "--into", str(tmp_path / "nothing")]) == 2
+    for fold in ("fold_0", "fold_1", "fold_2"):
+        weights = kept / fold / "model.keras"
+        assert 0 < weights.stat().st_size <= (tiny_cv / fold / "model.keras").stat().st_size
+    assert (kept / "oof_predictions.csv").read_bytes() == (
+        tiny_cv / "oof_predictions.csv").read_bytes()  # fmt: skip
     model = tmp_path / "ensemble.onnx"
-    assert to_onnx.main([str(tiny_cv), "--out", str(model), "--parity-images", "6"]) == 0
+    assert to_onnx.main([str(kept), "--out", str(model), "--parity-images", "6"]) == 0
     classifier = load_classifier(model, device="cpu")
     ensemble = classifier.info.json_field("smearscan.ensemble")
     assert ensemble["members"] == 3 and len(ensemble["member_sha256"]) == 3
