@@ -331,10 +331,12 @@ def export(args: argparse.Namespace) -> dict:
             "member_sha256": [hashlib.sha256(p.read_bytes()).hexdigest() for p in source.members],
         })  # fmt: skip
     elif model.name.startswith(ENSEMBLE_PREFIX):  # a fine-tuned ensemble stays one
-        entries[mf.KEY_ENSEMBLE] = json.dumps({
-            "members": int(model.name.removeprefix(ENSEMBLE_PREFIX)),
-            "description": "an averaged ensemble fine-tuned as one graph",
-        })
+        entries[mf.KEY_ENSEMBLE] = json.dumps(
+            {
+                "members": int(model.name.removeprefix(ENSEMBLE_PREFIX)),
+                "description": "an averaged ensemble fine-tuned as one graph",
+            }
+        )
     parent = source.config.get("parent")
     if parent:
         entries[mf.KEY_PARENT] = json.dumps(parent)

@@ -331,6 +331,7 @@ def test_fine_tuning_starts_from_the_parent_and_records_it(tiny_run, tmp_path):
 
     parent_model = keras.models.load_model(tiny_run / "model.keras")
     child_model = keras.models.load_model(child / "model.keras")
+
     # the learned weights are the parent's, matched by name: freezing batch norm changes
     # which weights are trainable, and moving statistics move with any training
     def learned(model) -> dict[str, np.ndarray]:
