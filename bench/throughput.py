@@ -89,8 +89,15 @@ def scan_command(data: Path, model: Path | None, out_dir: Path, extra: list[str]
 KERAS_BASELINE = """
 import sys, time, os
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+from pathlib import Path
 import keras, tensorflow as tf
-model = keras.models.load_model(sys.argv[2])
+run = Path(sys.argv[2])
+paths = sorted(run.glob("fold_*/model.keras")) or [run / "model.keras"]
+members = [keras.models.load_model(path, compile=False) for path in paths]
+model = members[0]
+if len(members) > 1:  # the fold models averaged, as the shipped ONNX graph does
+    image = keras.Input((128, 128, 3))
+    model = keras.Model(image, keras.layers.Average()([m(image) for m in members]))
 started = time.perf_counter()
 ds = tf.keras.utils.image_dataset_from_directory(
     sys.argv[1], labels=None, image_size=(128, 128), interpolation="area", batch_size=32,
@@ -102,7 +109,8 @@ print("RESULT", len(p), time.perf_counter() - started)
 
 
 def keras_run(data: Path, keras_model: Path) -> tuple[float, int]:
-    """Wall seconds and image count of one whole-process Keras run."""
+    """Wall seconds and image count of one whole-process Keras run of a run folder (a CV
+    folder's fold models are averaged)."""
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", KERAS_BASELINE, str(data), str(keras_model)],
                             capture_output=True, text=True, check=False)  # fmt: skip
@@ -246,8 +254,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--model", type=Path, help="ONNX model (default: embedded)")
-    parser.add_argument("--keras-run", type=Path, default=ROOT / "export" / "default_run",
-                        help="run folder with model.keras for the baseline")  # fmt: skip
+    parser.add_argument("--keras-run", type=Path, default=ROOT / "export" / "default_model",
+                        help="run or CV folder of the model for the Keras baseline")  # fmt: skip
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--out", type=Path, help="write the results JSON here too")
     parser.add_argument("--scan-args", default="", help="extra smearscan scan arguments")
@@ -260,7 +268,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {cores} cores, {platform.python_version()}",
         "images": args.images,
     }
-    keras_model = args.keras_run / "model.keras"
+    keras_model = args.keras_run
     have_tf = importlib.util.find_spec("tensorflow") is not None
     command = scan_command(data, args.model, args.work, args.scan_args.split())
     results.update(paired_e2e(data, command, keras_model if have_tf and keras_model.exists()

@@ -189,8 +189,8 @@ def render(results: dict, args, split: dict) -> str:
         "balanced) on the trained VGG16's pooled block-5 features.",
         "Seconds are wall time on the shared 2-core machine (other work ran beside some "
         "rows); VGG16+RF counts only the forest, on top of the VGG16 it reuses; with "
-        "`--vgg13-run` the VGG13 row is that training run (the default model's, "
-        "`export/default_run`).",
+        "`--vgg13-run` the VGG13 row is that training run (the first default model's, "
+        "`export/v0_run`).",
         "",
         "Why our numbers differ from the paper's: (1) the paper split images, not patients, "
         "so its test images had near-duplicates in training; ours come from 12 patients no "
