@@ -86,13 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("cv_dir", type=Path)
-    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("cv_dir", type=Path, help="a python -m export.cv output folder")
+    parser.add_argument("--fold", type=int, default=0, help="whose held-out donors play the lab")
     parser.add_argument("--cells", type=int, default=50, help="labelled crops per class")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs")
+    parser.add_argument("--lr", type=float, default=3e-4, help="fine-tuning peak learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="donor halves and cell draws")
+    parser.add_argument("--out", type=Path, required=True, help="folder for probe.json")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
