@@ -245,6 +245,23 @@ def test_cross_validation_predicts_every_donor_out_of_fold(tiny_cv):
     assert "| donor | truth | fold |" in (tiny_cv / "cv.md").read_text()
 
 
+def test_recipes_table_ranks_by_shortfall_from_the_targets(tiny_cv, capsys):
+    assert summarize_runs.target_shortfall(0.85, 0.95, 0.91) == 0.0
+    assert summarize_runs.target_shortfall(0.80, 0.85, 0.70) == pytest.approx(0.30)
+    assert summarize_runs.main(["--recipes", str(tiny_cv)]) == 0
+    table = capsys.readouterr().out
+    header, _, row = table.strip().splitlines()[-3:]
+    assert "shortfall from targets" in header and row.startswith("| `cv-tiny` |")
+    report = json.loads((tiny_cv / "cv.json").read_text())
+    shifts = json.loads((tiny_cv / "shift.json").read_text())["shifts"]
+    expected = summarize_runs.target_shortfall(
+        report["cross_fitted"]["macro_specificity"],
+        min(shifts["scale 0.8x"]["agreement"], shifts["scale 1.25x"]["agreement"]),
+        report["cross_fitted"]["pooled"]["weighted_f1"],
+    )
+    assert f"| {expected:.3f} |" in row
+
+
 def test_an_interrupted_cv_resumes_with_the_same_recipe_only(tiny_cv, tmp_path, caplog):
     """Rerunning the same command reuses finished folds (a killed run resumes); other
     training options refuse rather than mix recipes in one report."""
