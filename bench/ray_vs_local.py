@@ -1,6 +1,6 @@
 """The Ray engine's overhead on one machine (a script, not a test).
 
-    python bench/ray_vs_local.py [--files 5000] [--repeats 3] [--out FILE]
+    python bench/ray_vs_local.py [--files 5000] [--repeats 3] [--model PATH] [--out FILE]
 
 Scans the same N crops (hard links to real BMP crops) with ``--engine local`` and
 ``--engine ray`` (a local Ray instance started by the scan itself, as a user without a
@@ -50,10 +50,12 @@ def tree_rss_mb(root: int) -> int:
     return sum(rss.get(pid, 0) for pid in tree) // (1024 * 1024)
 
 
-def scan(share: Path, out: Path, engine: str) -> tuple[float, int]:
+def scan(share: Path, out: Path, engine: str, model: Path | None) -> tuple[float, int]:
     """Wall seconds and the peak memory of the whole process tree, sampled every 0.2 s."""
     command = [sys.executable, "-m", "smearscan", "scan", str(share), "--out", str(out),
                "--no-html", "-q", "--engine", engine]  # fmt: skip
+    if model is not None:
+        command += ["--model", str(model)]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -74,6 +76,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--model", type=Path, help="ONNX model (default: embedded)")
     args = parser.parse_args()
     share = build_share(args.work / f"share-{args.files}", args.files) / "slides"
     files = sum(1 for _ in share.rglob("*.bmp"))
@@ -81,12 +84,13 @@ def main() -> None:
     peaks: dict[str, int] = {}
     for _ in range(args.repeats):
         for engine in ("local", "ray"):
-            seconds, peak = scan(share, args.work / f"{engine}.csv", engine)
+            seconds, peak = scan(share, args.work / f"{engine}.csv", engine, args.model)
             runs[engine].append(seconds)
             peaks[engine] = max(peaks.get(engine, 0), peak)
     ratios = [local / ray for local, ray in zip(runs["local"], runs["ray"], strict=True)]
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "model": str(args.model or "embedded"),
         "files": files,
         "seconds": {k: [round(x, 2) for x in v] for k, v in runs.items()},
         "images_per_s_median": {
