@@ -3,13 +3,21 @@ ones its committed out-of-fold predictions give."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
-from smearscan.inference import load_classifier
+import numpy as np
+import pytest
+from conftest import ROOT, rows
+
+from smearscan.inference import apply_temperature, load_classifier
+from smearscan.metrics import roc_auc
 from smearscan.modelfile import (
     DEFAULT_MODEL_NAME,
     INTENDED_USE,
     KEY_DECISION,
+    KEY_ENSEMBLE,
+    KEY_METRICS,
     KEY_QC,
     default_model_path,
 )
@@ -32,3 +40,46 @@ def test_default_model_describes_itself():
     qc = json.loads(info.metadata[KEY_QC])
     assert qc["crops"] > 1000 and set(qc["limits"]) == {"default", "strict"}
     assert model.temperature > 0
+
+
+KEPT = ROOT / "export" / "default_model"
+
+
+def _out_of_fold() -> tuple[list[dict[str, str]], dict]:
+    return rows(KEPT / "oof_predictions.csv"), json.loads((KEPT / "cv.json").read_text())
+
+
+def test_the_shipped_weights_are_the_kept_fold_models():
+    """The embedded model is the average of the fold models kept in export/default_model
+    (what ``--init-from default`` fine-tunes), not some other run."""
+    ensemble = load_classifier(device="cpu").info.json_field(KEY_ENSEMBLE)
+    folds = sorted(KEPT.glob("fold_*/model.keras"))
+    assert ensemble["members"] == len(folds) == 4
+    kept = [hashlib.sha256(path.read_bytes()).hexdigest() for path in folds]
+    assert ensemble["member_sha256"] == kept
+
+
+def test_recorded_out_of_fold_metrics_follow_from_the_kept_predictions():
+    """Recompute the model card's headline numbers from the committed out-of-fold
+    predictions with the cross-fitted rules: every donor judged by a model and a
+    threshold that never saw it."""
+    predictions, report = _out_of_fold()
+    recorded = load_classifier(device="cpu").info.json_field(KEY_METRICS)["out_of_fold"]
+    assert len({r["patient"] for r in predictions}) == 48 and len(predictions) == 7529
+    truth = np.array([r["label"] == "all" for r in predictions])
+    p_all = np.array([float(r["p_all"]) for r in predictions])
+    calibrated = np.zeros(len(predictions))
+    called = np.zeros(len(predictions), dtype=bool)
+    for fold, rules in enumerate(report["per_fold_rules"]):
+        mine = np.array([int(r["fold"]) == fold for r in predictions])
+        probabilities = np.stack([p_all[mine], 1 - p_all[mine]], axis=1)
+        calibrated[mine] = apply_temperature(probabilities, rules["temperature"])[:, 0]
+        called[mine] = calibrated[mine] >= rules["threshold"]
+    assert roc_auc(truth, calibrated) == pytest.approx(recorded["roc_auc"], abs=1e-6)
+    assert (called == truth).mean() == pytest.approx(recorded["accuracy"], abs=1e-6)
+    donors = sorted({r["patient"] for r in predictions if r["label"] == "hem"})
+    patients = np.array([r["patient"] for r in predictions])
+    specificity = [1 - called[patients == d].mean() for d in donors]
+    assert len(donors) == 16
+    assert np.mean(specificity) == pytest.approx(recorded["macro_specificity"], abs=1e-3)
+    assert min(specificity) == pytest.approx(recorded["worst_specificity"], abs=1e-3)
