@@ -97,7 +97,8 @@ members = [keras.models.load_model(path, compile=False) for path in paths]
 model = members[0]
 if len(members) > 1:  # the fold models averaged, as the shipped ONNX graph does
     image = keras.Input((128, 128, 3))
-    model = keras.Model(image, keras.layers.Average()([m(image) for m in members]))
+    renamed = [keras.Model(m.input, m.output, name=f"member_{i}") for i, m in enumerate(members)]
+    model = keras.Model(image, keras.layers.Average()([m(image) for m in renamed]))
 started = time.perf_counter()
 ds = tf.keras.utils.image_dataset_from_directory(
     sys.argv[1], labels=None, image_size=(128, 128), interpolation="area", batch_size=32,
