@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from export.train import cv_folds
+
 log = logging.getLogger("export.promote")
 
 DEFAULT_TARGET = Path(__file__).parent / "default_model"
@@ -43,15 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def folds_of(run: Path) -> list[Path]:
-    return sorted(run.glob("fold_*"), key=lambda p: int(p.name.split("_")[1]))
-
-
 def promote(run: Path, target: Path) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
-    folds = folds_of(run)
+    folds = cv_folds(run)
     missing = [str(run / name) for name in ("cv.json", "oof_predictions.csv")
                if not (run / name).is_file()]  # fmt: skip
     missing += [str(f / "model.keras") for f in folds if not (f / "model.keras").is_file()]
