@@ -171,11 +171,23 @@ def test_deep_images_are_scaled_by_their_real_bit_depth(tmp_path):
 
 @pytest.mark.shared
 @pytest.mark.skipif(not SHARED_CNMC.is_dir(), reason="needs ../shared/data/cnmc")
-def test_real_crops_pass_at_the_documented_rate(tmp_path):
-    """At most 0.5 % of the 7,529 real training crops may fail the default QC."""
-    out = tmp_path / "r.csv"
-    run(["scan", str(SHARED_CNMC), "--out", str(out), "--no-html"], expect=(0, 3))
-    table = rows(out)
-    assert len(table) == 7529
-    failed = sum(r["status"] == "qc" for r in table)
-    assert failed / len(table) <= 0.005, failed
+def test_real_crops_pass_at_the_documented_rate():
+    """At most 0.5 % of the 7,529 real training crops may fail the default QC (the model
+    card documents 3). The scan's own decode-QC-preprocess stage with the shipped model's
+    limits, without inference: the QC decision does not depend on it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from smearscan.inference import load_classifier
+    from smearscan.runner import ScanRequest, plan
+    from smearscan.stages import STATUS_QC, prepare_item
+
+    request = ScanRequest(inputs=[SHARED_CNMC])
+    config = plan(request, load_classifier(device="cpu")).config
+    assert config.qc is not None and config.qc.mode == "default"
+    items = list(request.found())
+    assert len(items) == 7529
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = [result for result, _ in pool.map(lambda i: prepare_item(i, config), items)]
+    failed = [r.reason for r in results if r.status == STATUS_QC]
+    assert all(r.status in ("ok", STATUS_QC) for r in results)
+    assert len(failed) / len(results) <= 0.005, failed
