@@ -89,16 +89,10 @@ def scan_command(data: Path, model: Path | None, out_dir: Path, extra: list[str]
 KERAS_BASELINE = """
 import sys, time, os
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-from pathlib import Path
-import keras, tensorflow as tf
-run = Path(sys.argv[2])
-paths = sorted(run.glob("fold_*/model.keras")) or [run / "model.keras"]
-members = [keras.models.load_model(path, compile=False) for path in paths]
-model = members[0]
-if len(members) > 1:  # the fold models averaged, as the shipped ONNX graph does
-    image = keras.Input((128, 128, 3))
-    renamed = [keras.Model(m.input, m.output, name=f"member_{i}") for i, m in enumerate(members)]
-    model = keras.Model(image, keras.layers.Average()([m(image) for m in renamed]))
+sys.path.insert(0, sys.argv[3])
+import tensorflow as tf
+from export.train import load_parent, resolve_parent
+model = load_parent(resolve_parent(sys.argv[2]))  # a CV folder: its folds averaged, as shipped
 started = time.perf_counter()
 ds = tf.keras.utils.image_dataset_from_directory(
     sys.argv[1], labels=None, image_size=(128, 128), interpolation="area", batch_size=32,
@@ -113,8 +107,8 @@ def keras_run(data: Path, keras_model: Path) -> tuple[float, int]:
     """Wall seconds and image count of one whole-process Keras run of a run folder (a CV
     folder's fold models are averaged)."""
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", KERAS_BASELINE, str(data), str(keras_model)],
-                            capture_output=True, text=True, check=False)  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", KERAS_BASELINE, str(data), str(keras_model),
+                             str(ROOT)], capture_output=True, text=True, check=False)  # fmt: skip
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(result.stderr.strip().splitlines()[-1:])

@@ -32,6 +32,7 @@ import numpy as np
 
 from export.data import Sample, discover_dataset, load_arrays
 from export.donors import Rules, fit_rules, parse_operating_point, read_predictions
+from export.train import cv_folds
 from smearscan import __version__, qc
 from smearscan import modelfile as mf
 from smearscan.inference import apply_temperature, load_classifier
@@ -183,7 +184,7 @@ class Source:
         self.cv = (run / "cv.json").exists()
         if self.cv:
             self.report = json.loads((run / "cv.json").read_text())
-            folds = sorted(run.glob("fold_*"), key=lambda p: int(p.name.split("_")[1]))
+            folds = cv_folds(run)
             self.config = json.loads((folds[0] / "config.json").read_text())
             if args.weights == "ensemble":
                 self.members = [f / "model.keras" for f in folds]
