@@ -63,12 +63,16 @@ def augment_groups(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def build_parser(prog: str = "python -m export.train") -> argparse.ArgumentParser:
-    """The training options; ``export.cv`` reuses them for every fold."""
+def build_parser(
+    prog: str = "python -m export.train", add_help: bool = True
+) -> argparse.ArgumentParser:
+    """The training options; ``export.cv``, ``export.train_jax`` and ``export.gpu`` reuse
+    them."""
     p = argparse.ArgumentParser(
         prog=prog,
         description=__doc__.split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        add_help=add_help,
     )
     p.add_argument("--data", required=True, type=Path, help="folder tree: .../<label>/<image>")
     p.add_argument("--out", required=True, type=Path, help="run folder to create")
