@@ -1,6 +1,7 @@
 """Throughput benchmarks for smearscan (scripts, not tests).
 
     python bench/throughput.py [--images 2000] [--model PATH] [--keras-run DIR] [--out FILE]
+    python bench/throughput.py --qc-only --repeats 7 --out bench/results-qc.json
 
 Measures, on this machine, in one run:
   1. end-to-end ``smearscan scan`` images/s over N real 450x450 BMP crops, against the
@@ -13,6 +14,8 @@ Measures, on this machine, in one run:
   3. the cost of quality control: per crop (ms) and end to end, ``--qc default`` against
      ``--qc off`` in alternating whole-process runs;
   4. ``smearscan --help`` wall time.
+``--qc-only`` runs 3 alone (and the per-crop cost of the CPU stage), for a check of quality
+control's cost that does not need the rest.
 Crops are written from ../shared/data/cnmc when present, else from tests/fixtures.
 """
 
@@ -232,6 +235,7 @@ def qc_cost(data: Path, model: Path | None, work: Path, repeats: int) -> dict:
     ratios = [a / b for a, b in zip(on, off, strict=True)]
     return {"seconds_qc_default": [round(x, 2) for x in on],
             "seconds_qc_off": [round(x, 2) for x in off],
+            "slowdown_per_pair": [round(r - 1, 4) for r in ratios],
             "slowdown_median": round(statistics.median(ratios) - 1, 4)}  # fmt: skip
 
 
@@ -256,6 +260,8 @@ def main() -> None:
     parser.add_argument("--scan-args", default="", help="extra smearscan scan arguments")
     parser.add_argument("--repeats", type=int, default=3,
                         help="whole-process runs of each (medians)")  # fmt: skip
+    parser.add_argument("--qc-only", action="store_true",
+                        help="measure only the cost of quality control")  # fmt: skip
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     data = write_crops(args.work / f"crops-{args.images}", args.images)
@@ -263,6 +269,11 @@ def main() -> None:
         "machine": f"{platform.machine()}, {cores} cores, {platform.python_version()}",
         "images": args.images,
     }
+    if args.qc_only:
+        results["preprocess_only"] = preprocess_only(data, args.model, cores)
+        results["quality_control_cost"] = qc_cost(data, args.model, args.work, args.repeats)
+        emit(results, args.out)
+        return
     keras_model = args.keras_run
     have_tf = importlib.util.find_spec("tensorflow") is not None
     command = scan_command(data, args.model, args.work, args.scan_args.split())
@@ -281,10 +292,14 @@ def main() -> None:
     results["in_run_share_of_limit"] = round(e2e["in_run_images_per_s"] / limit, 3)
     results["quality_control_cost"] = qc_cost(data, args.model, args.work, max(3, args.repeats))
     results["help_seconds_min_of_5"] = help_time()
+    emit(results, args.out)
+
+
+def emit(results: dict, out: Path | None) -> None:
     text = json.dumps(results, indent=2)
     print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    if out:
+        out.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from conftest import SHARED_CNMC, TINY_3CLASS, fixture_images, read_bgr, rows, r
 from smearscan.exitstatus import ExitStatus
 from smearscan.inference import load_classifier
 from smearscan.modelfile import KEY_QC
-from smearscan.preprocess import framed_and_resized, gray_of
+from smearscan.preprocess import Recipe, framed_and_resized, gray_of
 from smearscan.qc import QualityControl, fit, measure
 
 
@@ -151,6 +151,44 @@ def test_limits_round_trip_through_metadata():
     assert metadata["crops"] == 24 and set(metadata["limits"]) == {"default", "strict"}
     assert all(control.reasons(f) == [] for f in features)  # its own crops pass
     assert QualityControl.from_metadata(None, "default") is None
+
+
+def _reference_features(gray: np.ndarray, resized: np.ndarray) -> tuple:
+    """The QC features written plainly (numpy, default labelling, two 3x3 erosions): the
+    measurement the shipped model's limits were fitted with."""
+    small = (gray[::4, ::4] > 12).astype(np.uint8)
+    count, labels = cv2.connectedComponents(small, connectivity=8)
+    areas = np.bincount(labels.ravel(), minlength=count)[1:]
+    largest = int(areas.max())
+    high, low = resized.max(axis=2), resized.min(axis=2)
+    cell = high > 12
+    grey = cv2.cvtColor(resized, cv2.COLOR_RGB2GRAY)
+    inner = cv2.erode(cv2.erode(cell.astype(np.uint8), np.ones((3, 3), np.uint8)),
+                      np.ones((3, 3), np.uint8)).astype(bool)  # fmt: skip
+    laplacian = cv2.Laplacian(grey, cv2.CV_32F, ksize=3)[inner].astype(np.float64)
+    return (
+        largest * 16.0,
+        int((areas >= 0.25 * largest).sum()),
+        (high.astype(int) - low)[cell].mean(),
+        grey[cell].mean(),
+        (high[cell] >= 250).mean(),
+        laplacian.var(),
+    )
+
+
+def test_the_fast_measurement_matches_a_plain_reference():
+    """The limits in the model file were fitted with this measurement: a faster one must
+    give the same features (synthetic two-cell and speck crops included)."""
+    images = [read_bgr(p) for p in fixture_images()]
+    images += [_two_cells(images[0]), _speck(images[1])]
+    for image in images:
+        gray = gray_of(image, "bgr")
+        resized = framed_and_resized(image, Recipe(), "bgr", gray)
+        f = measure(gray, resized, 12)
+        expected = _reference_features(gray, resized)
+        got = (f.area, f.objects, f.chroma, f.brightness, f.clipped, f.focus)
+        assert got[:2] == expected[:2]
+        assert np.allclose(got[2:], expected[2:], rtol=1e-4, atol=1e-6), (got, expected)
 
 
 def test_deep_images_are_scaled_by_their_real_bit_depth(tmp_path):
