@@ -6,7 +6,9 @@ Each fold's model sees its own out-of-fold donors (up to 40 crops of each, a fix
 every donor counts, as in the CV), decoded and then shifted before the
 scanner's preprocessing (the shift acts on the raw crop, as a different microscope, focus,
 exposure or stain would): the cell rescaled around the frame centre, Gaussian blur, an
-unsharp mask, brightness, gamma, a haematoxylin/eosin stain jitter and a hue shift. Labels
+unsharp mask, brightness, gamma, a haematoxylin/eosin stain jitter, a hue shift and JPEG
+compression (quality 75, as many tools export; added after the first recipes were compared,
+so their reports lack it). Labels
 use each fold's cross-fitted rules from ``cv.json``. Per shift it reports weighted F1,
 sensitivity, specificity, donor-macro specificity, slide calls and label agreement with the
 unshifted crops, and checks the targets: at 0.8x and 1.25x at least 90 % of labels unchanged
@@ -72,6 +74,14 @@ def unsharp(image: np.ndarray, sigma: float = 2.0, amount: float = 1.0) -> np.nd
     return cv2.addWeighted(image, 1 + amount, blurred, -amount, 0)
 
 
+def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
+    """The crop saved as JPEG and read back: a lab exporting crops with a lossy codec."""
+    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return cv2.imdecode(data, cv2.IMREAD_COLOR)
+
+
 def shifts(seed: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     """Name -> function on a decoded BGR crop; ``seed`` makes the stain jitter repeatable
     per image."""
@@ -90,6 +100,7 @@ def shifts(seed: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
         "gamma 1.25": lambda im: photometric(im, gamma=1.25),
         "stain jitter": lambda im: stain_jitter(im, rng),
         "hue +8 degrees": lambda im: hue_shift(im, 8),
+        "jpeg quality 75": lambda im: jpeg(im, 75),
     }
 
 
@@ -110,7 +121,7 @@ def shifted_inputs(paths: list[str], recipe: Recipe, workers: int) -> dict[str, 
 
 
 #: Crops per donor the suite evaluates (a fixed sample): donor-level numbers need every
-#: donor, not every crop, and 13 shifted copies of 7,529 crops cost more than the training.
+#: donor, not every crop, and 14 shifted copies of 7,529 crops cost more than the training.
 PER_DONOR = 40
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_3CLASS, fixture_images, image_files, rows, run
+from conftest import CNMC, TINY_3CLASS, fixture_images, image_files, rows, run
 
 from smearscan.exitstatus import ExitStatus
 from smearscan.modelfile import default_model_path, file_sha256
@@ -41,12 +41,24 @@ def test_clean_scan_reports_every_cell(slide_tree, tmp_path):
         assert slide["call"] == "insufficient"  # 4 cells each: fewer than the 10 a call needs
     assert out.with_name("report.html").stat().st_size > 1000
     assert "execution provider CPUExecutionProvider" in result.log
-    assert "WARNING" not in result.log  # a CPU-only machine is normal, not a warning
+    # a CPU-only machine is normal, not a warning; the tree's two JPEG crops are
+    warnings = [line for line in result.log.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and "2 of 8 files are JPEG" in warnings[0]
+    assert summary["overall"]["jpeg_files"] == 2
+    assert 'id="jpeg"' in out.with_name("report.html").read_text()
     assert (
         result.log.strip()
         .splitlines()[-1]
         .startswith("smearscan done: 8 files, 8 ok, 0 failed QC, 0 errors, 0 pending")
     )
+
+
+def test_lossless_crops_get_no_jpeg_notice(tmp_path):
+    out = tmp_path / "r.csv"
+    result = run(["scan", str(CNMC), "--out", str(out)])  # lossless WebP
+    assert json.loads(out.with_name("r.summary.json").read_text())["overall"]["jpeg_files"] == 0
+    assert "JPEG" not in result.log
+    assert 'id="jpeg"' not in out.with_name("r.html").read_text()
 
 
 def test_messy_folder_gets_one_row_per_file_and_keeps_going(messy_tree, tmp_path):
@@ -159,7 +171,8 @@ def test_cuda_request_fails_loudly_without_cuda(tmp_path, slide_tree):
                  expect=ExitStatus.ERROR)  # fmt: skip
     assert "CUDA was requested" in result.log
     auto = run(["scan", str(slide_tree), "--out", str(tmp_path / "r.csv"), "--device", "auto"])
-    assert "CUDA not available; running on CPU" in auto.log and "WARNING" not in auto.log
+    assert "CUDA not available; running on CPU" in auto.log
+    assert not [line for line in auto.log.splitlines() if "WARNING" in line and "JPEG" not in line]
 
 
 def test_files_from_stdin_reports_missing_files(tmp_path, slide_tree):

@@ -285,7 +285,7 @@ def test_the_shift_suite_covers_every_shift_and_checks_the_targets(tiny_cv):
     names = set(report["shifts"])
     assert {"none", "scale 0.8x", "scale 1.25x", "scale 1.4x", "blur sigma 1", "blur sigma 2",
             "unsharp mask", "brightness +15%", "brightness -15%", "gamma 0.8", "gamma 1.25",
-            "stain jitter", "hue +8 degrees"} == names  # fmt: skip
+            "stain jitter", "hue +8 degrees", "jpeg quality 75"} == names  # fmt: skip
     assert report["shifts"]["none"]["agreement"] == 1.0
     assert report["targets"]["scale 0.8x"]["rule"].startswith("agreement >= 0.9")
     assert "| shift |" in (tiny_cv / "shift.md").read_text()
@@ -298,6 +298,9 @@ def test_the_shift_suite_covers_every_shift_and_checks_the_targets(tiny_cv):
     area = lambda im: int((im.max(axis=2) > 12).sum())  # noqa: E731
     assert area(smaller) == pytest.approx(area(cell) * 0.64, rel=0.05)
     assert (shift.photometric(cell, 1.15)[cell.max(axis=2) <= 12] == 0).all()
+    compressed = shift.jpeg(cell, 75)
+    assert compressed.shape == cell.shape
+    assert 0 < np.abs(compressed.astype(int) - cell).mean() < 5  # lossy, but the same cell
     del cv2
 
 
