@@ -13,6 +13,11 @@ from __future__ import annotations
 import numpy as np
 
 GROUPS = ("flips", "scale", "photometric", "stain", "focus")
+#: Groups outside ``full`` (asked for by name, e.g. ``full,jpeg``): ``jpeg`` saves half the
+#: drawn raw crops as JPEG at a random quality and reads them back, the codec many labs
+#: export with (the shipped model's worst shift).
+EXTRA_GROUPS = ("jpeg",)
+JPEG_QUALITY = (50, 95)
 
 #: Ruifrok & Johnston's haematoxylin/eosin/DAB stain vectors (rows: optical density per RGB).
 RGB_FROM_HED = np.array(
@@ -46,17 +51,31 @@ def rescale(image: np.ndarray, factor: float) -> np.ndarray:
 
 
 def parse_groups(text: str) -> tuple[str, ...]:
-    """``none``, ``full`` (every group) or a comma-separated subset of :data:`GROUPS`."""
+    """``none``, ``full`` (every group of :data:`GROUPS`) or a comma-separated list of groups,
+    where ``full`` may stand for those and :data:`EXTRA_GROUPS` be added (``full,jpeg``)."""
     text = text.strip().lower()
     if text == "none":
         return ()
-    if text == "full":
-        return GROUPS
-    groups = tuple(part.strip() for part in text.split(",") if part.strip())
-    unknown = sorted(set(groups) - set(GROUPS))
+    groups: list[str] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        for group in GROUPS if part == "full" else (part,):
+            if group not in groups:
+                groups.append(group)
+    known = GROUPS + EXTRA_GROUPS
+    unknown = sorted(set(groups) - set(known))
     if unknown:
-        raise ValueError(f"unknown augmentation(s) {unknown}: use none, full or {GROUPS}")
-    return groups
+        raise ValueError(f"unknown augmentation(s) {unknown}: use none, full or {known}")
+    return tuple(groups)
+
+
+def jpeg_roundtrip(image: np.ndarray, quality: int) -> np.ndarray:
+    """A decoded crop saved as JPEG at ``quality`` and read back (same channel order)."""
+    import cv2
+
+    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return cv2.imdecode(data, cv2.IMREAD_COLOR)
 
 
 def _gaussian_kernel(tf, sigma):

@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 
 from export.augment import HED_FROM_RGB, RGB_FROM_HED, rescale
+from export.augment import jpeg_roundtrip as jpeg
 from export.data import discover_dataset
 from export.donors import Predictions, donor_rows, summary_of
 from smearscan.inference import apply_temperature
@@ -72,14 +73,6 @@ def hue_shift(image: np.ndarray, degrees: float) -> np.ndarray:
 def unsharp(image: np.ndarray, sigma: float = 2.0, amount: float = 1.0) -> np.ndarray:
     blurred = cv2.GaussianBlur(image, (0, 0), sigma)
     return cv2.addWeighted(image, 1 + amount, blurred, -amount, 0)
-
-
-def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
-    """The crop saved as JPEG and read back: a lab exporting crops with a lossy codec."""
-    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise ValueError("JPEG encoding failed")
-    return cv2.imdecode(data, cv2.IMREAD_COLOR)
 
 
 def shifts(seed: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.augment import GROUPS, make_augmenter, parse_groups
+from export.augment import EXTRA_GROUPS, GROUPS, make_augmenter, parse_groups
 from export.data import Sample, discover_dataset, load_arrays, split_by_patient
 from smearscan.metrics import classification_metrics
 from smearscan.preprocess import Recipe
@@ -122,7 +122,8 @@ def build_parser(
         "--augment",
         type=augment_groups,
         default="full",
-        help=f"none, full, or a comma-separated subset of {','.join(GROUPS)}",
+        help=f"none, full, or a comma-separated list of {','.join(GROUPS + EXTRA_GROUPS)} "
+        "('full' stands for all but the extra jpeg: 'full,jpeg' adds it)",
     )
     p.add_argument(
         "--scale-at",
@@ -275,21 +276,26 @@ def load_split(
 class RawRescaler:
     """Training crops decoded again at every draw, rescaled by a random factor around the
     frame centre and then preprocessed by the scanner's own function: the scale
-    augmentation acts where a different magnification would. The encoded bytes stay in
-    memory (about 25 kB a crop)."""
+    augmentation acts where a different magnification would. With ``jpeg``, half the draws
+    are also saved as JPEG (quality drawn from ``augment.JPEG_QUALITY``) and read back
+    first, as a lab's export would. The encoded bytes stay in memory (about 25 kB a crop)."""
 
-    def __init__(self, samples: list[Sample], recipe: Recipe, scale_range) -> None:
+    def __init__(self, samples: list[Sample], recipe: Recipe, scale_range,
+                 jpeg: bool = False) -> None:  # fmt: skip
         self.data = [sample.path.read_bytes() for sample in samples]
         self.recipe = recipe
         self.low, self.high = np.log(scale_range[0]), np.log(scale_range[1])
+        self.jpeg = jpeg
 
     def __call__(self, index, seed) -> np.ndarray:
-        from export.augment import rescale
+        from export.augment import JPEG_QUALITY, jpeg_roundtrip, rescale
         from smearscan.preprocess import decode_image, preprocess
 
         rng = np.random.default_rng(int(seed))
         image = decode_image(self.data[int(index)], order="bgr")
         factor = float(np.exp(rng.uniform(self.low, self.high)))
+        if self.jpeg and rng.random() < 0.5:
+            image = jpeg_roundtrip(image, int(rng.integers(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1)))
         model_input = preprocess(rescale(image, factor), self.recipe, order="bgr")
         return np.round(model_input * 255.0).astype(np.uint8)
 
@@ -311,8 +317,8 @@ def make_dataset(
     instead of taken from ``x``."""
     autotune = tf.data.AUTOTUNE
     size = x.shape[1]
-    groups = args.augment
-    if rescaler is not None:
+    groups = tuple(g for g in args.augment if g != "jpeg")  # jpeg: on the raw crop
+    if rescaler is not None and getattr(args, "scale_at", "raw") == "raw":
         groups = tuple(g for g in groups if g != "scale")  # done on the raw crop
     augment = make_augmenter(tf, groups, args.scale_range, size,
                              getattr(args, "augment_strength", 1.0))  # fmt: skip
@@ -662,8 +668,10 @@ def train(args: argparse.Namespace) -> dict:
 
     val_ds = make_dataset(tf, x_val, y_val, len(labels), args, training=False, rng=rng)
     rescaler = None
-    if "scale" in args.augment and args.scale_at == "raw":
-        rescaler = RawRescaler(train_samples, recipe, args.scale_range)
+    if "jpeg" in args.augment or ("scale" in args.augment and args.scale_at == "raw"):
+        scaling = "scale" in args.augment and args.scale_at == "raw"
+        rescaler = RawRescaler(train_samples, recipe, args.scale_range if scaling else (1, 1),
+                               jpeg="jpeg" in args.augment)  # fmt: skip
     average = WeightAverage(model, args.ema) if args.ema > 0 else None
     callbacks = [average.callback()] if average else []
     # a donor-balanced draw of clean crops (epoch_indices shuffles: the first N are a random

@@ -512,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     if keras.backend.backend() != "jax":
         log.error("set KERAS_BACKEND=jax (this is %s)", keras.backend.backend())
         return 2
+    if "jpeg" in args.augment:
+        log.error("--augment jpeg acts on the raw crops, which a pack does not carry")
+        return 2
     if args.init_from or args.balance != "donors":
         log.error("the JAX trainer supports neither --init-from nor --balance other than donors")
         return 2

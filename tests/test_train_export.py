@@ -66,6 +66,26 @@ def test_donor_balanced_epochs_give_every_donor_the_same_draws():
     assert (y[indices] == 0).sum() == (y[indices] == 1).sum()
 
 
+def test_jpeg_augmentation_is_asked_for_by_name_and_recompresses_raw_crops():
+    from conftest import CNMC
+
+    from export.augment import parse_groups
+    from export.data import discover_dataset
+
+    assert parse_groups("full") == ("flips", "scale", "photometric", "stain", "focus")
+    assert parse_groups("full,jpeg")[-1] == "jpeg" and "jpeg" not in parse_groups("full")
+    with pytest.raises(ValueError, match="unknown"):
+        parse_groups("full,jpg")
+    samples = discover_dataset(CNMC)[:1]
+    plain = train.RawRescaler(samples, Recipe(), (1, 1))
+    lossy = train.RawRescaler(samples, Recipe(), (1, 1), jpeg=True)
+    changed = [not np.array_equal(plain(0, seed), lossy(0, seed)) for seed in range(20)]
+    assert 3 <= sum(changed) <= 17  # about half the draws are recompressed
+    first = next(seed for seed, c in enumerate(changed) if c)
+    difference = np.abs(plain(0, first).astype(int) - lossy(0, first)).mean()
+    assert 0 < difference < 5  # the same cell, with the codec's loss
+
+
 def test_export_parity_metadata_and_scan(tiny_run, tmp_path, slide_tree):
     model_path = tmp_path / "model.onnx"
     assert to_onnx.main([str(tiny_run), "--out", str(model_path), "--parity-images", "8"]) == 0
