@@ -151,40 +151,12 @@ def load_weights(model, paths: list[Path]) -> None:
 def write_fold_config(args: argparse.Namespace, split: training.SplitArrays, params: int,
                       origin: dict) -> None:  # fmt: skip
     """The fold's config.json as ``export.train`` writes it, plus where the model came from."""
-    from dataclasses import asdict
-
-    arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    arguments["augment"] = ",".join(args.augment) or "none"
-    arguments["scale_range"] = list(args.scale_range)
+    architecture = training.architecture_of(args, f"vgg{args.depth}_w{args.width:g}", params)
     recipe = training.recipe_from_args(args)
-    config = {
-        "name": args.out.name,
-        "args": arguments,
-        "labels": split.labels,
-        "positive_class": "all" if "all" in split.labels else split.labels[0],
-        "recipe": asdict(recipe),
-        "architecture": {
-            "name": f"vgg{args.depth}_w{args.width:g}",
-            "depth": args.depth,
-            "width": args.width,
-            "pooling": args.pooling,
-            "dense": args.dense,
-            "batch_norm": args.batch_norm,
-            "initializer": args.init,
-            "params": params,
-        },
-        "parent": None,
-        "trained_by": origin,
-        "split": {
-            "method": f"patient-disjoint, stratified by class, {args.folds} folds, fold "
-            f"{args.fold} validates, split seed {args.split_seed}",
-            "train_patients": sorted({s.patient for s in split.train_samples}),
-            "val_patients": sorted({s.patient for s in split.val_samples}),
-            "train_images": len(split.train_samples),
-            "val_images": len(split.val_samples),
-        },
-        "data": str(args.data),
-    }
+    config = training.run_config(
+        args, split.labels, recipe, architecture, None, split.train_samples, split.val_samples
+    )
+    config["trained_by"] = origin
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "config.json").write_text(json.dumps(config, indent=2))
 

@@ -629,41 +629,10 @@ def train(args: argparse.Namespace) -> dict:
         class_weight = {i: len(y_train) / (len(labels) * max(c, 1)) for i, c in enumerate(counts)}
 
     args.out.mkdir(parents=True, exist_ok=True)
-    arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    arguments["augment"] = ",".join(args.augment) or "none"
-    arguments["scale_range"] = list(args.scale_range)
-    architecture = (parent or {}).get("architecture") or {
-        "name": model.name,
-        "depth": args.depth,
-        "width": args.width,
-        "pooling": args.pooling,
-        "dense": args.dense,
-        "batch_norm": args.batch_norm,
-        "initializer": args.init,
-        "params": int(model.count_params()),
-    }
-    config = {
-        "name": args.out.name,
-        "args": arguments,
-        "labels": labels,
-        "positive_class": positive,
-        "recipe": asdict(recipe),
-        "architecture": architecture,
-        "parent": parent,
-        "split": {
-            "method": (
-                f"patient-disjoint, stratified by class, {args.folds} folds, fold {args.fold}"
-                f" validates, split seed {args.split_seed}"
-                if validating
-                else "every patient in training (no validation split)"
-            ),
-            "train_patients": sorted({s.patient for s in train_samples}),
-            "val_patients": sorted({s.patient for s in val_samples}),
-            "train_images": len(train_samples),
-            "val_images": len(val_samples),
-        },
-        "data": str(args.data),
-    }
+    architecture = (parent or {}).get("architecture") or architecture_of(
+        args, model.name, int(model.count_params())
+    )
+    config = run_config(args, labels, recipe, architecture, parent, train_samples, val_samples)
     (args.out / "config.json").write_text(json.dumps(config, indent=2))
 
     val_ds = make_dataset(tf, x_val, y_val, len(labels), args, training=False, rng=rng)
@@ -767,6 +736,58 @@ def train(args: argparse.Namespace) -> dict:
     else:
         log.info("trained on every patient; wrote %s", args.out)
     return summary
+
+
+def architecture_of(args: argparse.Namespace, name: str, params: int) -> dict:
+    return {
+        "name": name,
+        "depth": args.depth,
+        "width": args.width,
+        "pooling": args.pooling,
+        "dense": args.dense,
+        "batch_norm": args.batch_norm,
+        "initializer": args.init,
+        "params": params,
+    }
+
+
+def run_config(
+    args: argparse.Namespace,
+    labels: list[str],
+    recipe: Recipe,
+    architecture: dict,
+    parent: dict | None,
+    train_samples: list[Sample],
+    val_samples: list[Sample],
+) -> dict:
+    """A training run's config.json: options, labels, preprocessing, network and split (what
+    ``export.cv`` checks before reusing a fold and ``export.to_onnx`` reads)."""
+    arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    arguments["augment"] = ",".join(args.augment) or "none"
+    arguments["scale_range"] = list(args.scale_range)
+    validating = bool(val_samples)
+    return {
+        "name": args.out.name,
+        "args": arguments,
+        "labels": labels,
+        "positive_class": "all" if "all" in labels else labels[0],
+        "recipe": asdict(recipe),
+        "architecture": architecture,
+        "parent": parent,
+        "split": {
+            "method": (
+                f"patient-disjoint, stratified by class, {args.folds} folds, fold {args.fold}"
+                f" validates, split seed {args.split_seed}"
+                if validating
+                else "every patient in training (no validation split)"
+            ),
+            "train_patients": sorted({s.patient for s in train_samples}),
+            "val_patients": sorted({s.patient for s in val_samples}),
+            "train_images": len(train_samples),
+            "val_images": len(val_samples),
+        },
+        "data": str(args.data),
+    }
 
 
 def save_model(model, path: Path) -> None:
