@@ -4,8 +4,8 @@
         [--crop bbox --scale-range 0.8,1.1 ... any python -m export.train option]
 
 For a GPU machine that has JAX but not TensorFlow (whose wheel is too large to carry): the
-crops arrive as one packed file (``python -m export.gpu pack``, which also fixes the folds
-with the CPU protocol's own split), and the recipe of ``export.train`` runs with its
+crops arrive packed (``python -m export.gpu pack``: lossless, in one file or several parts,
+with the folds of the CPU protocol's own split), and the recipe of ``export.train`` runs with its
 augmentation inside the jitted training step: donor-balanced draws, flips, photometric,
 HED stain and hue, focus, Adam with cosine decay, the weight average (EMA) and batch-norm
 re-estimation before every evaluation. Differences from the CPU trainer are stated, not

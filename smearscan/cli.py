@@ -319,9 +319,9 @@ def cli(ctx: click.Context) -> None:
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1, max=4096),
-    default=32,
+    default=None,
     envvar="SMEARSCAN_BATCH_SIZE",
-    show_default=True,
+    help="Crops per model call [default: 8 on CPU, where small batches stay in cache; 32 on CUDA].",
 )
 @threshold_option
 @_apply(slide_options)
@@ -644,8 +644,8 @@ class _Progress:
 @_apply(slide_options)
 @qc_option
 @click.option("--tta", is_flag=True, help="Average flips and 90° rotations.")
-@click.option("--batch-size", type=click.IntRange(min=1, max=4096), default=32,
-              show_default=True)  # fmt: skip
+@click.option("--batch-size", type=click.IntRange(min=1, max=4096), default=None,
+              help="Crops per model call [default: 8 on CPU, 32 on CUDA].")  # fmt: skip
 @click.option("-q", "--quiet", is_flag=True)
 @click.pass_obj
 def evaluate(env: Environment, root, labels_csv, report_dir, model, device, threshold,

@@ -352,3 +352,14 @@ def test_labels_follow_the_models_own_operating_point(tmp_path, slide_tree):
     summary = json.loads(out.with_name("r.summary.json").read_text())
     assert summary["decision"]["threshold"] == threshold
     assert summary["decision"]["slide_rule"] == decision["slide"]["rule"]
+
+
+def test_the_default_batch_follows_the_provider_in_use():
+    """Small batches on CPU (faster there, and a third of the memory with the four-network
+    model); an explicit size wins."""
+    from smearscan.inference import load_classifier
+    from smearscan.runner import CPU_BATCH_SIZE, ScanOptions, batch_size_for
+
+    classifier = load_classifier(None, device="cpu")
+    assert batch_size_for(ScanOptions(), classifier) == CPU_BATCH_SIZE == 8
+    assert batch_size_for(ScanOptions(batch_size=3), classifier) == 3
