@@ -321,7 +321,8 @@ def cli(ctx: click.Context) -> None:
     type=click.IntRange(min=1, max=4096),
     default=None,
     envvar="SMEARSCAN_BATCH_SIZE",
-    help="Crops per model call [default: 8 on CPU, where small batches stay in cache; 32 on CUDA].",
+    help="Crops per model call [default: 8 on CPU, where small batches stay in cache; 32 "
+    "on CUDA and with --engine ray].",
 )
 @threshold_option
 @_apply(slide_options)
