@@ -28,8 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from export.augment import HED_FROM_RGB, RGB_FROM_HED, rescale
-from export.augment import jpeg_roundtrip as jpeg
+from export.augment import HED_FROM_RGB, RGB_FROM_HED, jpeg_roundtrip, rescale
 from export.data import discover_dataset
 from export.donors import Predictions, donor_rows, summary_of
 from smearscan.inference import apply_temperature
@@ -93,7 +92,7 @@ def shifts(seed: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
         "gamma 1.25": lambda im: photometric(im, gamma=1.25),
         "stain jitter": lambda im: stain_jitter(im, rng),
         "hue +8 degrees": lambda im: hue_shift(im, 8),
-        "jpeg quality 75": lambda im: jpeg(im, 75),
+        "jpeg quality 75": lambda im: jpeg_roundtrip(im, 75),
     }
 
 

@@ -637,9 +637,9 @@ def train(args: argparse.Namespace) -> dict:
 
     val_ds = make_dataset(tf, x_val, y_val, len(labels), args, training=False, rng=rng)
     rescaler = None
-    if "jpeg" in args.augment or ("scale" in args.augment and args.scale_at == "raw"):
-        scaling = "scale" in args.augment and args.scale_at == "raw"
-        rescaler = RawRescaler(train_samples, recipe, args.scale_range if scaling else (1, 1),
+    raw_scale = "scale" in args.augment and args.scale_at == "raw"
+    if raw_scale or "jpeg" in args.augment:
+        rescaler = RawRescaler(train_samples, recipe, args.scale_range if raw_scale else (1, 1),
                                jpeg="jpeg" in args.augment)  # fmt: skip
     average = WeightAverage(model, args.ema) if args.ema > 0 else None
     callbacks = [average.callback()] if average else []

@@ -241,21 +241,22 @@ def plan(request: ScanRequest, classifier: Classifier) -> RunPlan:
     return RunPlan(policy, qc, qc_text, config)
 
 
-def batch_size_for(options: ScanOptions, classifier: Classifier) -> int:
-    """The batch size asked for, or the default of the provider really in use."""
+def batch_size_for(options: ScanOptions, classifier: Classifier, engine: str = "local") -> int:
+    """The batch size asked for, or the default of the engine and the provider really in use."""
     if options.batch_size is not None:
         return max(1, options.batch_size)
+    if engine == "ray":
+        return RAY_BATCH_SIZE
     return CUDA_BATCH_SIZE if classifier.provider == CUDA else CPU_BATCH_SIZE
 
 
 def make_engine(name: str, plan_: RunPlan, classifier: Classifier, request: ScanRequest,
                 ray_address: str | None = None):  # fmt: skip
     options = request.options
-    batch_size = batch_size_for(options, classifier)
+    batch_size = batch_size_for(options, classifier, name)
     if name == "ray":
         from smearscan.engines.ray import RayEngine
 
-        batch_size = options.batch_size or RAY_BATCH_SIZE
         return RayEngine(plan_.config, classifier, batch_size, options.tta,
                          address=ray_address)  # fmt: skip
     from smearscan.engines.local import LocalEngine
@@ -311,7 +312,9 @@ def run_scan(
         try:
             counters = Counters()
             selected = store.select(request.found(), request.min_age, counters)
-            batch = batch_size_for(request.options, classifier)
+            # commit once per batch of the engine in use
+            batch = getattr(engine, "batch_size", None) or batch_size_for(request.options,
+                                                                          classifier)  # fmt: skip
             for index, result in enumerate(notify(engine.run(selected, stop)), start=1):
                 store.record(result)
                 if index % batch == 0:
