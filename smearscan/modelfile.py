@@ -221,7 +221,8 @@ def describe(info: ModelInfo) -> str:
     qc = field_of(KEY_QC)
     if qc:
         lines.append(f"quality      limits fitted on {qc.get('crops')} crops "
-                     f"({qc.get('fitted_on')}); default range per feature:")  # fmt: skip
+                     f"({qc.get('fitted_on')}) with QC measurement version "
+                     f"{qc.get('version', 1)}; default range per feature:")  # fmt: skip
         for name, (low, high) in qc.get("limits", {}).get("default", {}).items():
             low_text = "-" if low is None else f"{low:.4g}"
             high_text = "-" if high is None else f"{high:.4g}"

@@ -27,7 +27,7 @@ from smearscan.inference import CUDA, BatchPredictor, Classifier
 from smearscan.modelfile import KEY_QC
 from smearscan.policy import DecisionPolicy, policy_for_model
 from smearscan.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from smearscan.qc import QualityControl
+from smearscan.qc import QC_VERSION, QualityControl
 from smearscan.results import STATUS_ERROR, STATUS_OK, STATUS_QC, CellResult
 from smearscan.sinks.html import write_html
 from smearscan.sinks.rows import FORMATS, RowWriter
@@ -237,6 +237,12 @@ def plan(request: ScanRequest, classifier: Classifier) -> RunPlan:
                     "python -m export.to_onnx to add them)", info.name)  # fmt: skip
     else:
         qc_text = f"{request.qc_mode} limits of the model file"
+        if qc.outdated:
+            qc_text += f" (fitted with QC measurement version {qc.fitted_version})"
+            log.warning("%s's quality-control limits were fitted with measurement version %d; "
+                        "they are applied to version %d's measurements, which differ slightly "
+                        "(export the model again with python -m export.to_onnx to refit them)",
+                        info.name, qc.fitted_version, QC_VERSION)  # fmt: skip
     config = StageConfig(info.recipe, qc, request.options.max_pixels, request.options.max_bytes)
     return RunPlan(policy, qc, qc_text, config)
 

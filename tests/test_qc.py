@@ -15,7 +15,7 @@ from conftest import SHARED_CNMC, TINY_3CLASS, fixture_images, read_bgr, rows, r
 
 from smearscan.exitstatus import ExitStatus
 from smearscan.inference import load_classifier
-from smearscan.modelfile import KEY_QC
+from smearscan.modelfile import KEY_QC, default_model_path
 from smearscan.preprocess import Recipe, framed_and_resized, gray_of
 from smearscan.qc import QualityControl, fit, measure
 
@@ -154,33 +154,37 @@ def test_limits_round_trip_through_metadata():
 
 
 def _reference_features(gray: np.ndarray, resized: np.ndarray) -> tuple:
-    """The QC features written plainly (numpy, default labelling, two 3x3 erosions): the
-    measurement the shipped model's limits were fitted with."""
-    small = (gray[::4, ::4] > 12).astype(np.uint8)
+    """The QC features (measurement version 2) written plainly: numpy, default labelling,
+    two 3x3 erosions, per-pixel masks."""
+    small = (gray[::8, ::8] > 12).astype(np.uint8)
     count, labels = cv2.connectedComponents(small, connectivity=8)
     areas = np.bincount(labels.ravel(), minlength=count)[1:]
     largest = int(areas.max())
-    high, low = resized.max(axis=2), resized.min(axis=2)
-    cell = high > 12
     grey = cv2.cvtColor(resized, cv2.COLOR_RGB2GRAY)
+    cell = grey > 12
+    mean_colour = resized[cell].astype(np.float64).mean(axis=0)
     inner = cv2.erode(cv2.erode(cell.astype(np.uint8), np.ones((3, 3), np.uint8)),
                       np.ones((3, 3), np.uint8)).astype(bool)  # fmt: skip
     laplacian = cv2.Laplacian(grey, cv2.CV_32F, ksize=3)[inner].astype(np.float64)
     return (
-        largest * 16.0,
+        largest * 64.0,
         int((areas >= 0.25 * largest).sum()),
-        (high.astype(int) - low)[cell].mean(),
-        grey[cell].mean(),
-        (high[cell] >= 250).mean(),
-        laplacian.var(),
+        mean_colour.max() - mean_colour.min(),
+        float(mean_colour @ np.array([0.299, 0.587, 0.114])),
+        ((resized >= 250).any(axis=2) & cell).sum() / cell.sum(),
+        laplacian.var() if inner.any() else 0.0,  # a speck has no interior
     )
+
+
+def _burnt(image: np.ndarray) -> np.ndarray:
+    return np.clip(image.astype(np.int32) * 3, 0, 255).astype(np.uint8)
 
 
 def test_the_fast_measurement_matches_a_plain_reference():
     """The limits in the model file were fitted with this measurement: a faster one must
-    give the same features (synthetic two-cell and speck crops included)."""
+    give the same features (synthetic two-cell, speck and burnt crops included)."""
     images = [read_bgr(p) for p in fixture_images()]
-    images += [_two_cells(images[0]), _speck(images[1])]
+    images += [_two_cells(images[0]), _speck(images[1]), _burnt(images[2])]
     for image in images:
         gray = gray_of(image, "bgr")
         resized = framed_and_resized(image, Recipe(), "bgr", gray)
@@ -189,6 +193,39 @@ def test_the_fast_measurement_matches_a_plain_reference():
         got = (f.area, f.objects, f.chroma, f.brightness, f.clipped, f.focus)
         assert got[:2] == expected[:2]
         assert np.allclose(got[2:], expected[2:], rtol=1e-4, atol=1e-6), (got, expected)
+    assert measure(gray, resized, 12).clipped > 0.05  # the burnt crop exercised the share
+
+
+def test_limits_fitted_with_the_first_measurement_still_apply_with_a_warning(tmp_path):
+    """A model exported before measurement version 2 keeps its QC (its limits are close to
+    version 2's), says so, and a version from a newer smearscan is refused."""
+    import onnx
+
+    from smearscan.qc import QC_VERSION, QCError
+
+    model = onnx.load(str(default_model_path()))
+    entry = next(p for p in model.metadata_props if p.key == KEY_QC)
+    limits = json.loads(entry.value)
+    limits["version"] = 1
+    entry.value = json.dumps(limits)
+    old = tmp_path / "old-qc.onnx"
+    onnx.save(model, str(old))
+    crops = tmp_path / "crops" / "slide"
+    crops.mkdir(parents=True)
+    cell = read_bgr(fixture_images()[0])
+    cv2.imwrite(str(crops / "black.png"), np.zeros_like(cell))
+    cv2.imwrite(str(crops / "cell.png"), cell)
+    out = tmp_path / "r.csv"
+    result = run(["scan", str(crops.parent), "--out", str(out), "--model", str(old)],
+                 expect=ExitStatus.SOME_UNUSABLE)  # fmt: skip
+    assert "fitted with measurement version 1" in result.log
+    table = {row["path"].rsplit("/", 1)[1]: row["status"] for row in rows(out)}
+    assert table == {"black.png": "qc", "cell.png": "ok"}
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert "version 1" in json.dumps(summary)
+    limits["version"] = QC_VERSION + 1
+    with pytest.raises(QCError, match="upgrade smearscan"):
+        QualityControl.from_metadata(json.dumps(limits), "default")
 
 
 def test_deep_images_are_scaled_by_their_real_bit_depth(tmp_path):

@@ -12,6 +12,7 @@ from conftest import CNMC, TINY_3CLASS, fixture_images, image_files, rows, run
 
 from smearscan.exitstatus import ExitStatus
 from smearscan.modelfile import default_model_path, file_sha256
+from smearscan.qc import QC_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -221,6 +222,8 @@ def test_model_info_is_readable_and_json_is_complete():
     as_json = json.loads(run(["model", "info", "--json"]).output)
     assert as_json["metadata"]["smearscan.labels"] == ["all", "hem"]
     assert "limits" in as_json["metadata"]["smearscan.qc"]
+    assert as_json["metadata"]["smearscan.qc"]["version"] == QC_VERSION
+    assert f"QC measurement version {QC_VERSION}" in text
     assert as_json["intended_use"].startswith("Research use only")
 
 
