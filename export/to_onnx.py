@@ -32,7 +32,7 @@ import numpy as np
 
 from export.data import Sample, discover_dataset, load_arrays
 from export.donors import Rules, fit_rules, parse_operating_point, read_predictions
-from export.train import cv_folds
+from export.train import cv_folds, default_positive
 from smearscan import __version__, qc
 from smearscan import modelfile as mf
 from smearscan.inference import apply_temperature, load_classifier
@@ -202,8 +202,8 @@ class Source:
             self.weights_config = None
         self.labels: list[str] = self.config["labels"]
         self.recipe = read_recipe(self.config)
-        self.positive = args.positive or self.config.get("positive_class") or (
-            "all" if "all" in self.labels else self.labels[0])  # fmt: skip
+        self.positive = (args.positive or self.config.get("positive_class")
+                         or default_positive(self.labels))  # fmt: skip
         if self.positive not in self.labels:
             raise ExportError(f"--positive {self.positive!r} is not one of {self.labels}")
 

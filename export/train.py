@@ -578,7 +578,7 @@ def train(args: argparse.Namespace) -> dict:
     patients_train = np.array([s.patient for s in train_samples])
     if validating and len(set(y_val.tolist())) < 2:
         raise ValueError("validation patients cover fewer than two classes: use fewer --folds")
-    positive = "all" if "all" in labels else labels[0]
+    positive = default_positive(labels)
     if args.init_from and parent_config["labels"] != labels:
         raise ValueError(
             f"--init-from {args.init_from}: its labels {parent_config['labels']} differ from "
@@ -738,6 +738,11 @@ def train(args: argparse.Namespace) -> dict:
     return summary
 
 
+def default_positive(labels: list[str]) -> str:
+    """The class a run's metrics call positive: ``all`` (leukaemia) when the labels have it."""
+    return "all" if "all" in labels else labels[0]
+
+
 def architecture_of(args: argparse.Namespace, name: str, params: int) -> dict:
     return {
         "name": name,
@@ -770,7 +775,7 @@ def run_config(
         "name": args.out.name,
         "args": arguments,
         "labels": labels,
-        "positive_class": "all" if "all" in labels else labels[0],
+        "positive_class": default_positive(labels),
         "recipe": asdict(recipe),
         "architecture": architecture,
         "parent": parent,

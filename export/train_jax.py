@@ -456,7 +456,7 @@ def train_fold(pack: Pack, args: argparse.Namespace, fold: int, rng: np.random.G
     import jax
     import jax.numpy as jnp
 
-    from export.train import epoch_indices
+    from export.train import default_positive, epoch_indices
     from smearscan.metrics import classification_metrics
 
     train_index = np.flatnonzero(pack.fold_of != fold)
@@ -470,7 +470,7 @@ def train_fold(pack: Pack, args: argparse.Namespace, fold: int, rng: np.random.G
     drawn = epoch_indices(patients, y, args, np.random.default_rng(1))
     recalibration = pack.x[train_index][drawn[: max(0, args.bn_recalibrate)]]
     key = jax.random.PRNGKey(args.seed)
-    positive = "all" if "all" in pack.labels else pack.labels[0]
+    positive = default_positive(pack.labels)
     history = []
     state = None
     for epoch in range(1, args.epochs + 1):

@@ -30,7 +30,7 @@ from smearscan.metrics import classification_metrics, expected_calibration_error
 from smearscan.modelfile import INTENDED_USE
 from smearscan.policy import DecisionPolicy
 from smearscan.results import STATUS_OK, CellResult
-from smearscan.runner import ScanOutcome, ScanRequest, plan, run_scan
+from smearscan.runner import ScanOutcome, ScanRequest, run_scan
 from smearscan.sinks.html import environment
 from smearscan.sinks.summary import write_json
 
@@ -104,7 +104,6 @@ def evaluate(
     request = request or ScanRequest()
     request.inputs = [root]
     request.out = report_dir / "predictions.csv"
-    policy = plan(request, classifier).policy
 
     def keep(result: CellResult) -> None:
         collected.append(result)
@@ -114,6 +113,7 @@ def evaluate(
     outcome = run_scan(request, classifier, stop=stop, stop_status=stop_status, on_result=keep)
     if outcome.status == ExitStatus.NOTHING_TO_SCAN or (stop is not None and stop.is_set()):
         return EvaluationOutcome(None, None, report_dir, 0, 0, outcome)
+    policy = outcome.policy
     y_true, probabilities, slides = [], [], []
     unlabelled = excluded = 0
     for result in collected:

@@ -182,6 +182,8 @@ class ScanOutcome:
     seconds: float
     status: ExitStatus
     summary: dict
+    #: The decision policy the run used (``evaluate`` scores with it).
+    policy: DecisionPolicy
 
 
 class PathAnonymizer:
@@ -318,9 +320,7 @@ def run_scan(
         try:
             counters = Counters()
             selected = store.select(request.found(), request.min_age, counters)
-            # commit once per batch of the engine in use
-            batch = getattr(engine, "batch_size", None) or batch_size_for(request.options,
-                                                                          classifier)  # fmt: skip
+            batch = engine.batch_size  # commit once per batch of the engine in use
             for index, result in enumerate(notify(engine.run(selected, stop)), start=1):
                 store.record(result)
                 if index % batch == 0:
@@ -379,7 +379,7 @@ def _report(
         partial = bool(stop is not None and stop.is_set())
         status = (stop_status() if stop_status else ExitStatus.INTERRUPTED_INT) if partial \
             else ExitStatus.NOTHING_TO_SCAN  # fmt: skip
-        return ScanOutcome(0, 0, 0, 0, pending, reused, seconds, status, {})
+        return ScanOutcome(0, 0, 0, 0, pending, reused, seconds, status, {}, run_plan.policy)
     files = sum(counts.values())
     seconds = time.time() - started
     partial = bool(stop is not None and stop.is_set())
@@ -423,4 +423,4 @@ def _report(
     else:
         status = ExitStatus.SUCCESS
     return ScanOutcome(files, counts[STATUS_OK], counts[STATUS_QC], counts[STATUS_ERROR],
-                       pending, reused, seconds, status, summary)  # fmt: skip
+                       pending, reused, seconds, status, summary, run_plan.policy)  # fmt: skip
