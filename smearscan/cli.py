@@ -317,12 +317,21 @@ def cli(ctx: click.Context) -> None:
     help="onnxruntime threads per inference; the workers already fill the cores.",
 )
 @click.option(
+    "--decode",
+    type=click.Choice(["auto", "threads", "processes"]),
+    default="auto",
+    envvar="SMEARSCAN_DECODE",
+    show_default=True,
+    help="Run decoding, QC and preprocessing in the workers' threads or in worker processes "
+    "(auto: processes on CUDA, where threads cannot keep the GPU busy; threads on CPU).",
+)
+@click.option(
     "--batch-size",
     type=click.IntRange(min=1, max=4096),
     default=None,
     envvar="SMEARSCAN_BATCH_SIZE",
-    help="Crops per model call [default: 8 on CPU, where small batches stay in cache; 32 "
-    "on CUDA and with --engine ray].",
+    help="Crops per model call [default: 8 on CPU, where small batches stay in cache; 128 "
+    "on CUDA; 32 with --engine ray].",
 )
 @threshold_option
 @_apply(slide_options)
@@ -414,13 +423,56 @@ def cli(ctx: click.Context) -> None:
     show_default=True,
     help="Seconds between progress lines when stderr is not a terminal.",
 )
+@click.option(
+    "--profile",
+    is_flag=True,
+    help="Print where the time went (decode, QC, preprocess, inference) at the end; the "
+    "summary's 'profile' always has it.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Errors and the final line only.")
 @click.pass_context
-def scan(ctx: click.Context, inputs, out, fmt, summary, html, no_html, files_from, pattern,
-         glob_case_sensitive, recursive, slide_depth, model, device, workers, threads,
-         batch_size, threshold, slide_rule, slide_cutoff, min_cells, qc_mode, tta, max_pixels,
-         max_bytes, state, lock_wait, min_age, new_only, verify, anonymize_key_file, engine,
-         ray_address, num_parts, part_id, log_file, log_interval, quiet) -> None:  # fmt: skip
+def scan(
+    ctx: click.Context,
+    inputs,
+    out,
+    fmt,
+    summary,
+    html,
+    no_html,
+    files_from,
+    pattern,
+    glob_case_sensitive,
+    recursive,
+    slide_depth,
+    model,
+    device,
+    workers,
+    threads,
+    decode,
+    batch_size,
+    threshold,
+    slide_rule,
+    slide_cutoff,
+    min_cells,
+    qc_mode,
+    tta,
+    max_pixels,
+    max_bytes,
+    state,
+    lock_wait,
+    min_age,
+    new_only,
+    verify,
+    anonymize_key_file,
+    engine,
+    ray_address,
+    num_parts,
+    part_id,
+    log_file,
+    log_interval,
+    profile,
+    quiet,
+) -> None:
     """Classify every image under INPUTS (folders and/or files) and write reports.
 
     Research use only; not for diagnostic use."""
@@ -458,7 +510,7 @@ def scan(ctx: click.Context, inputs, out, fmt, summary, html, no_html, files_fro
         out=out, fmt=fmt, summary=summary, html=html, write_html=not no_html,
         recursive=recursive, pattern=pattern, case_sensitive_glob=glob_case_sensitive,
         slide_depth=slide_depth,
-        options=ScanOptions(batch_size=batch_size, workers=workers, tta=tta,
+        options=ScanOptions(batch_size=batch_size, workers=workers, tta=tta, decode=decode,
                             max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
                             max_bytes=max_bytes or DEFAULT_MAX_BYTES),
         threshold=threshold, slide_rule=slide_rule, slide_cutoff=slide_cutoff,
@@ -467,7 +519,8 @@ def scan(ctx: click.Context, inputs, out, fmt, summary, html, no_html, files_fro
         num_parts=num_parts, part_id=part_id,
     )  # fmt: skip
     _run_command(env, "scan", quiet, log_interval, lambda guard, progress: _do_scan(
-        request, model, device, threads, engine, ray_address, guard, progress))  # fmt: skip
+        request, model, device, threads, engine, ray_address, guard, progress,
+        env if profile else None))  # fmt: skip
 
 
 def _load(model, device: str, threads: int = 1):
@@ -485,7 +538,8 @@ def _load(model, device: str, threads: int = 1):
     return classifier
 
 
-def _do_scan(request, model, device, threads, engine_name, ray_address, guard, progress):
+def _do_scan(request, model, device, threads, engine_name, ray_address, guard, progress,
+             profile_to: Environment | None = None):  # fmt: skip
     from smearscan.runner import make_engine, plan, run_scan
 
     request.validate()  # usage errors before the model loads
@@ -494,8 +548,29 @@ def _do_scan(request, model, device, threads, engine_name, ray_address, guard, p
     if engine_name == "ray":
         engine = make_engine("ray", plan(request, classifier), classifier, request, ray_address)
     progress.total_from(request.found)
-    return run_scan(request, classifier, stop=guard.stop, stop_status=guard.status,
-                    on_result=progress.advance, engine=engine)  # fmt: skip
+    outcome = run_scan(request, classifier, stop=guard.stop, stop_status=guard.status,
+                       on_result=progress.advance, engine=engine)  # fmt: skip
+    if profile_to is not None:
+        progress.close()
+        print(profile_text(outcome.summary.get("profile"), outcome.seconds),
+              file=profile_to.stderr)  # fmt: skip
+    return outcome
+
+
+def profile_text(profile: dict | None, seconds: float) -> str:
+    """The --profile table: busy time per stage over all workers, per file and as a share
+    of the workers' time (a stage near 100 % is the bottleneck)."""
+    if not profile:
+        return "profile: not measured (this engine runs its stages remotely)"
+    lines = [f"profile: {profile['files']} files in {seconds:.2f} s on "
+             f"{profile['workers']} workers ({profile['classified']} classified)",
+             f"  {'stage':<11}{'busy s':>9}{'ms/file':>10}{'of workers':>12}"]  # fmt: skip
+    for stage, figures in profile["stages"].items():
+        per_file = figures["ms_per_file"]
+        lines.append(f"  {stage:<11}{figures['seconds']:>9.2f}"
+                     f"{'-' if per_file is None else f'{per_file:.3f}':>10}"
+                     f"{100 * figures['share_of_worker_time']:>11.1f}%")  # fmt: skip
+    return "\n".join(lines)
 
 
 def _run_command(env: Environment, name: str, quiet: bool, log_interval: float, body) -> None:
@@ -646,7 +721,7 @@ class _Progress:
 @qc_option
 @click.option("--tta", is_flag=True, help="Average flips and 90° rotations.")
 @click.option("--batch-size", type=click.IntRange(min=1, max=4096), default=None,
-              help="Crops per model call [default: 8 on CPU, 32 on CUDA].")  # fmt: skip
+              help="Crops per model call [default: 8 on CPU, 128 on CUDA].")  # fmt: skip
 @click.option("-q", "--quiet", is_flag=True)
 @click.pass_obj
 def evaluate(env: Environment, root, labels_csv, report_dir, model, device, threshold,

@@ -384,13 +384,25 @@ def framed_and_resized(
     return resized
 
 
-def to_model_input(resized: np.ndarray, recipe: Recipe) -> np.ndarray:
-    """uint8 RGB (S, S, 3) from :func:`framed_and_resized` -> float32 RGB in [0, 1]."""
+def model_pixels(resized: np.ndarray, recipe: Recipe) -> np.ndarray:
+    """uint8 RGB (S, S, 3) from :func:`framed_and_resized` -> the model's pixels, still
+    uint8 (with the recipe's LoG enhancement, if any): a quarter of float32's bytes, for a
+    worker process to send back; :func:`unit_range` finishes them."""
     if recipe.log_enhance:
-        resized = log_enhance(resized, recipe.log_sigma, recipe.log_weight)
-    scaled = resized.astype(np.float32)
+        return log_enhance(resized, recipe.log_sigma, recipe.log_weight)
+    return resized
+
+
+def unit_range(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels (one crop or a batch) -> float32 in [0, 1], the model's input scale."""
+    scaled = pixels.astype(np.float32)
     scaled *= np.float32(1.0 / 255.0)
     return scaled
+
+
+def to_model_input(resized: np.ndarray, recipe: Recipe) -> np.ndarray:
+    """uint8 RGB (S, S, 3) from :func:`framed_and_resized` -> float32 RGB in [0, 1]."""
+    return unit_range(model_pixels(resized, recipe))
 
 
 def preprocess(image: np.ndarray, recipe: Recipe, order: str = "rgb") -> np.ndarray:

@@ -7,6 +7,9 @@ Nothing here holds global state; :class:`StageConfig` is small and picklable.
 from __future__ import annotations
 
 import os
+import threading
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,8 +23,9 @@ from smearscan.preprocess import (
     Recipe,
     framed_and_resized,
     gray_of,
+    model_pixels,
     read_image,
-    to_model_input,
+    unit_range,
 )
 from smearscan.qc import QualityControl, measure
 from smearscan.results import STATUS_ERROR, STATUS_OK, STATUS_QC, CellResult
@@ -37,6 +41,45 @@ class StageConfig:
     max_bytes: int = DEFAULT_MAX_BYTES
 
 
+#: The stages a file goes through, in order; ``decode`` includes reading the bytes.
+STAGES = ("decode", "qc", "preprocess", "infer")
+
+
+class StageTimes:
+    """Seconds spent in each stage, summed over every worker (the scan's per-stage profile,
+    as ultralytics' predictor keeps one): it says whether a run waits on decoding or on the
+    model. Workers add one batch's figures at a time, under a lock."""
+
+    def __init__(self, workers: int = 1) -> None:
+        self._lock = threading.Lock()
+        self.workers = max(1, workers)
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+        self.files = 0
+        self.inferred = 0
+
+    def add(self, seconds: dict[str, float], files: int, inferred: int) -> None:
+        with self._lock:
+            for stage, value in seconds.items():
+                self.seconds[stage] += value
+            self.files += files
+            self.inferred += inferred
+
+    def to_dict(self, wall_seconds: float) -> dict:
+        """Busy seconds per stage, milliseconds per file (per classified crop for
+        ``infer``), and the share of the workers' time each stage took."""
+        capacity = max(wall_seconds * self.workers, 1e-9)
+        stages = {}
+        for stage, seconds in self.seconds.items():
+            count = self.inferred if stage == "infer" else self.files
+            stages[stage] = {
+                "seconds": round(seconds, 4),
+                "ms_per_file": round(1000 * seconds / count, 4) if count else None,
+                "share_of_worker_time": round(seconds / capacity, 4),
+            }
+        return {"files": self.files, "classified": self.inferred, "workers": self.workers,
+                "stages": stages}  # fmt: skip
+
+
 def _stat(path: str) -> tuple[int, int]:
     try:
         info = os.stat(path)
@@ -45,9 +88,14 @@ def _stat(path: str) -> tuple[int, int]:
         return -1, -1
 
 
-def prepare_item(item: Found, config: StageConfig) -> tuple[CellResult, np.ndarray | None]:
+def prepare_item(
+    item: Found, config: StageConfig, seconds: dict[str, float] | None = None, scaled: bool = True
+) -> tuple[CellResult, np.ndarray | None]:
     """Decode, check and preprocess one file. Returns its result (status ``ok`` so far, or
-    ``error``/``qc`` with the reason) and the model input when it is to be classified."""
+    ``error``/``qc`` with the reason) and the model input when it is to be classified
+    (float32, or with ``scaled=False`` the uint8 pixels :func:`unit_range` turns into it).
+    ``seconds`` (stage -> seconds), when given, is added each stage's time."""
+    clock = seconds if seconds is not None else dict.fromkeys(STAGES, 0.0)
     size, mtime = _stat(item.path)
     result = CellResult(item.rel, item.slide, STATUS_OK, size=size, mtime_ns=mtime,
                         file=item.path)  # fmt: skip
@@ -55,17 +103,27 @@ def prepare_item(item: Found, config: StageConfig) -> tuple[CellResult, np.ndarr
         result.status, result.reason = STATUS_ERROR, item.problem
         return result, None
     try:
+        start = time.perf_counter()
         image = read_image(item.path, max_pixels=config.max_pixels, order="bgr",
                            max_bytes=config.max_bytes, inside=item.root)  # fmt: skip
+        lap = time.perf_counter()
+        clock["decode"] += lap - start
         recipe = config.recipe
         gray = gray_of(image, "bgr")
         resized = framed_and_resized(image, recipe, "bgr", gray)
+        start, lap = lap, time.perf_counter()
+        clock["preprocess"] += lap - start
         if config.qc is not None:
             reasons = config.qc.reasons(measure(gray, resized, recipe.background_threshold))
+            start, lap = lap, time.perf_counter()
+            clock["qc"] += lap - start
             if reasons:
                 result.status, result.reason = STATUS_QC, "; ".join(reasons)
                 return result, None
-        return result, to_model_input(resized, recipe)
+        pixels = model_pixels(resized, recipe)
+        model_input = unit_range(pixels) if scaled else pixels
+        clock["preprocess"] += time.perf_counter() - lap
+        return result, model_input
     except ImageDecodeError as exc:
         result.status, result.reason = STATUS_ERROR, str(exc)
     except Exception as exc:  # a decoder bug must not stop a night's run
@@ -75,14 +133,15 @@ def prepare_item(item: Found, config: StageConfig) -> tuple[CellResult, np.ndarr
 
 
 def attach_probabilities(
-    results: list[CellResult], inputs: list[np.ndarray | None], probabilities: np.ndarray
+    results: list[CellResult], classified: Sequence[bool], probabilities: np.ndarray
 ) -> None:
-    """Give each classified result its probabilities (in the order of the non-None inputs);
-    rows the model answered with something that is not a distribution become errors."""
+    """Give each classified result its probabilities (rows in the order of the results
+    marked ``classified``); rows the model answered with something that is not a
+    distribution become errors."""
     valid = valid_rows(probabilities)
     rows = iter(zip(probabilities, valid, strict=True))
-    for result, model_input in zip(results, inputs, strict=True):
-        if model_input is None:
+    for result, has_input in zip(results, classified, strict=True):
+        if not has_input:
             continue
         row, ok = next(rows)
         if ok:
@@ -92,13 +151,48 @@ def attach_probabilities(
             result.reason = "the model returned an invalid output (not a probability distribution)"
 
 
-def classify_items(items: list[Found], config: StageConfig, predictor) -> list[CellResult]:
-    """The whole per-batch work of a worker: prepare every file, run the model once on the
-    batch, attach the probabilities."""
-    prepared = [prepare_item(item, config) for item in items]
-    results = [result for result, _ in prepared]
-    inputs = [model_input for _, model_input in prepared]
-    stack = [x for x in inputs if x is not None]
-    if stack:
-        attach_probabilities(results, inputs, predictor(np.stack(stack)))
-    return results
+@dataclass
+class PreparedBatch:
+    """A batch after the CPU stage: its results so far, which of them go to the model, their
+    pixels (uint8, stacked; None when no file is usable) and the seconds each stage took."""
+
+    results: list[CellResult]
+    classified: list[bool]
+    pixels: np.ndarray | None
+    seconds: dict[str, float]
+
+
+def prepare_batch(items: list[Found], config: StageConfig) -> PreparedBatch:
+    """The CPU stage of a whole batch, in a worker process: picklable in and out, and the
+    pixels stay uint8 so that a quarter of the bytes cross back to the inference process."""
+    seconds = dict.fromkeys(STAGES, 0.0)
+    prepared = [prepare_item(item, config, seconds, scaled=False) for item in items]
+    pixels = [model_input for _, model_input in prepared if model_input is not None]
+    return PreparedBatch(
+        results=[result for result, _ in prepared],
+        classified=[model_input is not None for _, model_input in prepared],
+        pixels=np.stack(pixels) if pixels else None,
+        seconds=seconds,
+    )
+
+
+def classify_prepared(
+    batch: PreparedBatch, predictor, times: StageTimes | None = None
+) -> list[CellResult]:
+    """Run the model once on a prepared batch and attach the probabilities."""
+    if batch.pixels is not None:
+        start = time.perf_counter()
+        probabilities = predictor(unit_range(batch.pixels))
+        batch.seconds["infer"] += time.perf_counter() - start
+        attach_probabilities(batch.results, batch.classified, probabilities)
+    if times is not None:
+        times.add(batch.seconds, len(batch.results), sum(batch.classified))
+    return batch.results
+
+
+def classify_items(
+    items: list[Found], config: StageConfig, predictor, times: StageTimes | None = None
+) -> list[CellResult]:
+    """The whole per-batch work of a worker thread: prepare every file, run the model once
+    on the batch, attach the probabilities (adding each stage's time to ``times``)."""
+    return classify_prepared(prepare_batch(items, config), predictor, times)

@@ -182,13 +182,29 @@ def test_lock_of_a_killed_process_does_not_block(tmp_path, slide_tree):
     run([*args, "--min-age", "0"])
 
 
-def start_scan(root: Path, out: Path, state: Path) -> subprocess.Popen:
+def start_scan(root: Path, out: Path, state: Path, *options: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "smearscan", "scan", str(root), "--out", str(out)]
+    command += ["--state", str(state), "--batch-size", "8", "--workers", "1", "--no-html"]
     return subprocess.Popen(
-        [sys.executable, "-m", "smearscan", "scan", str(root), "--out", str(out),
-         "--state", str(state), "--batch-size", "8", "--workers", "1", "--no-html"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [*command, *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         cwd=ROOT,
-    )  # fmt: skip
+        start_new_session=True,  # so that leftover worker processes can be found by group
+    )
+
+
+def group_ends(group: int, within: float) -> bool:
+    """Whether every process of the group has exited within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def wait_for_rows(state: Path, minimum: int, process: subprocess.Popen) -> int:
@@ -231,15 +247,19 @@ def test_kill_9_mid_run_then_rerun_reports_every_file_once(tmp_path):
     assert not list(tmp_path.glob(".r.csv.*.tmp"))  # the killed run's temporary was cleaned
 
 
-def test_sigterm_finishes_the_batch_and_writes_a_partial_report(tmp_path):
+@pytest.mark.parametrize("decode", ["threads", "processes"])
+def test_sigterm_finishes_the_batch_and_writes_a_partial_report(tmp_path, decode):
+    """SIGTERM (cron's timeout, systemd) to the scan alone: the batches in flight finish,
+    a partial report is written; with worker processes, none of them is left behind."""
     root = make_share(tmp_path, 25, age_seconds=3600)
     total = len(image_files(root))
     out, state = tmp_path / "r.csv", tmp_path / "state.db"
-    process = start_scan(root, out, state)
+    process = start_scan(root, out, state, "--decode", decode)
     wait_for_rows(state, 8, process)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == ExitStatus.INTERRUPTED_TERM, stderr
+    assert group_ends(process.pid, within=15)  # no worker process outlives the scan
     summary = json.loads(out.with_name("r.summary.json").read_text())
     assert summary["partial"] is True
     partial_rows = rows(out)

@@ -297,10 +297,16 @@ def test_log_file_gets_the_run_log_privately(tmp_path, slide_tree):
     assert log_file.stat().st_mode & 0o077 == 0
 
 
-@pytest.mark.parametrize(("workers", "batch_size"), [(1, 32), (2, 3), (3, 1)])
-def test_parallel_batches_keep_order_and_match_one_big_batch(slide_tree, workers, batch_size):
-    """Workers run whole batches concurrently on one session; results must come back in
-    discovery order, each with the probabilities of its own image."""
+@pytest.mark.parametrize(
+    ("workers", "batch_size", "decode"),
+    [(1, 32, "threads"), (2, 3, "threads"), (3, 1, "threads"), (2, 3, "processes")],
+)
+def test_parallel_batches_keep_order_and_match_one_big_batch(
+    slide_tree, workers, batch_size, decode
+):
+    """Workers run whole batches concurrently on one session (or prepare them in worker
+    processes); results must come back in discovery order, each with the probabilities of
+    its own image."""
     from smearscan.discover import discover
     from smearscan.engines.local import LocalEngine
     from smearscan.inference import BatchPredictor, load_classifier
@@ -310,8 +316,9 @@ def test_parallel_batches_keep_order_and_match_one_big_batch(slide_tree, workers
     (slide_tree / "patient_A" / "broken.png").write_bytes(b"not an image")
     classifier = load_classifier(device="cpu")
     found = list(discover([slide_tree]))
-    engine = LocalEngine(StageConfig(classifier.info.recipe), BatchPredictor(classifier=classifier),
-                         batch_size, workers)  # fmt: skip
+    predictor = BatchPredictor(classifier=classifier)
+    config = StageConfig(classifier.info.recipe)
+    engine = LocalEngine(config, predictor, batch_size, workers, decode)
     results = list(engine.run(found))
     assert [r.path for r in results] == [f.rel for f in found]
     good = [f for f in found if not f.rel.endswith("broken.png")]
@@ -331,6 +338,27 @@ def test_thread_options_do_not_change_results(slide_tree, tmp_path):
     for a, b in zip(rows(default), rows(tuned), strict=True):
         assert a["path"] == b["path"] and a["label"] == b["label"]
         assert abs(float(a["p_all"]) - float(b["p_all"])) < 1e-5
+
+
+def test_worker_processes_write_the_same_reports_and_profile_the_stages(tmp_path, slide_tree):
+    """--decode processes (the CUDA default) must change nothing in the reports; --profile
+    prints where the time went and the summary keeps it for every run."""
+    (slide_tree / "patient_A" / "broken.png").write_bytes(b"not an image")
+    threads, processes = tmp_path / "threads.csv", tmp_path / "processes.csv"
+    run(["scan", str(slide_tree), "--out", str(threads), "--no-html", "--decode", "threads"],
+        expect=3)  # fmt: skip
+    result = run(["scan", str(slide_tree), "--out", str(processes), "--no-html",
+                  "--decode", "processes", "--workers", "2", "--profile"], expect=3)  # fmt: skip
+    assert processes.read_bytes() == threads.read_bytes()
+    summary = json.loads(processes.with_name("processes.summary.json").read_text())
+    assert summary["engine"]["decode"] == "processes"
+    profile = summary["profile"]
+    files = len(rows(processes))
+    assert profile["files"] == files and profile["classified"] == files - 1
+    assert set(profile["stages"]) == {"decode", "qc", "preprocess", "infer"}
+    assert all(stage["seconds"] > 0 for stage in profile["stages"].values())
+    table = result.log[result.log.index("profile:") :]
+    assert f"profile: {files} files" in table and "infer" in table and "decode" in table
 
 
 def test_python_api_as_the_readme_shows(tmp_path):
@@ -361,8 +389,10 @@ def test_the_default_batch_follows_the_provider_in_use():
     """Small batches on CPU (faster there, and a third of the memory with the four-network
     model); an explicit size wins."""
     from smearscan.inference import load_classifier
-    from smearscan.runner import CPU_BATCH_SIZE, ScanOptions, batch_size_for
+    from smearscan.runner import CPU_BATCH_SIZE, ScanOptions, batch_size_for, decode_for
 
     classifier = load_classifier(None, device="cpu")
     assert batch_size_for(ScanOptions(), classifier) == CPU_BATCH_SIZE == 8
     assert batch_size_for(ScanOptions(batch_size=3), classifier) == 3
+    assert decode_for(ScanOptions(), classifier) == "threads"  # processes only on CUDA
+    assert decode_for(ScanOptions(decode="processes"), classifier) == "processes"

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from smearscan.discover import Found
 from smearscan.results import CellResult
+from smearscan.stages import StageTimes
 
 ENGINES = ("local", "ray")
 
@@ -30,6 +31,8 @@ class Engine(Protocol):
     name: str
     #: slides with files discovered but not classified when the run was stopped
     unfinished_slides: set[str]
+    #: seconds per stage summed over the workers, when the engine measures them
+    stage_times: StageTimes | None
 
     def run(
         self, items: Iterable[Found], stop: threading.Event | None = None

@@ -85,12 +85,9 @@ class RayPredictor:
         results = [CellResult("", "", str(s), str(r)) for s, r in
                    zip(batch["status"], batch["reason"], strict=True)]  # fmt: skip
         usable = [i for i, r in enumerate(results) if r.status == STATUS_OK]
-        inputs: list[np.ndarray | None] = [None] * count
-        for i in usable:
-            inputs[i] = batch["input"][i]
         if usable:
             answers = self.predictor(np.stack([batch["input"][i] for i in usable]))
-            attach_probabilities(results, inputs, answers)
+            attach_probabilities(results, [r.status == STATUS_OK for r in results], answers)
         probabilities = np.full((count, self.classes), np.nan)
         for i, result in enumerate(results):
             if result.probabilities:
@@ -113,6 +110,7 @@ class RayEngine:
         self.config, self.batch_size, self.tta = config, max(1, batch_size), tta
         self.model_path = str(classifier.info.path)
         self.unfinished_slides: set[str] = set()
+        self.stage_times = None  # its stages run in remote tasks: not profiled
         # Ray Data's own progress lines would drown the scan's log and get through -q
         logging.getLogger("ray").setLevel(logging.WARNING)
         logging.getLogger("ray.data").setLevel(logging.ERROR)
