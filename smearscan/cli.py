@@ -617,9 +617,12 @@ def _run_command(env: Environment, name: str, quiet: bool, log_interval: float, 
         except Exception as exc:  # noqa: BLE001  (the final line must come whatever broke)
             log.exception("unexpected error")
             fail("failed", ExitStatus.ERROR, f"unexpected error: {type(exc).__name__}: {exc}")
+    if outcome.status == ExitStatus.PENDING:
+        log.warning("%d files were still being written (younger than --min-age) and have "
+                    "'pending' rows; their slides have no call until the next run reads them",
+                    outcome.pending)  # fmt: skip
     if outcome.status == ExitStatus.NOTHING_TO_SCAN:
-        log.warning("no image file to report (none found%s); the previous reports are kept",
-                    ", or all still being written" if outcome.pending else "")  # fmt: skip
+        log.warning("no image file to report (none found); the previous reports are kept")
     state = "partial" if guard.stop.is_set() else "done"
     _final_line(env, state, outcome.status, outcome.files, outcome.ok, outcome.qc,
                 outcome.errors, outcome.seconds, outcome.pending, outcome.reused)  # fmt: skip

@@ -12,7 +12,8 @@ class ExitStatus(IntEnum):
     USAGE = 2  # bad command line or options
     SOME_UNUSABLE = 3  # finished, but some files were unreadable or failed quality control
     LOCKED = 4  # another run holds the state lock
-    NOTHING_TO_SCAN = 5  # no image file found (or all still being written); reports kept
+    NOTHING_TO_SCAN = 5  # no image file found; reports kept
+    PENDING = 6  # finished, but some files were still being written: their rows are pending
     INTERRUPTED_HUP = 128 + signal.SIGHUP  # 129: SIGHUP, partial report written
     INTERRUPTED_INT = 128 + signal.SIGINT  # 130: SIGINT, likewise
     INTERRUPTED_TERM = 128 + signal.SIGTERM  # 143: SIGTERM, likewise

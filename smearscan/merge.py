@@ -17,7 +17,14 @@ from pathlib import Path
 from smearscan.exitstatus import ExitStatus
 from smearscan.files import atomic_write
 from smearscan.policy import DecisionPolicy
-from smearscan.results import STATUS_ERROR, STATUS_OK, STATUS_QC, STATUSES, CellResult
+from smearscan.results import (
+    STATUS_ERROR,
+    STATUS_OK,
+    STATUS_PENDING,
+    STATUS_QC,
+    STATUSES,
+    CellResult,
+)
 from smearscan.sinks.html import write_html
 from smearscan.sinks.rows import CSV_FORMULA_STARTS, RowWriter
 from smearscan.sinks.summary import SummaryBuilder, write_json
@@ -137,6 +144,8 @@ def merge_reports(parts: list[Path], out: Path, html: bool = True) -> MergeOutco
     status = ExitStatus.SUCCESS
     if partial:
         status = ExitStatus.INTERRUPTED_INT
+    elif counts[STATUS_PENDING]:
+        status = ExitStatus.PENDING
     elif counts[STATUS_QC] or counts[STATUS_ERROR]:
         status = ExitStatus.SOME_UNUSABLE
     return MergeOutcome(sum(counts.values()), counts[STATUS_OK], counts[STATUS_QC],

@@ -11,7 +11,11 @@ from dataclasses import dataclass, field
 STATUS_OK = "ok"  # classified: probabilities set, label decided by the run's policy
 STATUS_QC = "qc"  # decoded, but the model cannot judge it: no label, reasons given
 STATUS_ERROR = "error"  # not read or not decoded: reason given
-STATUSES = (STATUS_OK, STATUS_QC, STATUS_ERROR)
+#: with ``--state``: modified less than ``--min-age`` ago (still being written, or changed
+#: since its last scan), so not read in this run; reason given (with the previous result,
+#: marked as such, when there is one); its slide gets no call
+STATUS_PENDING = "pending"
+STATUSES = (STATUS_OK, STATUS_QC, STATUS_ERROR, STATUS_PENDING)
 
 
 @dataclass(slots=True)

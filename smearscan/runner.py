@@ -28,7 +28,14 @@ from smearscan.modelfile import KEY_QC
 from smearscan.policy import DecisionPolicy, policy_for_model
 from smearscan.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from smearscan.qc import QC_VERSION, QualityControl
-from smearscan.results import STATUS_ERROR, STATUS_OK, STATUS_QC, CellResult
+from smearscan.results import (
+    STATUS_ERROR,
+    STATUS_OK,
+    STATUS_PENDING,
+    STATUS_QC,
+    STATUSES,
+    CellResult,
+)
 from smearscan.sinks.html import write_html
 from smearscan.sinks.rows import FORMATS, RowWriter
 from smearscan.sinks.summary import SummaryBuilder, run_details, write_json
@@ -328,6 +335,7 @@ def run_scan(
             request.state,
             fingerprint(classifier.info.sha256, request.options.tta, request.qc_mode, qc_limits),
             request.verify,
+            tuple(classifier.info.labels),
         )
         try:
             counters = Counters()
@@ -371,7 +379,7 @@ def _report(
     policy = run_plan.policy
     builder = SummaryBuilder(policy)
     anonymize = PathAnonymizer(request.anonymize_key) if request.anonymize_key else None
-    counts = {STATUS_OK: 0, STATUS_QC: 0, STATUS_ERROR: 0}
+    counts = dict.fromkeys(STATUSES, 0)
     rule = policy.cell_rule_short()
     try:
         with atomic_write(request.out) as handle:
@@ -412,6 +420,8 @@ def _report(
                 "state": str(request.state) if request.state else None,
                 "reused_from_earlier_runs": reused,
                 "pending_too_young": pending,
+                "pending_rows": "every file present has a row; files still being written "
+                "are 'pending', with no label, and their slides have no call",
                 "report_covers": "this run's new or changed files"
                 if request.new_only else "every file present",
             },
@@ -432,6 +442,8 @@ def _report(
         write_html(html_path, summary, builder, classifier.info.recipe, run_plan.qc_text)
     if partial:
         status = stop_status() if stop_status else ExitStatus.INTERRUPTED_INT
+    elif counts[STATUS_PENDING]:
+        status = ExitStatus.PENDING
     elif counts[STATUS_ERROR] or counts[STATUS_QC]:
         status = ExitStatus.SOME_UNUSABLE
     else:

@@ -30,7 +30,7 @@ from typing import IO
 from smearscan.discover import Found
 from smearscan.files import PRIVATE_MODE, create_private
 from smearscan.names import display_name, unescape_name
-from smearscan.results import STATUS_OK, STATUS_QC, CellResult
+from smearscan.results import STATUS_OK, STATUS_PENDING, STATUS_QC, CellResult
 
 SCHEMA_VERSION = 2
 SCHEMA = """
@@ -157,10 +157,13 @@ class RunLock:
 class StateStore:
     """The SQLite state of one scan target; use inside a :class:`RunLock`."""
 
-    def __init__(self, path: Path, fingerprint: str, verify: str = "stat") -> None:
+    def __init__(
+        self, path: Path, fingerprint: str, verify: str = "stat", labels: tuple[str, ...] = ()
+    ) -> None:
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {VERIFY_MODES}")
         self.path, self.fingerprint, self.verify = path, fingerprint, verify
+        self.labels = labels  # the model's, to describe a pending file's previous result
         try:
             create_private(path)  # before SQLite creates it (and its WAL files) 0644
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -193,6 +196,9 @@ class StateStore:
         # unchanged files seen by this run, as report rows in discovery order (their results
         # come from earlier runs and are not written again)
         self._reused: list[tuple] = []
+        # files too young to read, as pending report rows in discovery order: every file
+        # present has a row in every run
+        self._pending: list[tuple] = []
 
     def close(self) -> None:
         self.db.close()
@@ -247,11 +253,14 @@ class StateStore:
                 young = mtime_ns >= 0 and now_ns - mtime_ns < min_age_ns
                 # a young file is done being written when a run already read it, or saw it
                 # with this size and mtime before
+                self._order += 1
                 if young and not unchanged and observed.get(key) != (size, mtime_ns):
                     sightings.append((key, size, mtime_ns, self.run_id))
                     pending += 1
+                    reason = self.pending_reason((now_ns - mtime_ns) / 1e9, min_age, previous)
+                    self._pending.append((self._order, item.rel, item.slide, key, size, mtime_ns,
+                                          STATUS_PENDING, reason, ""))  # fmt: skip
                     continue
-                self._order += 1
                 digest = content_digest(path) if verify and not item.problem else None
                 if unchanged and previous is not None and (not verify or previous[2] == digest):
                     reused += 1
@@ -274,6 +283,24 @@ class StateStore:
                 self.db.execute("DELETE FROM observed WHERE run < ?", (self.run_id,))
                 self.db.executemany("INSERT OR REPLACE INTO observed VALUES (?,?,?,?)",
                                     sightings)  # fmt: skip
+
+    def pending_reason(self, age: float, min_age: float, previous: tuple | None) -> str:
+        """Why a file was not read, and its previous result, marked as such, if it had one."""
+        if age < 0:
+            reason = "its modification time lies in the future (clock skew on the share?)"
+        else:
+            reason = f"modified {age:.0f} s ago, less than --min-age {min_age:g} s"
+        reason += ": not read in this run, the next run classifies it"
+        if previous is None:
+            return reason
+        status, previous_reason, probabilities = previous[3], previous[4], previous[5]
+        if status == STATUS_OK and probabilities:
+            values = probabilities.split(",")
+            names = self.labels if len(self.labels) == len(values) else range(len(values))
+            shown = ", ".join(f"p_{n} {float(v):.4f}" for n, v in zip(names, values, strict=True))
+        else:
+            shown = f"{status}: {previous_reason}"
+        return f"{reason}; previous result, for an earlier version of the file: {shown}"
 
     def record(self, result: CellResult) -> None:
         """Queue a fresh result; :meth:`commit` writes queued results in one transaction."""
@@ -308,17 +335,19 @@ class StateStore:
 
     def results(self, new_only: bool = False) -> Iterator[CellResult]:
         """This run's report rows in discovery order: every file seen now (merged), or only
-        those scanned now. Files deleted since earlier runs are not seen, so they drop out.
+        those scanned or pending now. Files deleted since earlier runs are not seen, so they
+        drop out; files too young to read are ``pending`` rows.
 
         Rows scanned by this run come from the database (indexed by run and order); rows
-        reused from earlier runs were collected by :meth:`select`; both are in discovery
-        order, so a merge keeps the report in that order without sorting."""
+        reused from earlier runs and pending rows were collected by :meth:`select`; all are
+        in discovery order, so a merge keeps the report in that order without sorting."""
         scanned = self.db.execute(
             "SELECT seen_order, rel, slide, file, size, mtime_ns, status, reason, "
             "probabilities FROM files WHERE seen_run=? ORDER BY seen_order",
             (self.run_id,),
         )
-        rows = scanned if new_only else heapq.merge(self._reused, scanned)
+        kept = [self._pending] if new_only else [self._reused, self._pending]
+        rows = heapq.merge(*kept, scanned)
         for _, rel, slide, file, size, mtime_ns, status, reason, probabilities in rows:
             parsed = list(map(float, probabilities.split(","))) if probabilities else []
             yield CellResult(rel, slide, status, reason, parsed, size, mtime_ns,

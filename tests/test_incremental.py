@@ -94,7 +94,7 @@ def test_a_different_model_rescans_everything(tmp_path, slide_tree):
     assert "p_aml" in table[0] and len(table) == 8
 
 
-def test_young_files_wait_for_the_next_run(tmp_path, slide_tree):
+def test_young_files_wait_for_the_next_run_with_a_pending_row(tmp_path, slide_tree):
     out = tmp_path / "r.csv"
     state = tmp_path / "state.db"
     out.write_text("last night's report\n")
@@ -104,15 +104,13 @@ def test_young_files_wait_for_the_next_run(tmp_path, slide_tree):
     for path in image_files(slide_tree):
         if path not in young:
             os.utime(path, (old, old))
-    result = run([*args, "--min-age", "3600"], expect=0)
-    assert "3 pending" in result.log and len(rows(out)) == 5
+    result = run([*args, "--min-age", "3600"], expect=ExitStatus.PENDING)
+    assert "3 pending" in result.log and len(rows(out)) == 8
     for path in young:  # still being written: size and mtime change between runs
-        path.write_bytes(path.read_bytes() + b"")
-        os.utime(path, None)
         with open(path, "ab") as handle:
             handle.write(b"\0")
-    result = run([*args, "--min-age", "3600"], expect=0)
-    assert "3 pending" in result.log and len(rows(out)) == 5
+    result = run([*args, "--min-age", "3600"], expect=ExitStatus.PENDING)
+    assert "3 pending" in result.log and len(rows(out)) == 8
     # unchanged since the last run saw them: done being written, scanned now
     result = run([*args, "--min-age", "3600"], expect=(0, ExitStatus.SOME_UNUSABLE))
     assert "0 pending" in result.log and len(rows(out)) == 8
@@ -128,18 +126,73 @@ def test_a_future_mtime_delays_a_file_one_run_not_forever(tmp_path, slide_tree):
     os.utime(skewed, (future, future))
     out, state = tmp_path / "r.csv", tmp_path / "state.db"
     args = ["scan", str(slide_tree), "--out", str(out), "--state", str(state), "--min-age", "10"]
-    assert "1 pending" in run(args).log
+    assert "1 pending" in run(args, expect=ExitStatus.PENDING).log
+    assert "in the future" in [r for r in rows(out) if r["status"] == "pending"][0]["reason"]
     result = run(args)
     assert "0 pending" in result.log and len(rows(out)) == 8
 
 
-def test_every_pending_file_keeps_the_previous_report(tmp_path, slide_tree):
+def test_a_run_where_every_file_is_pending_reports_each_of_them(tmp_path, slide_tree):
     out, state = tmp_path / "r.csv", tmp_path / "state.db"
     out.write_text("last night's report\n")
     result = run(["scan", str(slide_tree), "--out", str(out), "--state", str(state),
-                  "--min-age", "3600"], expect=ExitStatus.NOTHING_TO_SCAN)  # fmt: skip
+                  "--min-age", "3600"], expect=ExitStatus.PENDING)  # fmt: skip
     assert "8 pending" in result.log
-    assert out.read_text() == "last night's report\n"
+    table = rows(out)
+    assert len(table) == 8 and {r["status"] for r in table} == {"pending"}
+    assert all(r["label"] == "" and r["p_all"] == "" for r in table)
+
+
+def test_a_share_still_being_written_never_loses_a_file(tmp_path):
+    """Issue 21: donors copied just before the run, and a scanned file touched again. Every
+    file present has exactly one row in every run; files not read are 'pending' (a touched
+    file shows its previous result, marked as previous); their slides get no call; the exit
+    status says the report is not complete until a run reads them."""
+    root = make_share(tmp_path, 2, age_seconds=7200)
+    out, state = tmp_path / "r.csv", tmp_path / "state.db"
+    args = ["scan", str(root), "--out", str(out), "--state", str(state), "--min-age", "600"]
+    run(args, expect=(0, ExitStatus.SOME_UNUSABLE))
+    first = {r["path"]: r for r in rows(out)}
+    touched_row = next(r for path, r in sorted(first.items()) if r["status"] == "ok")
+    touched = root / touched_row["path"]
+    # a new donor arrives (files written just now), and one scanned file is touched again
+    arriving = root / "patient_new"
+    arriving.mkdir()
+    for index, source in enumerate(fixture_images()[:5]):
+        shutil.copy(source, arriving / f"cell_{index}{source.suffix}")
+    os.utime(touched, None)
+    result = run(args, expect=ExitStatus.PENDING)
+    table = rows(out)
+    paths = [r["path"] for r in table]
+    assert sorted(paths) == sorted(str(p.relative_to(root)) for p in image_files(root))
+    assert len(paths) == len(set(paths))  # exactly one row each
+    by_path = {r["path"]: r for r in table}
+    for index, source in enumerate(fixture_images()[:5]):
+        row = by_path[f"patient_new/cell_{index}{source.suffix}"]
+        assert row["status"] == "pending" and row["label"] == "" and row["p_all"] == ""
+        assert "less than --min-age 600 s" in row["reason"]
+    touched_now = by_path[touched_row["path"]]
+    assert touched_now["status"] == "pending" and touched_now["label"] == ""
+    assert "previous result, for an earlier version of the file" in touched_now["reason"]
+    assert f"p_all {float(touched_row['p_all']):.4f}" in touched_now["reason"]
+    summary = json.loads(out.with_name("r.summary.json").read_text())
+    assert summary["overall"]["pending"] == 6 and summary["overall"]["files"] == len(table)
+    assert summary["slides"]["patient_new"]["call"] == "incomplete"
+    assert summary["slides"][touched_row["slide"]]["call"] == "incomplete"
+    assert "6 pending" in result.log and "exit 6" in result.log.strip().splitlines()[-1]
+    html = out.with_name("r.html").read_text()
+    assert 'id="pending"' in html and "6 pending" in html
+    # the files settle: the next run reads them and the report is complete again
+    settled = time.time() - 3600
+    for path in image_files(root):
+        if "patient_new" in str(path) or path == touched:
+            os.utime(path, (settled, settled))
+    run(args, expect=(0, ExitStatus.SOME_UNUSABLE))
+    final = rows(out)
+    assert len(final) == len(table) and "pending" not in {r["status"] for r in final}
+    assert (
+        next(r for r in final if r["path"] == touched_row["path"])["p_all"] == touched_row["p_all"]
+    )
 
 
 def test_errors_are_retried_every_run(tmp_path, messy_tree):

@@ -18,7 +18,7 @@ from smearscan import __version__
 from smearscan.files import atomic_write
 from smearscan.modelfile import INTENDED_USE
 from smearscan.policy import DecisionPolicy
-from smearscan.results import STATUS_OK, STATUS_QC, CellResult
+from smearscan.results import STATUS_OK, STATUS_PENDING, STATUS_QC, CellResult
 
 HISTOGRAM_BINS = 20
 THUMBNAILS_PER_SLIDE = 6
@@ -40,6 +40,7 @@ class SlideStats:
     cells: int = 0  # usable: classified and passed QC
     qc: int = 0
     errors: int = 0
+    pending: int = 0  # not read yet (--state, younger than --min-age)
     counts: dict[str, int] = field(default_factory=dict)
     probability_sums: list[float] = field(default_factory=list)
     positives: int = 0
@@ -49,6 +50,9 @@ class SlideStats:
     def add(self, result: CellResult, positive: str | None, positive_index: int | None) -> None:
         if result.status == STATUS_QC:
             self.qc += 1
+            return
+        if result.status == STATUS_PENDING:
+            self.pending += 1
             return
         if result.status != STATUS_OK:
             self.errors += 1
@@ -74,6 +78,7 @@ class SlideStats:
         self.cells += other.cells
         self.qc += other.qc
         self.errors += other.errors
+        self.pending += other.pending
         for label, count in other.counts.items():
             self.counts[label] = self.counts.get(label, 0) + count
         if other.probability_sums:
@@ -94,6 +99,7 @@ class SlideStats:
             "cells": cells,
             "qc_failed": self.qc,
             "errors": self.errors,
+            "pending": self.pending,
             "counts": {label: self.counts.get(label, 0) for label in labels},
             "fractions": {
                 label: round(self.counts.get(label, 0) / cells, 4) if cells else None
@@ -110,11 +116,16 @@ class SlideStats:
             out["score"] = None if score is None else round(score, 4)
             out["call"] = (
                 "incomplete"
-                if incomplete
+                if incomplete or self.pending
                 else policy.slide_call(cells, self.positives, self.positive_sum)
             )
             if incomplete:
                 out["note"] = "the run was interrupted before every file of this slide was read"
+            elif self.pending:
+                out["note"] = (
+                    f"{self.pending} file(s) of this slide were still being written and were "
+                    "not read: no call until a run reads them"
+                )
         return out
 
 
@@ -143,6 +154,8 @@ class SummaryBuilder:
         stats.add(result, self.policy.positive, self.positive_index)
         if is_lossy(result.file or result.path):
             self.jpeg_files += 1
+        if result.status == STATUS_PENDING:  # counted per slide; not a problem of the file
+            return
         if result.status == STATUS_OK:
             if self.positive_index is not None:
                 score = result.probabilities[self.positive_index]
@@ -186,7 +199,7 @@ class SummaryBuilder:
     def to_dict(self, run: dict, unfinished: set[str] | None = None) -> dict:
         unfinished = unfinished or set()
         overall = self.overall.to_dict(self.policy, with_call=False)
-        files = overall["cells"] + overall["qc_failed"] + overall["errors"]
+        files = overall["cells"] + overall["qc_failed"] + overall["errors"] + overall["pending"]
         overall["files"] = files
         overall["qc_rate"] = round(overall["qc_failed"] / files, 4) if files else None
         overall["jpeg_files"] = self.jpeg_files
