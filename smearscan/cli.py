@@ -58,16 +58,26 @@ def _setup_logging(env: Environment, quiet: bool, log_file: Path | None) -> None
     handler.setLevel(logging.ERROR if quiet else logging.INFO)
     root.addHandler(handler)
     if log_file:
-        from smearscan.files import create_private
+        from smearscan.files import open_private
 
         try:
-            create_private(log_file)
+            fd = open_private(log_file)
         except OSError as exc:
-            raise click.BadParameter(f"cannot create {log_file}: {exc.strerror}",
-                                     param_hint="--log-file") from None  # fmt: skip
-        file_handler = logging.FileHandler(log_file, encoding="utf-8")
+            raise click.BadParameter(str(exc), param_hint="--log-file") from None
+        file_handler = _LogFileHandler(os.fdopen(fd, "a", encoding="utf-8"))
         file_handler.setFormatter(_Formatter())
         root.addHandler(file_handler)
+
+
+class _LogFileHandler(logging.StreamHandler):
+    """``--log-file``: a stream on the descriptor :func:`smearscan.files.open_private`
+    opened (logging's own FileHandler would open the path again, following links)."""
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        finally:
+            super().close()
 
 
 @contextlib.contextmanager
@@ -89,7 +99,7 @@ def _native_stderr_silenced(env: Environment, quiet: bool):
     ours = os.fdopen(saved, "w", buffering=1, encoding=getattr(original, "encoding", "utf-8"),
                      errors="backslashreplace")  # fmt: skip
     handlers = [h for h in log.handlers if isinstance(h, logging.StreamHandler)
-                and not isinstance(h, logging.FileHandler)]  # fmt: skip
+                and not isinstance(h, _LogFileHandler)]  # fmt: skip
     os.dup2(devnull, 2)
     os.close(devnull)
     env.stderr = ours
@@ -167,7 +177,7 @@ def _final_line(env: Environment, state: str, status: ExitStatus, files: int = 0
         print(line, file=env.stderr, flush=True)
     record = log.makeRecord(log.name, logging.INFO, __file__, 0, line, (), None)
     for handler in log.handlers:
-        if isinstance(handler, logging.FileHandler):
+        if isinstance(handler, _LogFileHandler):
             try:
                 handler.emit(record)
                 handler.flush()

@@ -113,13 +113,54 @@ def remove_dead_temporaries(targets: list[Path | None]) -> int:
     return removed
 
 
-def create_private(path: Path) -> None:
-    """Create ``path`` owner-only if it does not exist (a log or state file that SQLite or
-    logging will open), and take world and group bits off an existing one."""
+def open_private(path: Path, flags: int = os.O_WRONLY | os.O_APPEND) -> int:
+    """Open (creating owner-only) a private file — the state, its lock, the log — and
+    return its descriptor: never through a symbolic link (``O_NOFOLLOW``: a link planted
+    at the path by another user would otherwise have its target truncated, appended to or
+    chmod-ed), never blocking on a pipe (``O_NONBLOCK`` while opening), and only a regular
+    file; group and world bits are taken off it. Raises :class:`TargetError` (an OSError)
+    otherwise."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0),
-                 PRIVATE_MODE)  # fmt: skip
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    nonblock = getattr(os, "O_NONBLOCK", 0)
+    cloexec = getattr(os, "O_CLOEXEC", 0)
     try:
-        os.fchmod(fd, PRIVATE_MODE)
-    finally:
+        fd = os.open(path, flags | os.O_CREAT | nofollow | nonblock | cloexec, PRIVATE_MODE)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise TargetError(f"{path} is a symbolic link; private files are never opened "
+                              "through a link") from None  # fmt: skip
+        raise TargetError(f"cannot open {path}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise TargetError(f"{path} is not a regular file (a device, pipe or socket)")
+        if nonblock and hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        if stat.S_IMODE(info.st_mode) & ~PRIVATE_MODE:
+            os.fchmod(fd, PRIVATE_MODE)
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
+
+
+def check_private(path: Path) -> None:
+    """Refuse a path that is a symbolic link or not a regular file, if it exists (the
+    companions SQLite opens by name, such as ``state.db-wal``)."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(info.st_mode):
+        raise TargetError(
+            f"{path} is a symbolic link; private files are never opened through a link"
+        )
+    if not stat.S_ISREG(info.st_mode):
+        raise TargetError(f"{path} is not a regular file (a device, pipe or socket)")
+
+
+def create_private(path: Path) -> None:
+    """Create ``path`` owner-only if it does not exist (a state file SQLite will open by
+    name), with the checks of :func:`open_private`."""
+    os.close(open_private(path))

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO
 
 from smearscan.discover import Found
-from smearscan.files import PRIVATE_MODE, create_private
+from smearscan.files import TargetError, check_private, create_private, open_private
 from smearscan.names import display_name, unescape_name
 from smearscan.results import STATUS_OK, STATUS_PENDING, STATUS_QC, CellResult
 
@@ -114,8 +114,11 @@ class RunLock:
         self.handle: IO[str] | None = None
 
     def __enter__(self) -> RunLock:
-        create_private(self.path)
-        handle = open(self.path, "r+")  # noqa: SIM115  (held for the run's lifetime)
+        try:
+            fd = open_private(self.path, os.O_RDWR)
+        except TargetError as exc:
+            raise StateError(f"cannot use the lock file: {exc}") from None
+        handle = os.fdopen(fd, "r+")  # held for the run's lifetime
         deadline = None if self.wait is None else time.monotonic() + self.wait
         while True:
             try:
@@ -164,8 +167,14 @@ class StateStore:
             raise ValueError(f"verify must be one of {VERIFY_MODES}")
         self.path, self.fingerprint, self.verify = path, fingerprint, verify
         self.labels = labels  # the model's, to describe a pending file's previous result
+        companions = [path.with_name(path.name + suffix) for suffix in ("-wal", "-shm")]
         try:
             create_private(path)  # before SQLite creates it (and its WAL files) 0644
+            for companion in companions:  # SQLite opens these by name: no link, no device
+                check_private(companion)
+        except TargetError as exc:
+            raise StateError(f"cannot use state file {path}: {exc}") from None
+        try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
@@ -182,10 +191,9 @@ class StateStore:
             self.db.execute("SELECT count(*) FROM files").fetchone()
         except sqlite3.DatabaseError as exc:
             raise StateError(f"cannot use state file {path}: {exc}") from None
-        for suffix in ("-wal", "-shm"):
-            companion = path.with_name(path.name + suffix)
+        for companion in companions:
             if companion.exists():
-                os.chmod(companion, PRIVATE_MODE)
+                os.close(open_private(companion, os.O_RDONLY))  # owner-only, no link
         self.run_id = self.db.execute(
             "INSERT INTO runs (started, fingerprint) VALUES (?, ?)", (time.time(), fingerprint)
         ).lastrowid

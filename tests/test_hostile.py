@@ -703,3 +703,33 @@ def test_both_onnx_runtimes_installed_is_refused_with_the_fix(tmp_path, slide_tr
     assert "both onnxruntime (CPU) and onnxruntime-gpu are installed" in done.stderr
     assert "pip uninstall -y onnxruntime onnxruntime-gpu" in done.stderr
     assert last_line(done.stderr).startswith("smearscan failed:")
+
+
+@pytest.mark.parametrize("planted", ["state.db.lock", "state.db", "state.db-wal", "scan.log"])
+def test_private_files_are_never_opened_through_a_planted_link(tmp_path, slide_tree, planted):
+    """Issue 22: a link another user plants where the state, its lock, its WAL or the log
+    will be must not make the scan truncate, append to or chmod the link's target."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    os.chmod(victim, 0o644)
+    (tmp_path / planted).symlink_to(victim)
+    out = tmp_path / "r.csv"
+    result = run(["scan", str(slide_tree), "--out", str(out), "--state", str(tmp_path / "state.db"),
+                  "--log-file", str(tmp_path / "scan.log")], expect=None)  # fmt: skip
+    expected = ExitStatus.USAGE if planted == "scan.log" else ExitStatus.ERROR
+    assert result.exit_code == expected, result.log + result.output
+    assert "symbolic link" in result.log + result.output
+    assert victim.read_text() == "precious\n"
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o644
+    assert not out.exists()
+
+
+def test_a_pipe_as_log_file_is_refused_without_blocking_or_chmod(tmp_path, slide_tree):
+    pipe = tmp_path / "scan.log"
+    os.mkfifo(pipe, 0o644)
+    started = time.monotonic()
+    result = run(["scan", str(slide_tree), "--out", str(tmp_path / "r.csv"),
+                  "--log-file", str(pipe)], expect=ExitStatus.USAGE)  # fmt: skip
+    assert time.monotonic() - started < 30
+    assert "not a regular file" in result.log + result.output or "cannot open" in result.output
+    assert stat.S_IMODE(pipe.stat().st_mode) == 0o644 and stat.S_ISFIFO(pipe.stat().st_mode)

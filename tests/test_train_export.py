@@ -303,9 +303,11 @@ def test_an_interrupted_cv_resumes_with_the_same_recipe_only(tiny_cv, tmp_path, 
 def test_the_shift_suite_covers_every_shift_and_checks_the_targets(tiny_cv):
     report = json.loads((tiny_cv / "shift.json").read_text())
     names = set(report["shifts"])
-    assert {"none", "scale 0.8x", "scale 1.25x", "scale 1.4x", "blur sigma 1", "blur sigma 2",
-            "unsharp mask", "brightness +15%", "brightness -15%", "gamma 0.8", "gamma 1.25",
-            "stain jitter", "hue +8 degrees", "jpeg quality 75"} == names  # fmt: skip
+    expected = {"none", "scale 0.8x", "scale 1.25x", "scale 1.4x", "blur sigma 1"}
+    expected |= {"blur sigma 2", "unsharp mask", "brightness +15%", "brightness -15%"}
+    expected |= {"gamma 0.8", "gamma 1.25", "stain jitter", "hue +8 degrees"}
+    assert expected | {"jpeg quality 75", "donor colour swap"} == names
+    assert "same slide calls" in report["targets"]["donor colour swap"]["rule"]
     assert report["shifts"]["none"]["agreement"] == 1.0
     assert report["targets"]["scale 0.8x"]["rule"].startswith("agreement >= 0.9")
     assert "| shift |" in (tiny_cv / "shift.md").read_text()
@@ -321,6 +323,14 @@ def test_the_shift_suite_covers_every_shift_and_checks_the_targets(tiny_cv):
     compressed = shift.jpeg_roundtrip(cell, 75)
     assert compressed.shape == cell.shape
     assert 0 < np.abs(compressed.astype(int) - cell).mean() < 5  # lossy, but the same cell
+    # the colour swap moves a donor's cell statistics onto the target's, background black
+    crops = [read_bgr(p) for p in fixture_images()]
+    source, target = shift.colour_stats(crops[:6]), shift.colour_stats(crops[12:18])
+    swapped = [shift.colour_swap(c, source, target) for c in crops[:6]]
+    mean, spread = shift.colour_stats(swapped)
+    assert np.abs(mean - target[0]).max() < 1.5 < np.abs(source[0] - target[0]).max()
+    assert np.allclose(spread, target[1], rtol=0.15)
+    assert all((s[c.max(axis=2) <= 12] == 0).all() for s, c in zip(swapped, crops, strict=False))
     del cv2
 
 
