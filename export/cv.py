@@ -29,6 +29,7 @@ from export.donors import (
     Predictions,
     cross_fitted,
     fit_rules,
+    number,
     parse_operating_point,
     read_predictions,
     write_predictions,
@@ -234,6 +235,11 @@ def evaluate_oof(
     }
 
 
+def calls_right(summary: dict) -> str:
+    accuracy = summary["slide_call_accuracy"]
+    return number(None if accuracy is None else round(accuracy * summary["donors"]), "d")
+
+
 def render_markdown(report: dict, title: str) -> str:
     """The CV report as Markdown: headline numbers and the per-donor table."""
     positive = report["positive_class"]
@@ -249,12 +255,12 @@ def render_markdown(report: dict, title: str) -> str:
         s = report[key]
         pooled = s["pooled"]
         lines.append(
-            f"| {name} | {pooled['weighted_f1']:.4f} | {pooled['roc_auc']:.4f} | "
-            f"{pooled['sensitivity']:.4f} | {pooled['specificity']:.4f} | "
-            f"{s['macro_sensitivity']:.4f} | {s['macro_specificity']:.4f} | "
-            f"{s['worst_positive_donor']} {s['worst_sensitivity']:.3f} | "
-            f"{s['worst_negative_donor']} {s['worst_specificity']:.3f} | "
-            f"{round(s['slide_call_accuracy'] * s['donors'])}/{s['donors']} |"
+            f"| {name} | {number(pooled['weighted_f1'])} | {number(pooled['roc_auc'])} | "
+            f"{number(pooled['sensitivity'])} | {number(pooled['specificity'])} | "
+            f"{number(s['macro_sensitivity'])} | {number(s['macro_specificity'])} | "
+            f"{s['worst_positive_donor']} {number(s['worst_sensitivity'], '.3f')} | "
+            f"{s['worst_negative_donor']} {number(s['worst_specificity'], '.3f')} | "
+            f"{calls_right(s)}/{s['donors']} |"
         )
     final = report["rules_on_all_donors"]
     sizes = report.get("cell_size")
@@ -263,17 +269,17 @@ def render_markdown(report: dict, title: str) -> str:
             "",
             f"Normal donors with large cells (median area ≥ {sizes['threshold_px']:,} px, as "
             f"large as blasts; {sizes['large_cell_donors']} donors): donor-macro specificity "
-            f"{sizes['large_cell_macro_specificity']:.4f}; the other "
-            f"{sizes['small_cell_donors']}: {sizes['small_cell_macro_specificity']:.4f} "
+            f"{number(sizes['large_cell_macro_specificity'])}; the other "
+            f"{sizes['small_cell_donors']}: {number(sizes['small_cell_macro_specificity'])} "
             "(cross-fitted rules).",
         ]
     lines += [
         "",
         f"Rules fitted on all donors (what the model file stores): temperature "
-        f"{final['temperature']:.3f}, threshold P({positive}) ≥ "
+        f"{number(final['temperature'], '.3f')}, threshold P({positive}) ≥ "
         f"{final['threshold'] if final['threshold'] is None else round(final['threshold'], 4)}"
         f" ({report['operating_point']}), slide rule {final['slide_rule']} ≥ "
-        f"{final['slide_cutoff']:.4f}.",
+        f"{number(final['slide_cutoff'])}.",
         "",
         f"Per donor (cross-fitted rules; 'called' = share of cells labelled '{positive}'):",
         "",
@@ -289,7 +295,8 @@ def render_markdown(report: dict, title: str) -> str:
         lines.append(
             f"| {row['patient']} | {row['truth']} | {folds.get(row['patient'], '')} | "
             f"{'' if area is None else f'{area:,.0f}'} | "
-            f"{row['cells']} | {row['called_positive']:.1%} | {row['mean_p']:.3f} | "
+            f"{row['cells']} | {number(row['called_positive'], '.1%')} | "
+            f"{number(row['mean_p'], '.3f')} | "
             f"{row['call']} | {'yes' if right else '**no**'} |"
         )
     return "\n".join(lines) + "\n"
@@ -299,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        training.resolve_preprocessing(args)
         parse_operating_point(args.operating_point)
         started = time.time()
         if args.average_of:

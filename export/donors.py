@@ -45,6 +45,14 @@ class Predictions:
         return 1.0 / counts[inverse]
 
 
+def number(value: float | int | None, spec: str = ".4f") -> str:
+    """A report figure, or "n/a" where it does not exist (no large-cell normal donor, one
+    class in a fold, one donor...): renderers never format None as a number."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "n/a"
+    return format(value, spec)
+
+
 def read_predictions(path: Path, labels: list[str] | None = None) -> Predictions:
     """``path,patient,label[,fold],p_<class>...`` rows (a run's val_predictions.csv or the
     pooled out-of-fold file)."""

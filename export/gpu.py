@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        training.resolve_preprocessing(args)
         if args.command == "pack":
             print(json.dumps(pack(args), indent=2))
         else:

@@ -34,7 +34,7 @@ import numpy as np
 
 from export.augment import HED_FROM_RGB, RGB_FROM_HED, jpeg_roundtrip, rescale
 from export.data import discover_dataset
-from export.donors import Predictions, donor_rows, summary_of
+from export.donors import Predictions, donor_rows, number, summary_of
 from smearscan.inference import apply_temperature
 from smearscan.policy import DecisionPolicy
 from smearscan.preprocess import Recipe, preprocess, read_image
@@ -325,11 +325,10 @@ def render_markdown(report: dict, name: str) -> str:
     for shift, r in report["shifts"].items():
         target = report["targets"].get(shift)
         mark = "" if target is None else ("met" if target["met"] else "**missed**")
-        lines.append(
-            f"| {shift} | {r['weighted_f1']:.4f} | {r['roc_auc']:.4f} | {r['sensitivity']:.4f} | "
-            f"{r['specificity']:.4f} | {r['macro_specificity']:.4f} | {r['agreement']:.1%} | "
-            f"{r['slide_call_accuracy']:.1%} | {mark} |"
-        )
+        cells = [number(r[key]) for key in ("weighted_f1", "roc_auc", "sensitivity")]
+        cells += [number(r["specificity"]), number(r["macro_specificity"])]
+        cells += [number(r["agreement"], ".1%"), number(r["slide_call_accuracy"], ".1%")]
+        lines.append(f"| {shift} | {' | '.join(cells)} | {mark} |")
     return "\n".join(lines) + "\n"
 
 

@@ -18,6 +18,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from export.donors import number
+
 
 def describe(config: dict) -> str:
     args, recipe = config["args"], config["recipe"]
@@ -54,9 +56,8 @@ def cv_table(runs: list[Path]) -> str:
         split = config["split"]
         lines.append(
             f"| `{run.name}` | {config['args']['fold']} | {len(split['val_patients'])} "
-            f"({split['val_images']}) | {last[0]:.4f} | {last[1]:.4f} | {last[2]:.4f} | "
-            f"{last[3]:.4f} | {best_epoch['epoch']}/{len(history)} | {best[0]:.4f} | "
-            f"{best[1]:.4f} |"
+            f"({split['val_images']}) | {' | '.join(map(number, last[:4]))} | "
+            f"{best_epoch['epoch']}/{len(history)} | {number(best[0])} | {number(best[1])} |"
         )
     if len(runs) > 1:
         for name in ("mean", "sd"):
@@ -64,8 +65,8 @@ def cv_table(runs: list[Path]) -> str:
             last = [pick(col) for col in zip(*last_rows, strict=True)]
             best = [pick(col) for col in zip(*best_rows, strict=True)]
             lines.append(
-                f"| **{name}** | | | {last[0]:.4f} | {last[1]:.4f} | {last[2]:.4f} | "
-                f"{last[3]:.4f} | | {best[0]:.4f} | {best[1]:.4f} |"
+                f"| **{name}** | | | {number(last[0])} | {number(last[1])} | {number(last[2])} | "
+                f"{number(last[3])} | | {number(best[0])} | {number(best[1])} |"
             )
     return "\n".join(lines)
 
@@ -112,17 +113,18 @@ def recipes_table(folders: list[Path]) -> str:
                 pooled["weighted_f1"],
             )
             shift_cells = (
-                f"| {small['agreement']:.1%} / {large['agreement']:.1%} | "
-                f"{small['specificity']:.3f} / {large['specificity']:.3f} | {max(drops):.3f} | "
-                f"{shortfall:.3f} |"
+                f"| {number(small['agreement'], '.1%')} / {number(large['agreement'], '.1%')} | "
+                f"{number(small['specificity'], '.3f')} / {number(large['specificity'], '.3f')} | "
+                f"{number(max(drops), '.3f')} | "
+                f"{number(shortfall, '.3f')} |"
             )
         sizes = report.get("cell_size") or {}
         large = sizes.get("large_cell_macro_specificity")
         lines.append(
-            f"| `{folder.name}` | {pooled['weighted_f1']:.4f} | {pooled['roc_auc']:.4f} | "
-            f"{fitted['macro_sensitivity']:.4f} | {fitted['macro_specificity']:.4f} | "
-            f"{'' if large is None else f'{large:.4f}'} | "
-            f"{fitted['worst_negative_donor']} {fitted['worst_specificity']:.3f} | "
+            f"| `{folder.name}` | {number(pooled['weighted_f1'])} | {number(pooled['roc_auc'])} | "
+            f"{number(fitted['macro_sensitivity'])} | {number(fitted['macro_specificity'])} | "
+            f"{'' if large is None else f'{number(large)}'} | "
+            f"{fitted['worst_negative_donor']} {number(fitted['worst_specificity'], '.3f')} | "
             f"{round(fitted['slide_call_accuracy'] * fitted['donors'])}/{fitted['donors']} "
             f"{shift_cells} {report.get('train_minutes', '')} |"
         )

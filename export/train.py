@@ -33,8 +33,16 @@ BALANCING = ("none", "weights", "oversample", "donors")
 SELECTIONS = ("last", "best")
 SCALE_AT = ("raw", "input")
 DEFAULT_EPOCHS = 10
-#: The preprocessing of the default model (chosen by donor-level cross-validation).
-DEFAULT_RECIPE = Recipe()
+#: The recipe of the shipped default model (``export/default_model``, chosen by donor-level
+#: cross-validation and the selection rule in docs/ablation.md) is every trainer's default,
+#: so that a lab retraining on its own crops follows it; older recipes stay reachable by
+#: flags (``--crop window --scale-range 0.7,1.4 --augment full`` was the first one). A test
+#: compares these defaults with the shipped run's config.json.
+DEFAULT_RECIPE = Recipe(crop="bbox")
+DEFAULT_AUGMENT = "flips,scale,photometric,stain,focus"
+DEFAULT_SCALE_RANGE = "0.8,1.1"
+#: Preprocessing options that ``--init-from`` takes from its parent unless they are given.
+PREPROCESSING_OPTIONS = ("crop", "window", "margin", "interpolation", "log_enhance")
 #: Where the default model's Keras weights live, for --init-from default.
 DEFAULT_PARENT = Path(__file__).parent / "default_model"
 
@@ -107,21 +115,37 @@ def build_parser(
         help="which fold validates; -1 trains on every patient (no validation: the "
         "recipe must have been chosen by cross-validation, python -m export.cv)",
     )
-    p.add_argument("--crop", default=DEFAULT_RECIPE.crop, choices=("full", "bbox", "window"))
-    p.add_argument("--window", type=int, default=DEFAULT_RECIPE.window,
-                   help="window side for --crop window")  # fmt: skip
+    from_parent = "[default: with --init-from, the parent's; else {}]"
+    p.add_argument(
+        "--crop",
+        choices=("full", "bbox", "window"),
+        help="how the cell is framed " + from_parent.format(DEFAULT_RECIPE.crop),
+    )
+    p.add_argument(
+        "--window",
+        type=int,
+        help="window side for --crop window " + from_parent.format(DEFAULT_RECIPE.window),
+    )
     p.add_argument(
         "--margin",
         type=float,
-        default=DEFAULT_RECIPE.margin,
-        help="margin around the cell for --crop bbox (fraction of its side)",
+        help="margin around the cell for --crop bbox (fraction of its side) "
+        + from_parent.format(DEFAULT_RECIPE.margin),
     )
-    p.add_argument("--interpolation", default="area", choices=("area", "linear"))
-    p.add_argument("--log-enhance", action="store_true", help="Laplacian-of-Gaussian enhancement")
+    p.add_argument(
+        "--interpolation",
+        choices=("area", "linear"),
+        help="resize interpolation " + from_parent.format(DEFAULT_RECIPE.interpolation),
+    )
+    p.add_argument(
+        "--log-enhance",
+        action=argparse.BooleanOptionalAction,
+        help="Laplacian-of-Gaussian enhancement " + from_parent.format("off"),
+    )
     p.add_argument(
         "--augment",
         type=augment_groups,
-        default="full",
+        default=DEFAULT_AUGMENT,
         help=f"none, full, or a comma-separated list of {','.join(GROUPS + EXTRA_GROUPS)} "
         "('full' stands for all but the extra jpeg: 'full,jpeg' adds it)",
     )
@@ -142,7 +166,7 @@ def build_parser(
     p.add_argument(
         "--scale-range",
         type=scale_range,
-        default="0.7,1.4",
+        default=DEFAULT_SCALE_RANGE,
         help="cell rescaling factors drawn log-uniformly by the scale augmentation",
     )
     p.add_argument(
@@ -203,17 +227,35 @@ def build_parser(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    return resolve_preprocessing(build_parser().parse_args(argv))
+
+
+def resolve_preprocessing(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the preprocessing options left unset: from the ``--init-from`` parent (a model
+    must be fine-tuned on inputs prepared as its own were; the log says so), else from the
+    shipped recipe. An explicit option that contradicts the parent is kept, and training
+    refuses it with the reason. Raises ValueError for an unusable ``--init-from``."""
+    parent = None
+    if args.init_from:
+        parent = Recipe.from_json(
+            json.dumps(parent_config_of(resolve_parent(args.init_from))["recipe"])
+        )
+    taken = []
+    for name in PREPROCESSING_OPTIONS:
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(parent or DEFAULT_RECIPE, name))
+            taken.append(name)
+    if parent is not None and taken:
+        log.info("--init-from %s: preprocessing taken from the parent (%s)", args.init_from,
+                 ", ".join(f"{n}={getattr(args, n)}" for n in taken))  # fmt: skip
+    return args
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
-    return Recipe(
-        crop=args.crop,
-        window=args.window,
-        margin=args.margin,
-        interpolation=args.interpolation,
-        log_enhance=args.log_enhance,
-    )
+    """The recipe the options describe; options still unset take the shipped recipe's."""
+    values = {name: getattr(args, name) for name in PREPROCESSING_OPTIONS}
+    unset = {name: getattr(DEFAULT_RECIPE, name) for name, v in values.items() if v is None}
+    return Recipe(**{**values, **unset})
 
 
 def cached_arrays(
@@ -557,7 +599,10 @@ def train(args: argparse.Namespace) -> dict:
         if parent_recipe != recipe:
             raise ValueError(
                 f"--init-from {args.init_from}: its preprocessing differs from this training's "
-                "(use the same --crop/--window/--margin)"
+                f"({parent_recipe.crop} crop, window {parent_recipe.window}, margin "
+                f"{parent_recipe.margin}, {parent_recipe.interpolation} interpolation, LoG "
+                f"{'on' if parent_recipe.log_enhance else 'off'}): leave out --crop/--window/"
+                "--margin/--interpolation/--log-enhance to take the parent's"
             )
     split = load_split(args.data, recipe, args.folds, args.fold, args.split_seed, args.cache_dir,
                        args.workers)  # fmt: skip

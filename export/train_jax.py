@@ -505,7 +505,7 @@ def train_fold(pack: Pack, args: argparse.Namespace, fold: int, rng: np.random.G
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     os.environ.setdefault("KERAS_BACKEND", "jax")
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # (it refuses --init-from: recipe defaults apply)
     import jax
     import keras
 

@@ -1,0 +1,105 @@
+"""README "Retraining on your own crops", run as written (with ``--folds 2 --epochs 1``
+added to keep it short) on a small lab-layout set made from the fixture crops: 4 ALL and 4
+normal donors, 30 crops each, ``DATA/<patient>/<label>/``. Real processes, real training."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import CNMC, ROOT, require_training_stack, rows
+
+require_training_stack()
+pytestmark = pytest.mark.train
+
+from export import cv, train  # noqa: E402
+from smearscan.inference import load_classifier  # noqa: E402
+from smearscan.preprocess import Recipe  # noqa: E402
+
+SHORT = ["--folds", "2", "--epochs", "1"]
+
+
+def lab_layout(root: Path, donors_per_class: int = 4, crops: int = 30) -> Path:
+    """``DATA/<patient>/<label>/<image>`` as a lab would arrange its own crops."""
+    data = root / "DATA"
+    for label in ("all", "hem"):
+        sources = sorted((CNMC / label).glob("*.webp"))
+        for donor in range(donors_per_class):
+            folder = data / f"{label}_patient_{donor}" / label
+            folder.mkdir(parents=True)
+            for index in range(crops):
+                source = sources[(index + donor) % len(sources)]
+                shutil.copy(source, folder / f"crop_{index:03d}.webp")
+    return data
+
+
+def command(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """One README line, as a lab runs it: from the repository root, its own process."""
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True,
+                          text=True, env=environment, timeout=900)  # fmt: skip
+
+
+def test_the_readme_retraining_commands_work_on_a_lab_layout(tmp_path):
+    data = lab_layout(tmp_path)
+    runs = tmp_path / "runs"
+    mylab = tmp_path / "mylab.onnx"
+    steps = [
+        ["export.cv", "--data", str(data), "--folds", "4", "--out", str(runs / "cv-mylab")],
+        ["export.to_onnx", str(runs / "cv-mylab"), "--out", str(mylab)],
+        ["smearscan", "scan", str(data), "--out", str(tmp_path / "r.csv"), "--model", str(mylab)],
+        ["export.cv", "--data", str(data), "--out", str(runs / "cv-finetune"), "--init-from",
+         "default", "--epochs", "5"],
+    ]  # fmt: skip
+    for step in steps:
+        if step[0] == "export.cv":  # --folds 2 --epochs 1 added, the last value wins
+            step += SHORT
+        done = command(step, ROOT)
+        assert done.returncode in ((0, 3) if step[0] == "smearscan" else (0,)), (
+            " ".join(step) + "\n" + done.stderr[-3000:]
+        )
+        if step[0] == "export.cv":
+            folder = Path(step[step.index("--out") + 1])
+            report = (folder / "cv.md").read_text()
+            assert "n/a" in report or "large cells" in report  # no large-cell donor: n/a
+            assert (folder / "shift.md").exists() and (folder / "oof_predictions.csv").exists()
+    # the defaults are the shipped recipe: the retrained file prepares crops as the shipped one
+    shipped, retrained = load_classifier(device="cpu").info, load_classifier(mylab, "cpu").info
+    assert retrained.recipe == shipped.recipe
+    assert len(rows(tmp_path / "r.csv")) == 8 * 30
+    finetuned = json.loads((runs / "cv-finetune" / "fold_0" / "config.json").read_text())
+    assert finetuned["recipe"] == json.loads(shipped.recipe.to_json())
+    assert finetuned["parent"] is not None
+
+
+def test_the_training_defaults_are_the_shipped_recipe():
+    """export.cv's defaults and the shipped model's recipe cannot drift apart."""
+    shipped = json.loads((ROOT / "export" / "default_model" / "fold_0" / "config.json").read_text())
+    args = train.parse_args(["--data", "DATA", "--out", "runs/x"])
+    defaults = cv.recipe_signature(args)
+    defaults["augment"] = ",".join(defaults["augment"]) or "none"  # as config.json writes it
+    differing = {
+        name: (value, shipped["args"].get(name))
+        for name, value in defaults.items()
+        if name != "data" and value != shipped["args"].get(name)
+    }
+    assert not differing
+    assert train.recipe_from_args(args) == Recipe.from_json(json.dumps(shipped["recipe"]))
+
+
+def test_init_from_takes_the_parents_preprocessing_and_refuses_a_conflicting_one(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    args = train.parse_args(["--data", "DATA", "--out", "runs/x", "--init-from", "default"])
+    assert train.recipe_from_args(args) == load_classifier(device="cpu").info.recipe
+    assert "preprocessing taken from the parent" in caplog.text
+    data = lab_layout(tmp_path, donors_per_class=2, crops=4)
+    code = cv.main(["--data", str(data), "--out", str(tmp_path / "cv"), "--init-from", "default",
+                    "--crop", "window", "--folds", "2", "--epochs", "1", "--no-shift"])  # fmt: skip
+    assert code == 2
+    assert "leave out --crop" in caplog.text
