@@ -69,6 +69,27 @@ def _setup_logging(env: Environment, quiet: bool, log_file: Path | None) -> None
         root.addHandler(file_handler)
 
 
+class _NamesHidden(logging.Filter):
+    """With --anonymize-key-file, log lines that would name a folder or file (discovery's)
+    say that a name was hidden instead: the reports hash every name, so must the logs."""
+
+    HIDDEN = "<name hidden: --anonymize-key-file>"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.HIDDEN if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def _hide_names_in_logs(hide: bool) -> None:
+    """Discovery names folders and files in its log lines; in anonymised runs it must not."""
+    discovery = logging.getLogger("smearscan.discover")
+    for existing in [f for f in discovery.filters if isinstance(f, _NamesHidden)]:
+        discovery.removeFilter(existing)
+    if hide:
+        discovery.addFilter(_NamesHidden())
+
+
 class _LogFileHandler(logging.StreamHandler):
     """``--log-file``: a stream on the descriptor :func:`smearscan.files.open_private`
     opened (logging's own FileHandler would open the path again, following links)."""
@@ -434,6 +455,21 @@ def cli(ctx: click.Context) -> None:
     help="Seconds between progress lines when stderr is not a terminal.",
 )
 @click.option(
+    "--include-hidden",
+    is_flag=True,
+    help="Also scan hidden files and folders (dot files such as macOS '._*' copies, "
+    ".DS_Store, .thumbs/, and @eaDir, #recycle, $RECYCLE.BIN, __MACOSX), skipped by default.",
+)
+@click.option(
+    "--max-qc-rate",
+    type=click.FloatRange(0, 1),
+    default=None,
+    envvar="SMEARSCAN_MAX_QC_RATE",
+    help="Exit 0 when crops failed QC but no more than this share of the judged files "
+    "(e.g. 0.01; above it, or with any unreadable file, exit 3) [default: any QC failure "
+    "exits 3].",
+)
+@click.option(
     "--profile",
     is_flag=True,
     help="Print where the time went (decode, QC, preprocess, inference) at the end; the "
@@ -480,6 +516,8 @@ def scan(
     part_id,
     log_file,
     log_interval,
+    include_hidden,
+    max_qc_rate,
     profile,
     quiet,
 ) -> None:
@@ -506,6 +544,7 @@ def scan(
         if not item.exists():
             raise click.BadParameter(f"{item} does not exist", param_hint="INPUTS")
     _setup_logging(env, quiet, log_file)
+    _hide_names_in_logs(anonymize_key is not None)
     _quiet_opencv()
     if max_pixels:  # before OpenCV loads: it reads its header limit once
         os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(max_pixels)
@@ -526,7 +565,8 @@ def scan(
         threshold=threshold, slide_rule=slide_rule, slide_cutoff=slide_cutoff,
         min_cells=min_cells, qc_mode=qc_mode, state=state, lock_wait=lock_wait,
         min_age=min_age, new_only=new_only, verify=verify, anonymize_key=anonymize_key,
-        num_parts=num_parts, part_id=part_id,
+        num_parts=num_parts, part_id=part_id, include_hidden=include_hidden,
+        max_qc_rate=max_qc_rate,
     )  # fmt: skip
     _run_command(env, "scan", quiet, log_interval, lambda guard, progress: _do_scan(
         request, model, device, threads, engine, ray_address, guard, progress,

@@ -17,6 +17,7 @@ import os
 import re
 import stat
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,6 +39,31 @@ class Found(NamedTuple):
     slide: str  # as reported (escaped)
     problem: str = ""  # non-empty: report this file as an error without reading it
     root: str | None = None  # real path of the scanned folder: reading must stay inside it
+
+
+#: System folders that file servers and desktops write into shares, hidden by convention
+#: though their names do not start with a dot: Synology's thumbnails and recycle bin,
+#: Windows' recycle bin and volume data, the resource forks macOS puts in zip files.
+HIDDEN_FOLDERS = frozenset(
+    {"@eaDir", "#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information", "__MACOSX"}
+)
+
+
+def is_hidden(name: str, is_folder: bool) -> bool:
+    """Skipped unless ``--include-hidden``, as fd and ripgrep do: dot files and folders
+    (macOS AppleDouble ``._*`` files, ``.DS_Store``, ``.thumbs/``) and :data:`HIDDEN_FOLDERS`."""
+    return name.startswith(".") or (is_folder and name in HIDDEN_FOLDERS)
+
+
+@dataclass
+class Skipped:
+    """What a walk left out without a row, for the summary."""
+
+    hidden_files: int = 0
+    hidden_folders: int = 0
+
+    def to_dict(self) -> dict:
+        return {"hidden_files": self.hidden_files, "hidden_folders": self.hidden_folders}
 
 
 def _inside(real: str, root_real: str) -> bool:
@@ -74,8 +100,11 @@ def walk_root(
     pattern: str | None = None,
     slide_depth: int = 0,
     case_sensitive: bool = False,
+    include_hidden: bool = False,
+    skipped: Skipped | None = None,
 ) -> Iterator[Found]:
-    """Image files under ``root`` in sorted depth-first order."""
+    """Image files under ``root`` in sorted depth-first order; hidden files and folders
+    (:func:`is_hidden`) are skipped and counted in ``skipped`` unless ``include_hidden``."""
     root = os.path.abspath(root)
     root_real = os.path.realpath(root)
     root_label = display_name(prefix.rstrip("/") or Path(root_real).name or ".")
@@ -123,6 +152,13 @@ def walk_root(
                         log.warning("not following %s: link leaves the scanned folder",
                                     prefix + display_name(rel))  # fmt: skip
                     continue
+            if not include_hidden and is_hidden(name, is_dir):
+                if skipped is not None:
+                    if is_dir:
+                        skipped.hidden_folders += 1
+                    elif is_image_name(name):
+                        skipped.hidden_files += 1
+                continue
             if is_dir:
                 if recursive:
                     subdirs.append((entry.path, rel))
@@ -188,9 +224,12 @@ def discover(
     pattern: str | None = None,
     slide_depth: int = 0,
     case_sensitive: bool = False,
+    include_hidden: bool = False,
+    skipped: Skipped | None = None,
 ) -> Iterator[Found]:
     """Files and folders to scan, in the order given. With several folders, report paths are
-    prefixed by a unique name per folder; overlapping inputs are scanned once."""
+    prefixed by a unique name per folder; overlapping inputs are scanned once. Files named
+    explicitly are never skipped as hidden."""
     paths = [Path(p) for p in inputs]
     folders = covering_roots([p for p in paths if p.is_dir()])
     prefixes = unique_prefixes(folders) if len(folders) > 1 else {}
@@ -202,6 +241,7 @@ def discover(
                 yield from walk_root(
                     item, prefix=prefixes.get(item, ""), recursive=recursive,
                     pattern=pattern, slide_depth=slide_depth, case_sensitive=case_sensitive,
+                    include_hidden=include_hidden, skipped=skipped,
                 )  # fmt: skip
             continue
         real = os.path.realpath(item)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
-from smearscan.discover import Found, discover, explicit_files
+from smearscan.discover import Found, Skipped, discover, explicit_files
 from smearscan.exitstatus import ExitStatus
 from smearscan.files import TargetError, atomic_write, check_target, remove_dead_temporaries
 from smearscan.inference import CUDA, BatchPredictor, Classifier
@@ -90,6 +90,7 @@ class ScanRequest:
     recursive: bool = True
     pattern: str | None = None
     case_sensitive_glob: bool = False
+    include_hidden: bool = False  # dot files/folders, @eaDir/...: skipped by default
     slide_depth: int = 0
     options: ScanOptions = field(default_factory=ScanOptions)
     # decision: None keeps the model's own rule
@@ -106,6 +107,8 @@ class ScanRequest:
     anonymize_key: bytes | None = None  # replace path components by a keyed hash
     num_parts: int = 1  # scan only the files whose stable hash falls in part ``part_id``
     part_id: int = 0
+    #: QC failures up to this share of the read files still exit 0 (None: any exits 3)
+    max_qc_rate: float | None = None
 
     def format(self) -> str:
         if self.fmt is not None:
@@ -154,13 +157,17 @@ class ScanRequest:
                     raise RequestError(f"{option}: {exc}") from None
         if self.num_parts < 1 or not 0 <= self.part_id < self.num_parts:
             raise RequestError("--part-id must be in [0, --num-parts)")
+        if self.max_qc_rate is not None and not 0 <= self.max_qc_rate <= 1:
+            raise RequestError("--max-qc-rate must be in [0, 1]")
 
-    def found(self) -> Iterator[Found]:
+    def found(self, skipped: Skipped | None = None) -> Iterator[Found]:
+        """The files to report, lazily; ``skipped`` counts the hidden ones left out."""
         items: Iterable[Found] = ()
         if self.inputs:
             items = discover(self.inputs, recursive=self.recursive, pattern=self.pattern,
                              slide_depth=self.slide_depth,
-                             case_sensitive=self.case_sensitive_glob)  # fmt: skip
+                             case_sensitive=self.case_sensitive_glob,
+                             include_hidden=self.include_hidden, skipped=skipped)  # fmt: skip
         if self.files is not None:
             items = _chain(items, explicit_files(self.files))
         if self.num_parts > 1:
@@ -292,6 +299,25 @@ def decode_for(options: ScanOptions, classifier: Classifier) -> str:
     return "processes" if classifier.provider == CUDA else "threads"
 
 
+def qc_rate(counts: dict[str, int]) -> float | None:
+    """QC failures as a share of the files read and judged (classified or refused by QC)."""
+    judged = counts[STATUS_OK] + counts[STATUS_QC]
+    return counts[STATUS_QC] / judged if judged else None
+
+
+def qc_tolerated(max_qc_rate: float | None, counts: dict[str, int]) -> bool:
+    """Whether the run's QC failures are within ``--max-qc-rate`` (a normal night's few
+    refused crops need not fail cron; more than that still exits 3)."""
+    rate = qc_rate(counts)
+    return max_qc_rate is not None and rate is not None and rate <= max_qc_rate
+
+
+def qc_tolerance(max_qc_rate: float | None, counts: dict[str, int]) -> dict:
+    rate = qc_rate(counts)
+    return {"max_qc_rate": max_qc_rate, "qc_rate": None if rate is None else round(rate, 6),
+            "within": qc_tolerated(max_qc_rate, counts)}  # fmt: skip
+
+
 def run_scan(
     request: ScanRequest,
     classifier: Classifier,
@@ -321,10 +347,11 @@ def run_scan(
                 on_result(result)
             yield result
 
+    skipped = Skipped()
     if request.state is None:
-        results = notify(engine.run(request.found(), stop))
+        results = notify(engine.run(request.found(skipped), stop))
         return _report(request, classifier, run_plan, engine, results, started, stop,
-                       stop_status, 0, 0, None)  # fmt: skip
+                       stop_status, 0, 0, None, skipped)  # fmt: skip
 
     from smearscan.state import Counters, RunLock, StateStore, fingerprint
 
@@ -339,7 +366,7 @@ def run_scan(
         )
         try:
             counters = Counters()
-            selected = store.select(request.found(), request.min_age, counters)
+            selected = store.select(request.found(skipped), request.min_age, counters)
             batch = engine.batch_size  # commit once per batch of the engine in use
             for index, result in enumerate(notify(engine.run(selected, stop)), start=1):
                 store.record(result)
@@ -351,7 +378,7 @@ def run_scan(
             outcome = _report(
                 request, classifier, run_plan, engine, store.results(request.new_only),
                 started, stop, stop_status, counters.pending, counters.reused,
-                counters.to_scan,
+                counters.to_scan, skipped,
             )  # fmt: skip
             store.finish("partial" if partial else outcome.status.name.lower())
             return outcome
@@ -371,6 +398,7 @@ def _report(
     pending: int,
     reused: int,
     scanned: int | None,
+    skipped: Skipped,
 ) -> ScanOutcome:
     """Write rows, summary and HTML from ``results``, labelling them by the run's policy;
     ``scanned`` counts files decoded in this run (None: every result). A run with no row at
@@ -426,6 +454,8 @@ def _report(
                 if request.new_only else "every file present",
             },
             "anonymized_paths": bool(anonymize),
+            "skipped": {**skipped.to_dict(), "include_hidden": request.include_hidden},
+            "qc_tolerance": qc_tolerance(request.max_qc_rate, counts),
             "profile": engine.stage_times.to_dict(seconds)
             if engine.stage_times is not None else None,
         },
@@ -444,7 +474,9 @@ def _report(
         status = stop_status() if stop_status else ExitStatus.INTERRUPTED_INT
     elif counts[STATUS_PENDING]:
         status = ExitStatus.PENDING
-    elif counts[STATUS_ERROR] or counts[STATUS_QC]:
+    elif counts[STATUS_ERROR] or (
+        counts[STATUS_QC] and not qc_tolerated(request.max_qc_rate, counts)
+    ):
         status = ExitStatus.SOME_UNUSABLE
     else:
         status = ExitStatus.SUCCESS

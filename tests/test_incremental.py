@@ -338,6 +338,24 @@ def test_anonymized_reports_hide_names_stably(tmp_path, slide_tree):
     assert rows(out) == first
 
 
+def test_anonymized_runs_keep_names_out_of_the_log(tmp_path, slide_tree):
+    """Issue 21: discovery's log lines (an input inside another, a link not followed) named
+    patient folders even with --anonymize-key-file."""
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32))
+    (slide_tree / "patient_A" / "outside.png").symlink_to(tmp_path / "key")
+    log_file = tmp_path / "scan.log"
+    inputs = [str(slide_tree), str(slide_tree / "patient_A")]
+    args = ["scan", *inputs, "--out", str(tmp_path / "r.csv"), "--log-file", str(log_file)]
+    plain = run(args, expect=None)
+    assert "patient_A" in plain.log  # the plain run names it, so the check below can fail
+    log_file.unlink()
+    hidden = run([*args, "--anonymize-key-file", str(key)], expect=None)
+    assert "inside another input folder" in hidden.log
+    assert "patient_A" not in hidden.log and "outside.png" not in hidden.log
+    assert "patient_A" not in log_file.read_text() and "name hidden" in log_file.read_text()
+
+
 def test_overlapping_inputs_are_scanned_and_reported_once(tmp_path, slide_tree):
     out = tmp_path / "r.csv"
     state = tmp_path / "state.db"

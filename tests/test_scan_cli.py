@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from conftest import CNMC, TINY_3CLASS, fixture_images, image_files, rows, run
@@ -396,3 +398,42 @@ def test_the_default_batch_follows_the_provider_in_use():
     assert batch_size_for(ScanOptions(batch_size=3), classifier) == 3
     assert decode_for(ScanOptions(), classifier) == "threads"  # processes only on CUDA
     assert decode_for(ScanOptions(decode="processes"), classifier) == "processes"
+
+
+def test_hidden_files_and_folders_are_skipped_counted_and_can_be_included(tmp_path, slide_tree):
+    """Issue 21: macOS AppleDouble copies, thumbnail and NAS system folders are not cells."""
+    crop = sorted(image_files(slide_tree))[0]
+    hidden = [
+        crop.parent / f"._{crop.name}",
+        slide_tree / ".thumbs" / crop.name,
+        slide_tree / "patient_A" / "@eaDir" / crop.name,
+        slide_tree / "__MACOSX" / "patient_A" / crop.name,
+    ]
+    for path in hidden:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(crop, path)
+    (slide_tree / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    out = tmp_path / "r.csv"
+    run(["scan", str(slide_tree), "--out", str(out)])
+    assert len(rows(out)) == 8
+    summary = json.loads(out.with_name("r.summary.json").read_text())
+    assert summary["skipped"] == {"hidden_files": 1, "hidden_folders": 3, "include_hidden": False}
+    run(["scan", str(slide_tree), "--out", str(out), "--include-hidden"])
+    assert len(rows(out)) == 12
+    assert {str(p.relative_to(slide_tree)) for p in hidden} <= {r["path"] for r in rows(out)}
+
+
+def test_max_qc_rate_lets_a_normal_night_exit_0(tmp_path, slide_tree):
+    """Issue 21: a few refused crops need not fail cron every night; more than the limit, or
+    any unreadable file, still exits 3."""
+    cv2.imwrite(str(slide_tree / "patient_A" / "black.png"), np.zeros((450, 450, 3), np.uint8))
+    out = tmp_path / "r.csv"
+    args = ["scan", str(slide_tree), "--out", str(out)]
+    run(args, expect=ExitStatus.SOME_UNUSABLE)  # 1 of 9 failed QC, no limit given
+    run([*args, "--max-qc-rate", "0.2"], expect=ExitStatus.SUCCESS)
+    tolerance = json.loads(out.with_name("r.summary.json").read_text())["qc_tolerance"]
+    assert tolerance == {"max_qc_rate": 0.2, "qc_rate": round(1 / 9, 6), "within": True}
+    run([*args, "--max-qc-rate", "0.05"], expect=ExitStatus.SOME_UNUSABLE)
+    (slide_tree / "patient_A" / "broken.png").write_bytes(b"not an image")
+    run([*args, "--max-qc-rate", "0.2"], expect=ExitStatus.SOME_UNUSABLE)
+    run([*args, "--max-qc-rate", "1.5"], expect=ExitStatus.USAGE)
