@@ -227,8 +227,13 @@ def run_suite(cv_dir: Path, data: Path, folds: int, workers: int = 2,
         donors = set(config["split"]["val_patients"])
         members = fold_members[fold]
         recipe = Recipe(**config["recipe"])
-        log.info("fold %d: %d crops of %d donors under %d shifts", fold, len(members),
-                 len(donors), len(shifts(0)) + 1)  # fmt: skip
+        log.info(
+            "fold %d: %d crops of %d donors under %d shifts",
+            fold,
+            len(members),
+            len(donors),
+            len(shifts(0)) + 1,
+        )
         swaps = [(donor_stats[s.patient], targets[s.patient]) for s in members]
         inputs = shifted_inputs([str(s.path) for s in members], recipe, workers, swaps)
         model = keras.models.load_model(run / "model.keras", compile=False)

@@ -246,8 +246,11 @@ def resolve_preprocessing(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, name, getattr(parent or DEFAULT_RECIPE, name))
             taken.append(name)
     if parent is not None and taken:
-        log.info("--init-from %s: preprocessing taken from the parent (%s)", args.init_from,
-                 ", ".join(f"{n}={getattr(args, n)}" for n in taken))  # fmt: skip
+        log.info(
+            "--init-from %s: preprocessing taken from the parent (%s)",
+            args.init_from,
+            ", ".join(f"{n}={getattr(args, n)}" for n in taken),
+        )
     return args
 
 

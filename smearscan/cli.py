@@ -119,8 +119,11 @@ def _native_stderr_silenced(env: Environment, quiet: bool):
     original = env.stderr
     ours = os.fdopen(saved, "w", buffering=1, encoding=getattr(original, "encoding", "utf-8"),
                      errors="backslashreplace")  # fmt: skip
-    handlers = [h for h in log.handlers if isinstance(h, logging.StreamHandler)
-                and not isinstance(h, _LogFileHandler)]  # fmt: skip
+    handlers = [
+        h
+        for h in log.handlers
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, _LogFileHandler)
+    ]
     os.dup2(devnull, 2)
     os.close(devnull)
     env.stderr = ours
@@ -153,7 +156,10 @@ class SignalGuard:
     temporary files it leaves are removed by the next run.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    #: those this platform has (Windows has no SIGHUP)
+    SIGNALS = tuple(
+        getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+    )
 
     def __init__(self, env: Environment, on_abort: Callable[[ExitStatus], None]) -> None:
         self.env, self.on_abort = env, on_abort
@@ -219,12 +225,14 @@ model_option = click.option(
     "-m",
     type=click.Path(path_type=Path, dir_okay=False),
     envvar="SMEARSCAN_MODEL",
+    show_envvar=True,
     help="ONNX model [default: the embedded model].",
 )
 device_option = click.option(
     "--device",
     default="auto",
     envvar="SMEARSCAN_DEVICE",
+    show_envvar=True,
     show_default=True,
     help="auto, cpu, cuda or cuda:N.",
 )
@@ -260,6 +268,7 @@ qc_option = click.option(
     type=click.Choice(["default", "strict", "off"]),
     default="default",
     envvar="SMEARSCAN_QC",
+    show_envvar=True,
     show_default=True,
     help="Quality control against the model's training range: 'strict' refuses more "
     "borderline crops, 'off' classifies every decodable crop (marked in the summary).",
@@ -317,6 +326,14 @@ def cli(ctx: click.Context) -> None:
     help="Read file paths, one per line, from FILE ('-' for stdin).",
 )
 @click.option(
+    "-0",
+    "--null",
+    "nul_separated",
+    is_flag=True,
+    help="With --files-from: paths are separated by NUL bytes (find -print0, as xargs -0), "
+    "so that names may hold newlines.",
+)
+@click.option(
     "--glob",
     "pattern",
     help="Only files whose name or relative path matches (case-insensitive).",
@@ -337,6 +354,7 @@ def cli(ctx: click.Context) -> None:
     type=click.IntRange(min=0),
     default=0,
     envvar="SMEARSCAN_WORKERS",
+    show_envvar=True,
     help="Worker threads, each decoding a batch and running the model on it (0 = one per core).",
 )
 @click.option(
@@ -344,6 +362,7 @@ def cli(ctx: click.Context) -> None:
     type=click.IntRange(min=1),
     default=1,
     envvar="SMEARSCAN_THREADS",
+    show_envvar=True,
     show_default=True,
     help="onnxruntime threads per inference; the workers already fill the cores.",
 )
@@ -352,6 +371,7 @@ def cli(ctx: click.Context) -> None:
     type=click.Choice(["auto", "threads", "processes"]),
     default="auto",
     envvar="SMEARSCAN_DECODE",
+    show_envvar=True,
     show_default=True,
     help="Run decoding, QC and preprocessing in the workers' threads or in worker processes "
     "(auto: processes on CUDA, where threads cannot keep the GPU busy; threads on CPU).",
@@ -361,6 +381,7 @@ def cli(ctx: click.Context) -> None:
     type=click.IntRange(min=1, max=4096),
     default=None,
     envvar="SMEARSCAN_BATCH_SIZE",
+    show_envvar=True,
     help="Crops per model call [default: 8 on CPU, where small batches stay in cache; 128 "
     "on CUDA; 32 with --engine ray].",
 )
@@ -372,18 +393,21 @@ def cli(ctx: click.Context) -> None:
     "--max-pixels",
     type=click.IntRange(min=64),
     envvar="SMEARSCAN_MAX_PIXELS",
+    show_envvar=True,
     help="Refuse images larger than this many pixels, from the header [default: 64,000,000].",
 )
 @click.option(
     "--max-bytes",
     type=click.IntRange(min=1),
     envvar="SMEARSCAN_MAX_BYTES",
+    show_envvar=True,
     help="Refuse files larger than this many bytes, before reading [default: 134,217,728].",
 )
 @click.option(
     "--state",
     type=click.Path(path_type=Path, dir_okay=False),
     envvar="SMEARSCAN_STATE",
+    show_envvar=True,
     help="SQLite state on local disk: rescan only new or changed files; locks the run.",
 )
 @click.option(
@@ -416,8 +440,9 @@ def cli(ctx: click.Context) -> None:
 )
 @click.option(
     "--anonymize-key-file",
-    type=click.File("rb"),
+    type=click.Path(path_type=Path, dir_okay=False),
     envvar="SMEARSCAN_ANONYMIZE_KEY_FILE",
+    show_envvar=True,
     help="Replace folder and file names in reports by a keyed hash (HMAC-SHA256 with "
     "this file's contents), stable across runs.",
 )
@@ -426,12 +451,14 @@ def cli(ctx: click.Context) -> None:
     type=click.Choice(["local", "ray"]),
     default="local",
     envvar="SMEARSCAN_ENGINE",
+    show_envvar=True,
     show_default=True,
     help="Where the work runs: threads here, or a Ray cluster (pip install 'smearscan[ray]').",
 )
 @click.option(
     "--ray-address",
     envvar="SMEARSCAN_RAY_ADDRESS",
+    show_envvar=True,
     help="With --engine ray: 'auto', host:port or ray://host:port of a cluster "
     "[default: start a local Ray instance].",
 )
@@ -465,6 +492,7 @@ def cli(ctx: click.Context) -> None:
     type=click.FloatRange(0, 1),
     default=None,
     envvar="SMEARSCAN_MAX_QC_RATE",
+    show_envvar=True,
     help="Exit 0 when crops failed QC but no more than this share of the judged files "
     "(e.g. 0.01; above it, or with any unreadable file, exit 3) [default: any QC failure "
     "exits 3].",
@@ -486,6 +514,7 @@ def scan(
     html,
     no_html,
     files_from,
+    nul_separated,
     pattern,
     glob_case_sensitive,
     recursive,
@@ -536,7 +565,7 @@ def scan(
     if part_id >= num_parts:
         raise click.BadParameter("must be less than --num-parts", param_hint="--part-id")
     _check_device(device)
-    anonymize_key = anonymize_key_file.read() if anonymize_key_file else None
+    anonymize_key = _read_key(anonymize_key_file) if anonymize_key_file else None
     if anonymize_key is not None and len(anonymize_key.strip()) < 16:
         raise click.BadParameter("the key file must hold at least 16 bytes",
                                  param_hint="--anonymize-key-file")  # fmt: skip
@@ -555,7 +584,7 @@ def scan(
 
     request = ScanRequest(
         inputs=list(inputs),
-        files=list(read_file_list(files_from)) if files_from is not None else None,
+        files=list(read_file_list(files_from, nul_separated)) if files_from is not None else None,
         out=out, fmt=fmt, summary=summary, html=html, write_html=not no_html,
         recursive=recursive, pattern=pattern, case_sensitive_glob=glob_case_sensitive,
         slide_depth=slide_depth,
@@ -568,9 +597,35 @@ def scan(
         num_parts=num_parts, part_id=part_id, include_hidden=include_hidden,
         max_qc_rate=max_qc_rate,
     )  # fmt: skip
-    _run_command(env, "scan", quiet, log_interval, lambda guard, progress: _do_scan(
-        request, model, device, threads, engine, ray_address, guard, progress,
-        env if profile else None))  # fmt: skip
+    _run_command(
+        env,
+        "scan",
+        quiet,
+        log_interval,
+        lambda guard, progress: _do_scan(
+            request,
+            model,
+            device,
+            threads,
+            engine,
+            ray_address,
+            guard,
+            progress,
+            env if profile else None,
+        ),
+    )
+
+
+def _read_key(path: Path) -> bytes:
+    """The anonymisation key: a small regular file (a pipe or a huge file named there, by
+    option or SMEARSCAN_ANONYMIZE_KEY_FILE, is refused instead of blocking or filling
+    memory)."""
+    from smearscan.files import read_regular
+
+    try:
+        return read_regular(path, 1 << 20)
+    except OSError as exc:
+        raise click.BadParameter(str(exc), param_hint="--anonymize-key-file") from None
 
 
 def _load(model, device: str, threads: int = 1):
@@ -588,8 +643,17 @@ def _load(model, device: str, threads: int = 1):
     return classifier
 
 
-def _do_scan(request, model, device, threads, engine_name, ray_address, guard, progress,
-             profile_to: Environment | None = None):  # fmt: skip
+def _do_scan(
+    request,
+    model,
+    device,
+    threads,
+    engine_name,
+    ray_address,
+    guard,
+    progress,
+    profile_to: Environment | None = None,
+):
     from smearscan.runner import make_engine, plan, run_scan
 
     request.validate()  # usage errors before the model loads
@@ -598,12 +662,17 @@ def _do_scan(request, model, device, threads, engine_name, ray_address, guard, p
     if engine_name == "ray":
         engine = make_engine("ray", plan(request, classifier), classifier, request, ray_address)
     progress.total_from(request.found)
-    outcome = run_scan(request, classifier, stop=guard.stop, stop_status=guard.status,
-                       on_result=progress.advance, engine=engine)  # fmt: skip
+    outcome = run_scan(
+        request,
+        classifier,
+        stop=guard.stop,
+        stop_status=guard.status,
+        on_result=progress.advance,
+        engine=engine,
+    )
     if profile_to is not None:
         progress.close()
-        print(profile_text(outcome.summary.get("profile"), outcome.seconds),
-              file=profile_to.stderr)  # fmt: skip
+        print(profile_text(outcome.summary.get("profile"), outcome.seconds), file=profile_to.stderr)
     return outcome
 
 
@@ -612,14 +681,18 @@ def profile_text(profile: dict | None, seconds: float) -> str:
     of the workers' time (a stage near 100 % is the bottleneck)."""
     if not profile:
         return "profile: not measured (this engine runs its stages remotely)"
-    lines = [f"profile: {profile['files']} files in {seconds:.2f} s on "
-             f"{profile['workers']} workers ({profile['classified']} classified)",
-             f"  {'stage':<11}{'busy s':>9}{'ms/file':>10}{'of workers':>12}"]  # fmt: skip
+    lines = [
+        f"profile: {profile['files']} files in {seconds:.2f} s on "
+        f"{profile['workers']} workers ({profile['classified']} classified)",
+        f"  {'stage':<11}{'busy s':>9}{'ms/file':>10}{'of workers':>12}",
+    ]
     for stage, figures in profile["stages"].items():
         per_file = figures["ms_per_file"]
-        lines.append(f"  {stage:<11}{figures['seconds']:>9.2f}"
-                     f"{'-' if per_file is None else f'{per_file:.3f}':>10}"
-                     f"{100 * figures['share_of_worker_time']:>11.1f}%")  # fmt: skip
+        lines.append(
+            f"  {stage:<11}{figures['seconds']:>9.2f}"
+            f"{'-' if per_file is None else f'{per_file:.3f}':>10}"
+            f"{100 * figures['share_of_worker_time']:>11.1f}%"
+        )
     return "\n".join(lines)
 
 
@@ -668,9 +741,11 @@ def _run_command(env: Environment, name: str, quiet: bool, log_interval: float, 
             log.exception("unexpected error")
             fail("failed", ExitStatus.ERROR, f"unexpected error: {type(exc).__name__}: {exc}")
     if outcome.status == ExitStatus.PENDING:
-        log.warning("%d files were still being written (younger than --min-age) and have "
-                    "'pending' rows; their slides have no call until the next run reads them",
-                    outcome.pending)  # fmt: skip
+        log.warning(
+            "%d files were still being written (younger than --min-age) and have "
+            "'pending' rows; their slides have no call until the next run reads them",
+            outcome.pending,
+        )
     if outcome.status == ExitStatus.NOTHING_TO_SCAN:
         log.warning("no image file to report (none found); the previous reports are kept")
     state = "partial" if guard.stop.is_set() else "done"
@@ -773,8 +848,12 @@ class _Progress:
 @_apply(slide_options)
 @qc_option
 @click.option("--tta", is_flag=True, help="Average flips and 90° rotations.")
-@click.option("--batch-size", type=click.IntRange(min=1, max=4096), default=None,
-              help="Crops per model call [default: 8 on CPU, 128 on CUDA].")  # fmt: skip
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1, max=4096),
+    default=None,
+    help="Crops per model call [default: 8 on CPU, 128 on CUDA].",
+)
 @click.option("-q", "--quiet", is_flag=True)
 @click.pass_obj
 def evaluate(env: Environment, root, labels_csv, report_dir, model, device, threshold,
@@ -815,8 +894,11 @@ def evaluate(env: Environment, root, labels_csv, report_dir, model, device, thre
                 f"{_number(m['roc_auc'])}, ECE {m['expected_calibration_error']:.4f}"
             )
             slides = outcome.slide_metrics
-            click.echo(f"{len(slides['slides'])} slides: slide-call accuracy "
-                       f"{_number(slides['accuracy'])} ({slides['rule']})")  # fmt: skip
+            if slides.get("note"):
+                click.echo(slides["note"])
+            else:
+                click.echo(f"{len(slides['slides'])} slides: slide-call accuracy "
+                           f"{_number(slides['accuracy'])} ({slides['rule']})")  # fmt: skip
             if outcome.unlabelled:
                 click.echo(f"{outcome.unlabelled} classified cells had no label and were not "
                            "scored")  # fmt: skip

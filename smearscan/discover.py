@@ -19,7 +19,7 @@ import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 from smearscan.names import display_name
 from smearscan.preprocess import is_image_name, is_image_path
@@ -251,24 +251,65 @@ def discover(
         yield from explicit_files([item])
 
 
-def explicit_files(paths: Iterable[str | os.PathLike]) -> Iterator[Found]:
-    """Files named one by one (``--files-from``): reported as given, slide = parent folder.
-    Missing files and non-images still get a row, since the user asked for them by name."""
-    for raw in paths:
-        path = Path(raw)
-        parent = path.parent.name or Path(os.path.realpath(path.parent)).name or "."
-        problem = ""
+def _problem_of(path: Path) -> str:
+    """Why a named file cannot be read ("" if it can be tried); never raises: one bad name
+    (a NUL byte, a name longer than the system allows) is one error row, not a failed run."""
+    if "\0" in str(path):
+        return "the name contains a NUL byte; not read"
+    try:
         if not path.exists() and not path.is_symlink():
-            problem = "file not found"
-        elif path.is_dir():
-            problem = "is a directory"
-        elif not is_image_path(path):
-            problem = f"not an image file type ({display_name(path.suffix) or 'no extension'})"
-        yield Found(str(path), display_name(str(raw)), display_name(parent), problem)
+            return "file not found"
+        if path.is_dir():
+            return "is a directory"
+    except (OSError, ValueError) as exc:
+        return f"cannot use this name: {getattr(exc, 'strerror', None) or exc}"
+    if not is_image_path(path):
+        return f"not an image file type ({display_name(path.suffix) or 'no extension'})"
+    return ""
 
 
-def read_file_list(stream: Iterable[str]) -> Iterator[str]:
-    """Paths from a ``--files-from`` list: one per line, blank lines and ``#`` comments ignored."""
+def explicit_slides(paths: list[Path]) -> dict[Path, str]:
+    """Slide names of files named one by one: the parent folder's name, with as many of its
+    own parents as it takes to keep same-named folders of different places apart
+    (``siteA/p1`` and ``siteB/p1``, never one slide ``p1``)."""
+    usable = []
+    for path in paths:
+        try:
+            if "\0" not in str(path) and path.parent.is_dir():
+                usable.append(path.parent)
+        except (OSError, ValueError):
+            continue
+    by_name: dict[str, list[Path]] = {}
+    for parent in dict.fromkeys(usable):
+        by_name.setdefault(Path(os.path.realpath(parent)).name, []).append(parent)
+    slides = {}
+    for name, parents in by_name.items():
+        if len({os.path.realpath(p) for p in parents}) == 1:  # the usual case: no clash
+            slides.update(dict.fromkeys(parents, name or "."))
+        else:
+            slides.update({p: prefix.rstrip("/") for p, prefix in unique_prefixes(parents).items()})
+    return slides
+
+
+def explicit_files(paths: Iterable[str | os.PathLike]) -> Iterator[Found]:
+    """Files named one by one (``--files-from``): reported as given, slide = parent folder
+    (see :func:`explicit_slides`). Missing files, bad names and non-images still get a row,
+    since the user asked for them by name."""
+    named = [(str(raw), Path(raw)) for raw in paths]
+    slides = explicit_slides([path for _, path in named])
+    for raw, path in named:
+        slide = slides.get(path.parent) or path.parent.name or "."
+        yield Found(str(path), display_name(raw), display_name(slide), _problem_of(path))
+
+
+def read_file_list(stream: Iterable[str] | IO[str], nul_separated: bool = False) -> Iterator[str]:
+    """Paths from a ``--files-from`` list: one per line, blank lines and ``#`` comments
+    ignored; or, ``nul_separated`` (``find -print0``), separated by NUL bytes, taken as they
+    are, so that names may hold newlines."""
+    if nul_separated:
+        text = stream.read() if hasattr(stream, "read") else "".join(stream)
+        yield from (name for name in text.split("\0") if name)
+        return
     for line in stream:
         line = line.rstrip("\r\n")
         if line.strip() and not line.lstrip().startswith("#"):

@@ -11,6 +11,7 @@ version and the date.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import threading
 from collections import Counter
@@ -24,15 +25,27 @@ from markupsafe import Markup, escape
 
 from smearscan import __version__
 from smearscan.exitstatus import ExitStatus
-from smearscan.files import atomic_write
+from smearscan.files import atomic_write, read_regular
 from smearscan.inference import Classifier
-from smearscan.metrics import classification_metrics, expected_calibration_error, roc_curve
+from smearscan.metrics import (
+    classification_metrics,
+    expected_calibration_error,
+    roc_curve,
+    wilson_interval,
+)
 from smearscan.modelfile import INTENDED_USE
 from smearscan.policy import DecisionPolicy
 from smearscan.results import STATUS_OK, CellResult
 from smearscan.runner import ScanOutcome, ScanRequest, run_scan
 from smearscan.sinks.html import environment
 from smearscan.sinks.summary import write_json
+
+NO_SLIDES = (
+    "no slides: the crops sit directly in label folders (all/, hem/), so slide calls are not "
+    "scored; arrange them as <slide>/<label>/<crop> (or give --labels) to score them"
+)
+#: A labels list is a few MB at most; anything larger is not one.
+MAX_LABELS_BYTES = 64 << 20
 
 
 class LabelsError(ValueError):
@@ -53,14 +66,21 @@ def read_labels(path: Path, root: Path, known: list[str]) -> dict[str, str]:
     """``path,label`` rows -> {absolute file: label}; checks files exist and labels are the
     model's."""
     try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-                raise LabelsError(f"{path}: needs a header with columns 'path' and 'label'")
-            rows = list(reader)
+        text = read_regular(path, MAX_LABELS_BYTES).decode("utf-8-sig")
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+            raise LabelsError(f"{path}: needs a header with columns 'path' and 'label'")
+        rows = list(reader)
     except OSError as exc:
-        raise LabelsError(f"cannot read labels file {path}: {exc.strerror}") from None
+        raise LabelsError(f"cannot read labels file: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise LabelsError(
+            f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV"
+        ) from None
+    except csv.Error as exc:
+        raise LabelsError(f"{path}: not a readable CSV ({exc})") from None
     labels: dict[str, str] = {}
+    conflicting: list[str] = []
     missing: list[str] = []
     unknown: Counter[str] = Counter()
     for number, row in enumerate(rows, start=2):
@@ -70,12 +90,17 @@ def read_labels(path: Path, root: Path, known: list[str]) -> dict[str, str]:
             missing.append(f"line {number}: {name}")
         if label not in known:
             unknown[label] += 1
-        labels[os.path.abspath(file)] = label
+        key = os.path.abspath(file)
+        if labels.get(key, label) != label:
+            conflicting.append(f"line {number}: {name} ({labels[key]!r} and {label!r})")
+        labels[key] = label
     problems = []
     if missing:
         shown = "; ".join(missing[:5]) + (f"; and {len(missing) - 5} more" if len(missing) > 5
                                            else "")  # fmt: skip
         problems.append(f"{len(missing)} listed file(s) not found ({shown})")
+    if conflicting:
+        problems.append(f"files listed twice with different labels ({'; '.join(conflicting[:5])})")
     if unknown:
         names = ", ".join(f"{k!r} ({v})" for k, v in unknown.most_common())
         problems.append(f"unknown label(s) {names}; the model knows {', '.join(known)}")
@@ -183,10 +208,12 @@ def _fmt(value, digits: int = 4) -> str:
     return f"{value:.{digits}f}"
 
 
-def _slide_key(result: CellResult, labels_from_folders: bool) -> str:
+def _slide_key(result: CellResult, labels_from_folders: bool) -> str | None:
+    """The slide a labelled crop belongs to; None in a flat ``all/``, ``hem/`` layout, where
+    the label folders are not slides."""
     if labels_from_folders:  # .../<slide>/<label>/<crop>: the slide is above the label folder
         parent = str(Path(result.path).parent.parent)
-        return parent if parent != "." else result.slide
+        return parent if parent != "." else None
     return result.slide
 
 
@@ -198,8 +225,10 @@ def _slide_table(slides, y_true, probabilities, predicted, policy: DecisionPolic
     table: dict[str, dict] = {}
     if positive is None:
         return {"rule": None, "accuracy": None, "slides": table}
+    if all(slide is None for slide in slides):
+        return {"rule": None, "accuracy": None, "slides": table, "note": NO_SLIDES}
     pos = labels.index(positive)
-    for slide in sorted(set(slides)):
+    for slide in sorted({s for s in slides if s is not None}):
         members = np.array([s == slide for s in slides])
         true_label = labels[np.bincount(y_true[members], minlength=len(labels)).argmax()]
         cells = int(members.sum())
@@ -219,6 +248,7 @@ def _slide_table(slides, y_true, probabilities, predicted, policy: DecisionPolic
     scored = [row["correct"] for row in table.values() if row["correct"] is not None]
     return {"rule": policy.slide_rule_text(),
             "accuracy": round(float(np.mean(scored)), 4) if scored else None,
+            "accuracy_interval": wilson_interval(int(sum(scored)), len(scored)),
             "slides": table}  # fmt: skip
 
 

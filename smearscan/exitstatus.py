@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from enum import IntEnum
 
 
@@ -14,9 +13,10 @@ class ExitStatus(IntEnum):
     LOCKED = 4  # another run holds the state lock
     NOTHING_TO_SCAN = 5  # no image file found; reports kept
     PENDING = 6  # finished, but some files were still being written: their rows are pending
-    INTERRUPTED_HUP = 128 + signal.SIGHUP  # 129: SIGHUP, partial report written
-    INTERRUPTED_INT = 128 + signal.SIGINT  # 130: SIGINT, likewise
-    INTERRUPTED_TERM = 128 + signal.SIGTERM  # 143: SIGTERM, likewise
+    # POSIX numbers written out: Windows has no SIGHUP, and the codes must not depend on it
+    INTERRUPTED_HUP = 128 + 1  # 129: SIGHUP, partial report written
+    INTERRUPTED_INT = 128 + 2  # 130: SIGINT, likewise
+    INTERRUPTED_TERM = 128 + 15  # 143: SIGTERM, likewise
 
     @classmethod
     def for_signal(cls, signum: int) -> ExitStatus:

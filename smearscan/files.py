@@ -128,8 +128,9 @@ def open_private(path: Path, flags: int = os.O_WRONLY | os.O_APPEND) -> int:
         fd = os.open(path, flags | os.O_CREAT | nofollow | nonblock | cloexec, PRIVATE_MODE)
     except OSError as exc:
         if os.path.islink(path):
-            raise TargetError(f"{path} is a symbolic link; private files are never opened "
-                              "through a link") from None  # fmt: skip
+            raise TargetError(
+                f"{path} is a symbolic link; private files are never opened through a link"
+            ) from None
         raise TargetError(f"cannot open {path}: {exc.strerror}") from None
     try:
         info = os.fstat(fd)
@@ -143,6 +144,26 @@ def open_private(path: Path, flags: int = os.O_WRONLY | os.O_APPEND) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def read_regular(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of a small input file (a labels list, a key): opened without blocking, so
+    a pipe or device named there fails at once instead of hanging the run, and refused past
+    ``max_bytes``. Raises :class:`TargetError` (an OSError)."""
+    nonblock = getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, os.O_RDONLY | nonblock | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise TargetError(f"cannot open {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise TargetError(f"{path} is not a regular file (a pipe, socket or device)")
+        if info.st_size > max_bytes:
+            raise TargetError(f"{path} is larger than {max_bytes:,} bytes")
+        if nonblock and hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return handle.read(max_bytes + 1)[:max_bytes]
 
 
 def check_private(path: Path) -> None:

@@ -6,6 +6,8 @@ user sees is computed by the same code.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -76,6 +78,13 @@ def classification_metrics(
         "macro_f1": float(f1.mean()),
         "roc_auc": roc_auc(y_true == pos, probabilities[:, pos]),
         "confusion_matrix": matrix.tolist(),
+        # 95 % Wilson intervals: labs validate on a few slides, where a proportion alone
+        # says little
+        "intervals": {
+            "sensitivity": wilson_interval(int(tp), int(tp + fn)),
+            "specificity": wilson_interval(int(tn), int(tn + fp)),
+            "accuracy": wilson_interval(int(true_positive.sum()), total),
+        },
         "labels": list(labels),
         "per_class": {
             label: {
@@ -88,6 +97,18 @@ def classification_metrics(
         },
     }
     return result
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> list[float] | None:
+    """The Wilson score interval of a proportion (95 % by default): unlike the normal
+    approximation it stays inside [0, 1] and is usable for a handful of trials."""
+    if trials <= 0:
+        return None
+    p = successes / trials
+    denominator = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denominator
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
 
 
 def roc_curve(y_true_binary: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -44,6 +44,10 @@ from smearscan.stages import StageConfig
 log = logging.getLogger(__name__)
 
 
+#: --out extensions that say the report's format (no extension: CSV)
+REPORT_SUFFIXES = ("", ".csv", ".txt", ".jsonl", ".ndjson")
+
+
 class RequestError(ValueError):
     """Options that contradict each other (a usage error: exit 2)."""
 
@@ -142,6 +146,11 @@ class ScanRequest:
                     "the other (give --summary/--html explicitly, or another --out name)"
                 )
             resolved[key] = option
+        if self.fmt is None and self.out.suffix.lower() not in REPORT_SUFFIXES:
+            raise RequestError(
+                f"--out {self.out}: unknown report type {self.out.suffix!r}; name it .csv, "
+                ".jsonl or .ndjson, or give --format"
+            )
         if self.out.suffix.lower() in (".html", ".htm", ".json"):
             raise RequestError(
                 f"--out {self.out}: the per-image report is CSV or JSONL; the summary JSON "
@@ -164,10 +173,15 @@ class ScanRequest:
         """The files to report, lazily; ``skipped`` counts the hidden ones left out."""
         items: Iterable[Found] = ()
         if self.inputs:
-            items = discover(self.inputs, recursive=self.recursive, pattern=self.pattern,
-                             slide_depth=self.slide_depth,
-                             case_sensitive=self.case_sensitive_glob,
-                             include_hidden=self.include_hidden, skipped=skipped)  # fmt: skip
+            items = discover(
+                self.inputs,
+                recursive=self.recursive,
+                pattern=self.pattern,
+                slide_depth=self.slide_depth,
+                case_sensitive=self.case_sensitive_glob,
+                include_hidden=self.include_hidden,
+                skipped=skipped,
+            )
         if self.files is not None:
             items = _chain(items, explicit_files(self.files))
         if self.num_parts > 1:
@@ -314,8 +328,11 @@ def qc_tolerated(max_qc_rate: float | None, counts: dict[str, int]) -> bool:
 
 def qc_tolerance(max_qc_rate: float | None, counts: dict[str, int]) -> dict:
     rate = qc_rate(counts)
-    return {"max_qc_rate": max_qc_rate, "qc_rate": None if rate is None else round(rate, 6),
-            "within": qc_tolerated(max_qc_rate, counts)}  # fmt: skip
+    return {
+        "max_qc_rate": max_qc_rate,
+        "qc_rate": None if rate is None else round(rate, 6),
+        "within": qc_tolerated(max_qc_rate, counts),
+    }
 
 
 def run_scan(
@@ -350,8 +367,20 @@ def run_scan(
     skipped = Skipped()
     if request.state is None:
         results = notify(engine.run(request.found(skipped), stop))
-        return _report(request, classifier, run_plan, engine, results, started, stop,
-                       stop_status, 0, 0, None, skipped)  # fmt: skip
+        return _report(
+            request,
+            classifier,
+            run_plan,
+            engine,
+            results,
+            started,
+            stop,
+            stop_status,
+            0,
+            0,
+            None,
+            skipped,
+        )
 
     from smearscan.state import Counters, RunLock, StateStore, fingerprint
 

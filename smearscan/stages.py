@@ -76,15 +76,19 @@ class StageTimes:
                 "ms_per_file": round(1000 * seconds / count, 4) if count else None,
                 "share_of_worker_time": round(seconds / capacity, 4),
             }
-        return {"files": self.files, "classified": self.inferred, "workers": self.workers,
-                "stages": stages}  # fmt: skip
+        return {
+            "files": self.files,
+            "classified": self.inferred,
+            "workers": self.workers,
+            "stages": stages,
+        }
 
 
 def _stat(path: str) -> tuple[int, int]:
     try:
         info = os.stat(path)
         return info.st_size, info.st_mtime_ns
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL byte in a listed name
         return -1, -1
 
 

@@ -15,7 +15,6 @@ process never blocks the next run. The database, its WAL files and the lock are 
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import heapq
 import os
@@ -27,7 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+import filelock
+
 from smearscan.discover import Found
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows acquisition PCs): filelock's portable lock instead
+    fcntl = None  # type: ignore[assignment]
 from smearscan.files import TargetError, check_private, create_private, open_private
 from smearscan.names import display_name, unescape_name
 from smearscan.results import STATUS_OK, STATUS_PENDING, STATUS_QC, CellResult
@@ -112,8 +118,11 @@ class RunLock:
                  stop: threading.Event | None = None) -> None:  # fmt: skip
         self.path, self.wait, self.stop = path, wait, stop
         self.handle: IO[str] | None = None
+        self.portable: filelock.BaseFileLock | None = None  # where there is no flock
 
     def __enter__(self) -> RunLock:
+        if fcntl is None:
+            return self._enter_portable()
         try:
             fd = open_private(self.path, os.O_RDWR)
         except TargetError as exc:
@@ -144,6 +153,25 @@ class RunLock:
         self.handle = handle
         return self
 
+    def _enter_portable(self) -> RunLock:
+        """Where ``fcntl`` does not exist: filelock (Windows' byte-range lock), with the
+        same waiting, stop and error contract; the holder's pid is not recorded."""
+        lock = filelock.FileLock(str(self.path))
+        deadline = None if self.wait is None else time.monotonic() + self.wait
+        while True:
+            try:
+                lock.acquire(timeout=0)
+                break
+            except filelock.Timeout:
+                if deadline is None or time.monotonic() >= deadline:
+                    raise StateLocked(f"another smearscan run holds {self.path}") from None
+                if self.stop is not None and self.stop.wait(0.2):
+                    raise InterruptedError("interrupted while waiting for the state lock") from None
+                if self.stop is None:
+                    time.sleep(0.2)
+        self.portable = lock
+        return self
+
     @staticmethod
     def _holder(handle) -> str:
         handle.seek(0)
@@ -151,7 +179,10 @@ class RunLock:
         return f" (pid {pid})" if pid else ""
 
     def __exit__(self, *exc) -> None:
-        if self.handle is not None:
+        if self.portable is not None:
+            self.portable.release()
+            self.portable = None
+        if self.handle is not None and fcntl is not None:
             fcntl.flock(self.handle.fileno(), fcntl.LOCK_UN)
             self.handle.close()
             self.handle = None
@@ -253,7 +284,7 @@ class StateStore:
                 try:
                     st = stat(path)
                     size, mtime_ns = st.st_size, st.st_mtime_ns
-                except OSError:
+                except (OSError, ValueError):  # ValueError: a NUL byte in a listed name
                     size = mtime_ns = -1
                 previous = reusable.pop(key, None)  # popped: its data moves to the report row
                 unchanged = (previous is not None and previous[0] == size
@@ -266,8 +297,19 @@ class StateStore:
                     sightings.append((key, size, mtime_ns, self.run_id))
                     pending += 1
                     reason = self.pending_reason((now_ns - mtime_ns) / 1e9, min_age, previous)
-                    self._pending.append((self._order, item.rel, item.slide, key, size, mtime_ns,
-                                          STATUS_PENDING, reason, ""))  # fmt: skip
+                    self._pending.append(
+                        (
+                            self._order,
+                            item.rel,
+                            item.slide,
+                            key,
+                            size,
+                            mtime_ns,
+                            STATUS_PENDING,
+                            reason,
+                            "",
+                        )
+                    )
                     continue
                 digest = content_digest(path) if verify and not item.problem else None
                 if unchanged and previous is not None and (not verify or previous[2] == digest):

@@ -4,6 +4,8 @@ QC exclusions are counted, and the page is a validation record."""
 from __future__ import annotations
 
 import json
+import os
+import time
 import xml.etree.ElementTree as ElementTree
 
 import cv2
@@ -41,6 +43,15 @@ def test_evaluate_with_folder_labels_matches_the_scan_rows(tmp_path):
     assert file_sha256(default_model_path()) in page and "Research use only" in page
     assert "smearscan" in page and "date (UTC)" in page
     assert f"sensitivity {metrics['sensitivity']:.4f}" in result.output
+    # a flat all/, hem/ layout has no slides: said so, never scored as two "slides"
+    slides = json.loads((out / "metrics.json").read_text())["slides"]
+    assert slides["slides"] == {} and slides["accuracy"] is None
+    assert "no slides" in slides["note"] and "no slides" in result.output
+    assert 'id="no-slides"' in page
+    # 95 % Wilson intervals on every proportion
+    low, high = metrics["intervals"]["sensitivity"]
+    assert 0 <= low <= metrics["sensitivity"] <= high <= 1 and high - low > 0.2  # 12 cells
+    assert "95 % CI" in page
 
 
 def test_evaluate_with_labels_csv_and_slide_accuracy(tmp_path, slide_tree):
@@ -98,6 +109,26 @@ def test_labels_csv_problems_are_clear(tmp_path, slide_tree):
     result = run(["evaluate", str(slide_tree), "--labels", str(labels), "--out",
                   str(tmp_path / "e")], expect=ExitStatus.USAGE)  # fmt: skip
     assert "columns 'path' and 'label'" in result.log
+
+
+def test_labels_files_that_are_not_plain_utf8_csv_are_refused_not_hung_on(tmp_path, slide_tree):
+    """Issue 22: a FIFO as --labels blocked for ever; cp1252 text, a huge field and a file
+    listed twice with two labels gave tracebacks or a silent winner."""
+    args = ["evaluate", str(slide_tree), "--out", str(tmp_path / "e"), "--labels"]
+    pipe = tmp_path / "labels.fifo"
+    os.mkfifo(pipe)
+    started = time.monotonic()
+    result = run([*args, str(pipe)], expect=ExitStatus.USAGE)
+    assert time.monotonic() - started < 30 and "not a regular file" in result.log
+    some = sorted(p for p in slide_tree.rglob("*.*"))[0].relative_to(slide_tree)
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes(f"path,label\n{some},all\n".encode() + b"caf\xe9.png,hem\n")
+    assert "not UTF-8" in run([*args, str(labels)], expect=ExitStatus.USAGE).log
+    labels.write_text(f"path,label\n{some},{'a' * 200_000}\n")
+    assert "not a readable CSV" in run([*args, str(labels)], expect=ExitStatus.USAGE).log
+    labels.write_text(f"path,label\n{some},all\n{some},hem\n")
+    result = run([*args, str(labels)], expect=ExitStatus.USAGE)
+    assert "listed twice with different labels" in result.log
 
 
 def test_tta_changes_probabilities_but_not_shape(tmp_path, slide_tree):

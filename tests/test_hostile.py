@@ -11,6 +11,7 @@ import io
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import stat
@@ -158,8 +159,10 @@ def test_files_are_capped_by_size_before_reading(tmp_path, slide_tree):
     row = next(r for r in read_rows(out) if r["path"].endswith("huge.tif"))
     assert "file too large" in row["reason"]
     small = next(iter(image_files(slide_tree / "patient_B")))
-    run(["scan", str(small), "--out", str(out), "--max-bytes", "1000"],
-        expect=ExitStatus.SOME_UNUSABLE)  # fmt: skip
+    run(
+        ["scan", str(small), "--out", str(out), "--max-bytes", "1000"],
+        expect=ExitStatus.SOME_UNUSABLE,
+    )
     assert "file too large" in read_rows(out)[0]["reason"]
 
 
@@ -714,8 +717,19 @@ def test_private_files_are_never_opened_through_a_planted_link(tmp_path, slide_t
     os.chmod(victim, 0o644)
     (tmp_path / planted).symlink_to(victim)
     out = tmp_path / "r.csv"
-    result = run(["scan", str(slide_tree), "--out", str(out), "--state", str(tmp_path / "state.db"),
-                  "--log-file", str(tmp_path / "scan.log")], expect=None)  # fmt: skip
+    result = run(
+        [
+            "scan",
+            str(slide_tree),
+            "--out",
+            str(out),
+            "--state",
+            str(tmp_path / "state.db"),
+            "--log-file",
+            str(tmp_path / "scan.log"),
+        ],
+        expect=None,
+    )
     expected = ExitStatus.USAGE if planted == "scan.log" else ExitStatus.ERROR
     assert result.exit_code == expected, result.log + result.output
     assert "symbolic link" in result.log + result.output
@@ -728,8 +742,74 @@ def test_a_pipe_as_log_file_is_refused_without_blocking_or_chmod(tmp_path, slide
     pipe = tmp_path / "scan.log"
     os.mkfifo(pipe, 0o644)
     started = time.monotonic()
-    result = run(["scan", str(slide_tree), "--out", str(tmp_path / "r.csv"),
-                  "--log-file", str(pipe)], expect=ExitStatus.USAGE)  # fmt: skip
+    result = run(
+        ["scan", str(slide_tree), "--out", str(tmp_path / "r.csv"), "--log-file", str(pipe)],
+        expect=ExitStatus.USAGE,
+    )
     assert time.monotonic() - started < 30
     assert "not a regular file" in result.log + result.output or "cannot open" in result.output
     assert stat.S_IMODE(pipe.stat().st_mode) == 0o644 and stat.S_ISFIFO(pipe.stat().st_mode)
+
+
+def test_each_bad_name_in_a_file_list_is_one_error_row_not_a_failed_run(tmp_path, slide_tree):
+    """Issue 22: a NUL byte or a name longer than the system allows aborted the whole run."""
+    good = sorted(str(p) for p in image_files(slide_tree))
+    too_long = str(tmp_path / ("x" * 300 + ".png"))
+    listing = "\n".join([good[0], "bad\0name.png", too_long, good[1]]) + "\n"
+    out = tmp_path / "r.csv"
+    run(
+        ["scan", "--files-from", "-", "--out", str(out)],
+        stdin=listing,
+        expect=ExitStatus.SOME_UNUSABLE,
+    )
+    table = read_rows(out)
+    assert len(table) == 4
+    assert [r["status"] for r in table] == ["ok", "error", "error", "ok"]
+    assert "NUL byte" in table[1]["reason"] and "\\x00" in table[1]["path"]
+    assert table[2]["reason"]  # file not found, or the name is too long: a reason either way
+
+
+def test_a_nul_separated_list_carries_names_with_newlines(tmp_path, slide_tree):
+    source = sorted(image_files(slide_tree))[0]
+    odd = slide_tree / "patient_A" / f"two\nlines{source.suffix}"
+    shutil.copy(source, odd)
+    out = tmp_path / "r.csv"
+    listing = f"{source}\0{odd}\0"
+    run(["scan", "--files-from", "-", "-0", "--out", str(out)], stdin=listing)
+    table = read_rows(out)
+    assert [r["status"] for r in table] == ["ok", "ok"]
+    assert unescape_name(table[1]["path"]) == str(odd)
+
+
+def test_listed_files_keep_same_named_folders_of_two_sites_apart(tmp_path, slide_tree):
+    """Issue 22: 48 files of two sites became one slide 'p1', absorbing the other's blasts."""
+    listed = []
+    for site in ("siteA", "siteB"):
+        folder = tmp_path / site / "slides" / "p1"
+        folder.mkdir(parents=True)
+        for source in sorted(image_files(slide_tree))[:3]:
+            shutil.copy(source, folder / source.name)
+            listed.append(str(folder / source.name))
+    out = tmp_path / "r.csv"
+    run(["scan", "--files-from", "-", "--out", str(out)], stdin="\n".join(listed) + "\n")
+    slides = {r["slide"] for r in read_rows(out)}
+    assert slides == {"siteA/slides/p1", "siteB/slides/p1"}
+
+
+def test_a_pipe_as_anonymization_key_is_refused_at_once(tmp_path, slide_tree):
+    pipe = tmp_path / "key"
+    os.mkfifo(pipe)
+    started = time.monotonic()
+    result = run(
+        [
+            "scan",
+            str(slide_tree),
+            "--out",
+            str(tmp_path / "r.csv"),
+            "--anonymize-key-file",
+            str(pipe),
+        ],
+        expect=ExitStatus.USAGE,
+    )
+    assert time.monotonic() - started < 30
+    assert "not a regular file" in result.output + result.log

@@ -135,8 +135,10 @@ def test_a_future_mtime_delays_a_file_one_run_not_forever(tmp_path, slide_tree):
 def test_a_run_where_every_file_is_pending_reports_each_of_them(tmp_path, slide_tree):
     out, state = tmp_path / "r.csv", tmp_path / "state.db"
     out.write_text("last night's report\n")
-    result = run(["scan", str(slide_tree), "--out", str(out), "--state", str(state),
-                  "--min-age", "3600"], expect=ExitStatus.PENDING)  # fmt: skip
+    result = run(
+        ["scan", str(slide_tree), "--out", str(out), "--state", str(state), "--min-age", "3600"],
+        expect=ExitStatus.PENDING,
+    )
     assert "8 pending" in result.log
     table = rows(out)
     assert len(table) == 8 and {r["status"] for r in table} == {"pending"}

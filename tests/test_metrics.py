@@ -85,3 +85,11 @@ def test_metrics_match_scikit_learn_on_random_data(seed):
     )
     fpr, tpr = roc_curve(y == 0, probabilities[:, 0])
     assert np.trapezoid(tpr, fpr) == pytest.approx(ours["roc_auc"])
+
+
+def test_wilson_intervals_match_the_published_formula():
+    from smearscan.metrics import wilson_interval
+
+    assert wilson_interval(10, 12) == pytest.approx([0.5520, 0.9530], abs=1e-4)
+    assert wilson_interval(0, 5) == pytest.approx([0.0, 0.4345], abs=1e-4)  # never below 0
+    assert wilson_interval(5, 5)[1] == 1.0 and wilson_interval(0, 0) is None

@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import rows
+
 from smearscan import __version__
+from smearscan.exitstatus import ExitStatus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,3 +75,43 @@ def test_progress_bar_on_a_terminal(slide_tree, tmp_path):
         os.close(primary)
     text = output.decode("utf-8", "replace")
     assert "scanning" in text and "files/s" in text and "8/8" in text
+
+
+def _python_without(preamble: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the CLI in a fresh interpreter after ``preamble`` took something away (a module,
+    a signal), as on a platform that lacks it."""
+    code = "\n".join(
+        [
+            preamble,
+            "import sys",
+            "from smearscan.cli import main",
+            f"sys.argv = ['smearscan', *{list(args)!r}]",
+            "main()",
+        ]
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=timeout
+    )
+
+
+def test_help_and_signals_work_without_sighup():
+    """Issue 21: Windows has no SIGHUP; `smearscan --help` failed at import."""
+    done = _python_without("import signal\ndel signal.SIGHUP", "--help")
+    assert done.returncode == 0 and "scan" in done.stdout, done.stderr
+
+
+def test_state_runs_lock_with_filelock_where_there_is_no_fcntl(tmp_path, slide_tree):
+    """Issue 21: without fcntl (Windows) --state ended in a traceback; filelock takes over,
+    and a second run is still refused while the first holds the lock."""
+    no_fcntl = "import sys\nsys.modules['fcntl'] = None"
+    out, state = tmp_path / "r.csv", tmp_path / "state.db"
+    args = ["scan", str(slide_tree), "--out", str(out), "--state", str(state), "--min-age", "0"]
+    done = _python_without(no_fcntl, *args)
+    assert done.returncode == 0, done.stderr
+    assert len(rows(out)) == 8
+    import filelock
+
+    with filelock.FileLock(str(state) + ".lock"):
+        held = _python_without(no_fcntl, *args)
+    assert held.returncode == ExitStatus.LOCKED, held.stderr
+    assert "another smearscan run holds" in held.stderr

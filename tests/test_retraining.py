@@ -42,8 +42,14 @@ def lab_layout(root: Path, donors_per_class: int = 4, crops: int = 30) -> Path:
 def command(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """One README line, as a lab runs it: from the repository root, its own process."""
     environment = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True,
-                          text=True, env=environment, timeout=900)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=900,
+    )
 
 
 def test_the_readme_retraining_commands_work_on_a_lab_layout(tmp_path):
@@ -54,9 +60,18 @@ def test_the_readme_retraining_commands_work_on_a_lab_layout(tmp_path):
         ["export.cv", "--data", str(data), "--folds", "4", "--out", str(runs / "cv-mylab")],
         ["export.to_onnx", str(runs / "cv-mylab"), "--out", str(mylab)],
         ["smearscan", "scan", str(data), "--out", str(tmp_path / "r.csv"), "--model", str(mylab)],
-        ["export.cv", "--data", str(data), "--out", str(runs / "cv-finetune"), "--init-from",
-         "default", "--epochs", "5"],
-    ]  # fmt: skip
+        [
+            "export.cv",
+            "--data",
+            str(data),
+            "--out",
+            str(runs / "cv-finetune"),
+            "--init-from",
+            "default",
+            "--epochs",
+            "5",
+        ],
+    ]
     for step in steps:
         if step[0] == "export.cv":  # --folds 2 --epochs 1 added, the last value wins
             step += SHORT
@@ -99,7 +114,22 @@ def test_init_from_takes_the_parents_preprocessing_and_refuses_a_conflicting_one
     assert train.recipe_from_args(args) == load_classifier(device="cpu").info.recipe
     assert "preprocessing taken from the parent" in caplog.text
     data = lab_layout(tmp_path, donors_per_class=2, crops=4)
-    code = cv.main(["--data", str(data), "--out", str(tmp_path / "cv"), "--init-from", "default",
-                    "--crop", "window", "--folds", "2", "--epochs", "1", "--no-shift"])  # fmt: skip
+    code = cv.main(
+        [
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "cv"),
+            "--init-from",
+            "default",
+            "--crop",
+            "window",
+            "--folds",
+            "2",
+            "--epochs",
+            "1",
+            "--no-shift",
+        ]
+    )
     assert code == 2
     assert "leave out --crop" in caplog.text

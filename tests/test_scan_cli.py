@@ -347,10 +347,25 @@ def test_worker_processes_write_the_same_reports_and_profile_the_stages(tmp_path
     prints where the time went and the summary keeps it for every run."""
     (slide_tree / "patient_A" / "broken.png").write_bytes(b"not an image")
     threads, processes = tmp_path / "threads.csv", tmp_path / "processes.csv"
-    run(["scan", str(slide_tree), "--out", str(threads), "--no-html", "--decode", "threads"],
-        expect=3)  # fmt: skip
-    result = run(["scan", str(slide_tree), "--out", str(processes), "--no-html",
-                  "--decode", "processes", "--workers", "2", "--profile"], expect=3)  # fmt: skip
+    run(
+        ["scan", str(slide_tree), "--out", str(threads), "--no-html", "--decode", "threads"],
+        expect=3,
+    )
+    result = run(
+        [
+            "scan",
+            str(slide_tree),
+            "--out",
+            str(processes),
+            "--no-html",
+            "--decode",
+            "processes",
+            "--workers",
+            "2",
+            "--profile",
+        ],
+        expect=3,
+    )
     assert processes.read_bytes() == threads.read_bytes()
     summary = json.loads(processes.with_name("processes.summary.json").read_text())
     assert summary["engine"]["decode"] == "processes"
@@ -437,3 +452,14 @@ def test_max_qc_rate_lets_a_normal_night_exit_0(tmp_path, slide_tree):
     (slide_tree / "patient_A" / "broken.png").write_bytes(b"not an image")
     run([*args, "--max-qc-rate", "0.2"], expect=ExitStatus.SOME_UNUSABLE)
     run([*args, "--max-qc-rate", "1.5"], expect=ExitStatus.USAGE)
+
+
+def test_an_unknown_report_extension_is_refused_and_env_vars_are_in_help(tmp_path, slide_tree):
+    """Issue 21: --out r.xlsx silently wrote CSV; the environment variables were nowhere in
+    --help."""
+    result = run(["scan", str(slide_tree), "--out", str(tmp_path / "r.xlsx")], expect=2)
+    assert "unknown report type '.xlsx'" in result.log + result.output
+    assert not (tmp_path / "r.xlsx").exists()
+    run(["scan", str(slide_tree), "--out", str(tmp_path / "r.xlsx"), "--format", "csv"])
+    helped = run(["scan", "--help"]).output
+    assert "SMEARSCAN_WORKERS" in helped and "SMEARSCAN_MAX_QC_RATE" in helped
