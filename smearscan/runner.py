@@ -449,7 +449,10 @@ def _report(
                 writer.write(result)
                 builder.add(result)
                 counts[result.status] += 1
-            if sum(counts.values()) == 0 and not (request.new_only and reused):
+            # (one part of a --num-parts run may own no file: its empty report is still
+            # written, so that merge finds every part)
+            nothing = sum(counts.values()) == 0 and not (request.new_only and reused)
+            if nothing and request.num_parts == 1:
                 raise NothingToScan  # (an empty --new-only report is news: nothing new)
     except NothingToScan:
         seconds = time.time() - started
