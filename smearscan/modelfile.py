@@ -111,6 +111,30 @@ def _check_threshold(path: Path, name: str, value) -> None:
         raise ModelFileError(f"{path}: {name} {value!r} must be in [0, 1]")
 
 
+#: The most cells a slide rule may ask for (a larger one would call no slide at all).
+MAX_MIN_CELLS = 100_000
+
+
+def _check_decision(path: Path, decision: dict) -> None:
+    """The stored decision rule is consistent: objects where objects belong, a threshold
+    rule that has its threshold, numbers in range."""
+    cell, slide = decision.get("cell", {}), decision.get("slide", {})
+    if not isinstance(cell, dict) or not isinstance(slide, dict):
+        raise ModelFileError(f"{path}: the decision's 'cell' and 'slide' must be objects")
+    if cell.get("rule") == "threshold" and "threshold" not in cell:
+        raise ModelFileError(f"{path}: the cell rule 'threshold' has no threshold")
+    _check_threshold(path, "decision threshold", cell.get("threshold"))
+    _check_threshold(path, "slide cut-off", slide.get("cutoff"))
+    if "rule" in slide and not isinstance(slide["rule"], str):
+        raise ModelFileError(f"{path}: slide rule {slide['rule']!r} is not a name")
+    cells = slide.get("min_cells")
+    if cells is not None and (
+        isinstance(cells, bool) or not isinstance(cells, int) or not 1 <= cells <= MAX_MIN_CELLS
+    ):
+        raise ModelFileError(f"{path}: min_cells {cells!r} must be a whole number in "
+                             f"[1, {MAX_MIN_CELLS:,}]")  # fmt: skip
+
+
 def info_from_metadata(path: Path, metadata: dict[str, str]) -> ModelInfo:
     """Validate the smearscan metadata of a model file: every number a scan will use must
     be sane before any report is touched."""
@@ -137,9 +161,8 @@ def info_from_metadata(path: Path, metadata: dict[str, str]) -> ModelInfo:
         raise ModelFileError(f"{path} has invalid smearscan metadata: {exc}") from None
     if not isinstance(calibration, dict) or not isinstance(decision, dict):
         raise ModelFileError(f"{path}: calibration and decision metadata must be objects")
+    _check_decision(path, decision)
     _check_threshold(path, "calibration threshold", calibration.get("threshold"))
-    _check_threshold(path, "decision threshold", (decision.get("cell") or {}).get("threshold"))
-    _check_threshold(path, "slide cut-off", (decision.get("slide") or {}).get("cutoff"))
     positive = metadata.get(KEY_POSITIVE) or None
     if positive is not None and positive not in labels:
         raise ModelFileError(f"{path}: positive class {positive!r} is not one of {labels}")

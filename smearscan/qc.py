@@ -160,6 +160,27 @@ class QualityControl:
     #: The measurement version the limits were fitted with (see :data:`QC_VERSION`).
     fitted_version: int = QC_VERSION
 
+    def __post_init__(self) -> None:
+        """Limits that are consistent, not only well-typed: a model file whose QC would
+        refuse every crop, or let grayscale crops through, is refused when it loads."""
+        missing = [name for name in FITTED if name not in self.ranges]
+        if missing:
+            raise QCError(f"quality-control limits for {self.mode!r} lack {', '.join(missing)}")
+        unknown = sorted(set(self.ranges) - set(FITTED))
+        if unknown:
+            raise QCError(f"unknown quality-control measure(s) {', '.join(unknown)}")
+        for name, (low, high) in self.ranges.items():
+            if low is None and high is None:
+                raise QCError(f"quality-control range of {name} has no bound")
+            if any(v is not None and v < 0 for v in (low, high)):
+                raise QCError(f"quality-control range of {name} is negative: {[low, high]}")
+            if low is not None and high is not None and low >= high:
+                raise QCError(f"quality-control range of {name} is empty: {[low, high]}")
+        if self.max_objects < 1:
+            raise QCError(f"max_objects {self.max_objects} would refuse every crop")
+        if not (math.isfinite(self.max_fill) and 0 < self.max_fill <= 1):
+            raise QCError(f"max_fill {self.max_fill!r} must be in (0, 1]")
+
     @classmethod
     def from_metadata(cls, text: str | None, mode: str) -> QualityControl | None:
         """None when QC is off or the model has no QC metadata (older files)."""
@@ -177,8 +198,13 @@ class QualityControl:
             version = int(data.get("version", 1))
             if version < 1:
                 raise ValueError(f"version {version}")
-            control = cls(mode, ranges, int(fixed.get("max_objects", 1)),
-                          float(fixed.get("max_fill", MAX_FILL)), version)  # fmt: skip
+            max_objects = fixed.get("max_objects", 1)
+            if not isinstance(max_objects, int) or isinstance(max_objects, bool):
+                raise ValueError(f"max_objects {max_objects!r} is not a whole number")
+            control = cls(mode, ranges, max_objects, float(fixed.get("max_fill", MAX_FILL)),
+                          version)  # fmt: skip
+        except QCError:
+            raise
         except (ValueError, KeyError, TypeError) as exc:
             raise QCError(f"invalid quality-control metadata: {exc}") from None
         if version > QC_VERSION:

@@ -462,6 +462,88 @@ def test_a_model_file_that_lies_is_refused_before_any_report(tmp_path, slide_tre
     assert out.read_text() == "previous\n"
 
 
+def _shipped(key: str) -> dict:
+    from smearscan.inference import load_classifier
+
+    return json.loads(load_classifier(device="cpu").info.metadata["smearscan." + key])
+
+
+def _qc_low_above_high(qc):
+    qc["limits"]["default"]["area"] = [60000, 10000]
+
+
+def _qc_negative(qc):
+    qc["limits"]["default"]["focus"] = [-5, -1]
+
+
+def _qc_no_objects(qc):
+    qc["fixed"]["max_objects"] = 0
+
+
+def _qc_nan_fill(qc):
+    qc["fixed"]["max_fill"] = float("nan")
+
+
+def _qc_empty_default(qc):
+    qc["limits"]["default"] = {}
+
+
+def _qc_without_chroma(qc):
+    del qc["limits"]["default"]["chroma"]  # would let grayscale crops through
+
+
+def _decision_min_cells_text(decision):
+    decision["slide"]["min_cells"] = "abc"
+
+
+def _decision_min_cells_huge(decision):
+    decision["slide"]["min_cells"] = 10**30
+
+
+def _decision_min_cells_zero(decision):
+    decision["slide"]["min_cells"] = 0
+
+
+def _decision_without_threshold(decision):
+    del decision["cell"]["threshold"]
+
+
+def _decision_cell_not_object(decision):
+    decision["cell"] = "threshold"
+
+
+@pytest.mark.parametrize(
+    ("key", "change", "reason"),
+    [
+        ("qc", _qc_low_above_high, "is empty"),
+        ("qc", _qc_negative, "negative"),
+        ("qc", _qc_no_objects, "refuse every crop"),
+        ("qc", _qc_nan_fill, "max_fill"),
+        ("qc", _qc_empty_default, "lack"),
+        ("qc", _qc_without_chroma, "lack chroma"),
+        ("decision", _decision_min_cells_text, "min_cells"),
+        ("decision", _decision_min_cells_huge, "min_cells"),
+        ("decision", _decision_min_cells_zero, "min_cells"),
+        ("decision", _decision_without_threshold, "has no threshold"),
+        ("decision", _decision_cell_not_object, "must be objects"),
+    ],
+)
+def test_inconsistent_model_metadata_is_refused_not_only_mistyped(
+    tmp_path, slide_tree, key, change, reason
+):
+    """Issue 22: QC ranges with low > high, max_objects 0, an empty limits set, a
+    min_cells of 'abc' or 1e30, a threshold rule without its threshold were all accepted
+    (some made every crop fail QC, one let grayscale crops through, some gave tracebacks)."""
+    value = _shipped(key)
+    change(value)
+    model = _tampered(tmp_path, **{key: json.dumps(value)})
+    out = tmp_path / "r.csv"
+    result = run(["scan", str(slide_tree), "--out", str(out), "--model", str(model)],
+                 expect=ExitStatus.ERROR)  # fmt: skip
+    assert reason in result.log, result.log
+    assert not out.exists()
+
+
 def test_nan_and_negative_model_outputs_become_error_rows(tmp_path, slide_tree):
     require_training_stack()
     import onnx
