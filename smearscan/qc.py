@@ -42,6 +42,11 @@ MODE_PERCENTILES = {"default": (0.05, 99.95), "strict": (0.5, 99.5)}
 #: fitted feature is a positive quantity, so margins are ratios), so that an unusual but
 #: real crop passes while a blank, burnt, grey or blurred one does not.
 DEFAULT_MARGIN = 1.25
+#: The magnifications the shift suite validates (at least 90 % of labels unchanged at 0.8x
+#: and 1.25x, thanks to the size-normalising crop). The default area limits reach that far,
+#: scaled by the square of the factor: QC must not refuse what the model is shown to judge
+#: (with the plain limits QC refused 24 % of real crops at 1.25x; bench/qc_scale.py).
+VALIDATED_SCALES = (0.8, 1.25)
 #: Floors of the upper limit of the clipped share (training crops have none clipped, and a
 #: few saturated pixels do not make a crop unusable).
 CLIPPED_FLOOR = {"default": 0.02, "strict": 0.005}
@@ -145,6 +150,8 @@ def limits_for(percentiles: Mapping[str, Mapping[str, float]], mode: str) -> dic
         high = values[f"p{high_p:g}"] * margin
         if name == "clipped":
             low, high = None, max(high, CLIPPED_FLOOR[mode])
+        if name == "area" and mode == "default" and low is not None:
+            low, high = low * VALIDATED_SCALES[0] ** 2, high * VALIDATED_SCALES[1] ** 2
         limits[name] = [low, high]
     return limits
 

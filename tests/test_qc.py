@@ -266,3 +266,25 @@ def test_real_crops_pass_at_the_documented_rate():
     failed = [r.reason for r in results if r.status == STATUS_QC]
     assert all(r.status in ("ok", STATUS_QC) for r in results)
     assert len(failed) / len(results) <= 0.005, failed
+
+
+def test_size_limits_cover_the_validated_magnifications_and_still_refuse_far_ones():
+    """Issue 21: cells at 1.25x the training magnification keep their labels (shift suite)
+    but a quarter were refused as 'cell too large'; at 2x they are still refused."""
+    from export.augment import rescale
+
+    info = load_classifier(device="cpu").info
+    qc = QualityControl.from_metadata(info.metadata[KEY_QC], "default")
+    assert qc is not None
+
+    def refused(scale: float) -> int:
+        count = 0
+        for path in fixture_images():
+            image = rescale(read_bgr(path), scale)
+            gray = gray_of(image, "bgr")
+            resized = framed_and_resized(image, info.recipe, "bgr", gray)
+            count += bool(qc.reasons(measure(gray, resized, info.recipe.background_threshold)))
+        return count
+
+    assert refused(0.8) == refused(1.25) == 0
+    assert refused(2.0) >= len(fixture_images()) // 2
