@@ -47,7 +47,13 @@ LARGE_CELL_AREA = 29_000
 #: these is still reusable).
 NEUTRAL_OPTIONS = {"out", "fold", "quiet", "workers", "cache_dir"}
 #: What runs made before an option existed did, for the reuse check.
-LEGACY_DEFAULTS = {"scale_at": "input", "augment_strength": 1.0, "freeze_batch_norm": None}
+LEGACY_DEFAULTS = {
+    "scale_at": "input",
+    "augment_strength": 1.0,
+    "freeze_batch_norm": None,
+    "distill_from": None,
+    "distill_weight": 0.5,
+}
 DEFAULT_OPERATING_POINT = "balanced"
 
 

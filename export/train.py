@@ -213,6 +213,19 @@ def build_parser(
         "run folder or a .keras file; the parent is recorded in the run and the model file",
     )
     p.add_argument(
+        "--distill-from",
+        help="learn from a teacher's soft labels too: 'default' (the shipped fold models) or "
+        "a cross-validation folder (with --fold k its fold-k model, which never saw fold k's "
+        "donors; with --fold -1 its fold models averaged), or a run folder or .keras file",
+    )
+    p.add_argument(
+        "--distill-weight",
+        type=float,
+        default=0.5,
+        help="with --distill-from: the teacher's share of each training target (the rest is "
+        "the true label); the teacher sees the same augmented crop as the student",
+    )
+    p.add_argument(
         "--freeze-batch-norm",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -355,11 +368,13 @@ def make_dataset(
     rng: np.random.Generator,
     rescaler: RawRescaler | None = None,
     indices: np.ndarray | None = None,
+    teacher=None,
 ):
     """tf.data pipeline: uint8 -> float in [0, 1] exactly as ``preprocess`` scales, then
     augmentation and mixup (training only). Labels are one-hot (mixup blends them). With a
     ``rescaler``, the crops at ``indices`` are decoded, rescaled and preprocessed afresh
-    instead of taken from ``x``."""
+    instead of taken from ``x``. With a ``teacher`` (distillation), each target becomes
+    ``(1 - w) * label + w * teacher(image)`` on the very image the student sees."""
     autotune = tf.data.AUTOTUNE
     size = x.shape[1]
     groups = tuple(g for g in args.augment if g != "jpeg")  # jpeg: on the raw crop
@@ -403,6 +418,13 @@ def make_dataset(
             )
 
         ds = ds.map(mixup, num_parallel_calls=autotune)
+    if training and teacher is not None:
+        share = float(args.distill_weight)
+
+        def soften(images, labels):
+            return images, (1.0 - share) * labels + share * teacher(images, training=False)
+
+        ds = ds.map(soften)
     return ds.prefetch(autotune)
 
 
@@ -571,6 +593,39 @@ def load_parent(parent: Path):
     return ensemble_model(members, members[0].input_shape[1])
 
 
+def load_teacher(spec: str, fold: int, val_patients: set[str], recipe: Recipe):
+    """The teacher of a distillation, and what it is: for a cross-validation folder and a
+    validating fold k, only its fold-k model, after checking that this model never saw
+    the donors this training validates on (the out-of-fold estimate stays honest); for
+    ``--fold -1`` the fold models averaged, as shipped. Raises ValueError otherwise."""
+    import keras
+
+    path = resolve_parent(spec)
+    config = parent_config_of(path)
+    if Recipe.from_json(json.dumps(config["recipe"])) != recipe:
+        raise ValueError(f"--distill-from {spec}: the teacher prepares crops another way")
+    if not path.is_dir():
+        if fold >= 0:
+            log.warning(
+                "--distill-from %s: a single model; nothing checks that it never saw this "
+                "fold's validation donors",
+                spec,
+            )
+        return keras.models.load_model(path, compile=False), {"teacher": str(path)}
+    if fold < 0:
+        return load_parent(path), {"teacher": str(path), "members": len(cv_folds(path))}
+    member = path / f"fold_{fold}"
+    seen = set(json.loads((member / "config.json").read_text())["split"]["train_patients"])
+    if seen & val_patients:
+        overlap = len(seen & val_patients)
+        raise ValueError(
+            f"--distill-from {spec}: its fold {fold} model saw {overlap} of this fold's "
+            "validation donors"
+        )
+    model = keras.models.load_model(member / "model.keras", compile=False)
+    return model, {"teacher": str(member), "members": 1}
+
+
 def all_layers(model) -> list:
     """Every layer, inside nested models too (an ensemble holds its members as layers)."""
     found = []
@@ -632,6 +687,14 @@ def train(args: argparse.Namespace) -> dict:
             f"--init-from {args.init_from}: its labels {parent_config['labels']} differ from "
             f"this training's {labels}"
         )
+
+    teacher = None
+    if args.distill_from:
+        if not 0.0 < args.distill_weight <= 1.0:
+            raise ValueError("--distill-weight must be in (0, 1]")
+        val_patients = {s.patient for s in val_samples}
+        teacher, taught = load_teacher(args.distill_from, args.fold, val_patients, recipe)
+        log.info("distilling from %s (weight %g)", taught["teacher"], args.distill_weight)
 
     parent = None
     freeze = bool(args.init_from) if args.freeze_batch_norm is None else args.freeze_batch_norm
@@ -714,7 +777,7 @@ def train(args: argparse.Namespace) -> dict:
         idx = epoch_indices(patients_train, y_train, args, rng)
         train_ds = make_dataset(tf, x_train[idx], y_train[idx], len(labels), args,
                                 training=True, rng=rng, rescaler=rescaler,
-                                indices=idx)  # fmt: skip
+                                indices=idx, teacher=teacher)  # fmt: skip
         fit = model.fit(
             train_ds,
             epochs=1,

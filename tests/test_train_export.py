@@ -452,3 +452,24 @@ def test_table1_quick_path(tmp_path):
     stamp = (work / "vgg16" / "model.keras").stat().st_mtime_ns
     assert table1.main([*args, "--only", "KNN,VGG16"]) == 0  # resumable: no retraining
     assert (work / "vgg16" / "model.keras").stat().st_mtime_ns == stamp
+
+
+def test_a_student_learns_from_the_teacher_that_never_saw_its_donors(tiny_cv, tmp_path, caplog):
+    """Issue 26: distillation keeps the out-of-fold estimate honest (fold k's student learns
+    only from the fold-k teacher) and a split whose teacher saw the validation donors is
+    refused; the shipped student (--fold -1) learns from the fold models averaged."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    base = ["--data", str(CNMC), "--epochs", "1", *TINY, "--distill-from", str(tiny_cv),
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    student = tmp_path / "student"
+    assert train.main([*base, "--out", str(student), "--fold", "1"]) == 0
+    config = json.loads((student / "config.json").read_text())
+    assert config["args"]["distill_from"] == str(tiny_cv)
+    assert f"distilling from {tiny_cv / 'fold_1'}" in caplog.text
+    assert train.main([*base, "--out", str(tmp_path / "leak"), "--fold", "1",
+                       "--split-seed", "7"]) == 2  # fmt: skip
+    assert "of this fold's validation donors" in caplog.text
+    assert train.main([*base, "--out", str(tmp_path / "all"), "--fold", "-1"]) == 0
+    assert "distilling from " + str(tiny_cv) + " " in caplog.text
