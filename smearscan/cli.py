@@ -561,7 +561,9 @@ def scan(
     if state is None and (new_only or lock_wait is not None or explicit):
         raise click.UsageError("--new-only, --wait, --min-age and --verify need --state")
     if ray_address and engine != "ray":
-        raise click.UsageError("--ray-address needs --engine ray")
+        if ctx.get_parameter_source("ray_address") == given:
+            raise click.UsageError("--ray-address needs --engine ray")
+        ray_address = None  # SMEARSCAN_RAY_ADDRESS is for Ray runs; a local scan ignores it
     if part_id >= num_parts:
         raise click.BadParameter("must be less than --num-parts", param_hint="--part-id")
     _check_device(device)

@@ -8,6 +8,9 @@ escape, reversibly:
 - a byte that is not valid UTF-8 as ``\\xNN``;
 - a control character as ``\\n``, ``\\r``, ``\\t``, ``\\xNN`` (C0 and DEL) or ``\\uNNNN``
   (C1), so a row is one line and a name never drives a terminal that shows a log;
+- the Unicode line and paragraph separators and the bidirectional controls (U+2028/2029,
+  U+200E/200F, U+202A–202E, U+2066–2069) as ``\\uNNNN``: some viewers break lines at the
+  first, and the others make a name display as another ("Trojan Source");
 - a backslash as ``\\\\`` (so the escapes are unambiguous).
 
 :func:`unescape_name` gives back the exact name on disk.
@@ -19,7 +22,9 @@ import os
 import re
 
 _SIMPLE = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\\\udc80-\udcff]")
+_UNSAFE = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\\\udc80-\udcff\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
 _ESCAPE = re.compile(r"\\(\\|n|r|t|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4})")
 
 
@@ -30,7 +35,7 @@ def _escape(match: re.Match) -> str:
     code = ord(char)
     if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte under surrogateescape
         return f"\\x{code - 0xDC00:02x}"
-    if code >= 0x80:  # C1 control character
+    if code >= 0x80:  # C1 control, line separator or bidirectional control
         return f"\\u{code:04x}"
     return f"\\x{code:02x}"
 

@@ -147,6 +147,8 @@ def read_file_bytes(
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
+        if os.path.islink(path):
+            raise ImageDecodeError("dangling link: its target does not exist") from None
         raise ImageDecodeError("file vanished before it could be read") from None
     except PermissionError:
         raise ImageDecodeError("permission denied") from None

@@ -895,3 +895,34 @@ def test_a_pipe_as_anonymization_key_is_refused_at_once(tmp_path, slide_tree):
     )
     assert time.monotonic() - started < 30
     assert "not a regular file" in result.output + result.log
+
+
+def test_names_with_line_separators_or_bidi_controls_are_escaped_everywhere(tmp_path, slide_tree):
+    """Issue 22: U+2028/2029 break lines in some viewers; bidi overrides make a name display
+    as another. Both are escaped, reversibly, in every output."""
+    source = sorted(image_files(slide_tree))[0]
+    tricky = [f"line\u2028break{source.suffix}", f"evil\u202egnp.{source.suffix[1:]}"]
+    for name in tricky:
+        shutil.copy(source, source.parent / name)
+    out = tmp_path / "r.jsonl"
+    run(["scan", str(slide_tree), "--out", str(out)])
+    text = out.read_text() + out.with_name("r.summary.json").read_text()
+    text += out.with_name("r.html").read_text()
+    assert "\u2028" not in text and "\u202e" not in text
+    paths = {unescape_name(json.loads(line)["path"]) for line in out.read_text().splitlines()}
+    assert {str((source.parent / n).relative_to(slide_tree)) for n in tricky} <= paths
+
+
+def test_a_dangling_link_says_so(tmp_path, slide_tree):
+    (slide_tree / "patient_A" / "gone.png").symlink_to(slide_tree / "patient_A" / "nothing.png")
+    out = tmp_path / "r.csv"
+    run(["scan", str(slide_tree), "--out", str(out)], expect=ExitStatus.SOME_UNUSABLE)
+    row = next(r for r in read_rows(out) if r["path"].endswith("gone.png"))
+    assert row["reason"] == "dangling link: its target does not exist"
+
+
+def test_the_ray_address_variable_does_not_break_local_scans(tmp_path, slide_tree, monkeypatch):
+    monkeypatch.setenv("SMEARSCAN_RAY_ADDRESS", "127.0.0.1:1")
+    run(["scan", str(slide_tree), "--out", str(tmp_path / "r.csv")])
+    args = ["scan", str(slide_tree), "--out", str(tmp_path / "r.csv"), "--ray-address", "auto"]
+    run(args, expect=ExitStatus.USAGE)
