@@ -263,4 +263,19 @@ def describe(info: ModelInfo) -> str:
     created = info.metadata.get(KEY_CREATED)
     if created:
         lines.append(f"created      {created} with smearscan {info.metadata.get(KEY_VERSION)}")
-    return "\n".join(lines)
+    return "\n".join(_shown(line) for line in lines)
+
+
+#: The longest line ``model info`` prints from a file's metadata.
+MAX_SHOWN = 500
+
+
+def _shown(line: str) -> str:
+    """A metadata line as a terminal may show it: control characters (escape sequences that
+    would drive the terminal) escaped, and capped in length (a model file is not trusted)."""
+    from smearscan.names import display_name
+
+    line = display_name(line)
+    if len(line) > MAX_SHOWN:
+        return f"{line[:MAX_SHOWN]}… ({len(line) - MAX_SHOWN:,} more characters)"
+    return line

@@ -108,6 +108,16 @@ def content_digest(path: str) -> str | None:
     return digest.hexdigest()
 
 
+def _readable(status: str, probabilities: str) -> bool:
+    if status != STATUS_OK:
+        return True
+    try:
+        values = [float(p) for p in probabilities.split(",")]
+    except (ValueError, AttributeError):
+        return False
+    return bool(values) and all(0.0 <= v <= 1.0 for v in values)
+
+
 class RunLock:
     """Exclusive advisory lock on ``<state>.lock``; ``wait`` seconds (None = fail at once).
 
@@ -250,7 +260,9 @@ class StateStore:
             "FROM files WHERE fingerprint=? AND status IN (?, ?)",
             (self.fingerprint, *REUSABLE),
         )
-        return {row[0]: row[1:] for row in rows}
+        # a row whose probabilities do not read back (a damaged or edited database) is not
+        # reused: its file is scanned again rather than failing every run
+        return {row[0]: row[1:] for row in rows if _readable(row[4], row[6])}
 
     def select(self, found: Iterable[Found], min_age: float, counters: Counters) -> Iterator[Found]:
         """Yield the files that need scanning; keep unchanged ones as reused report rows.

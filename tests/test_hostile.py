@@ -926,3 +926,11 @@ def test_the_ray_address_variable_does_not_break_local_scans(tmp_path, slide_tre
     run(["scan", str(slide_tree), "--out", str(tmp_path / "r.csv")])
     args = ["scan", str(slide_tree), "--out", str(tmp_path / "r.csv"), "--ray-address", "auto"]
     run(args, expect=ExitStatus.USAGE)
+
+
+def test_model_info_escapes_and_caps_what_a_model_file_says(tmp_path):
+    """Issue 22: `model info` printed raw terminal escape sequences and 200 MB strings."""
+    model = _tampered(tmp_path, created="\x1b]0;owned\x07\x1b[31m" + "x" * 100_000)
+    shown = run(["model", "info", "--model", str(model)]).output
+    assert "\x1b" not in shown and "\x07" not in shown
+    assert "more characters)" in shown and len(shown) < 20_000

@@ -471,3 +471,17 @@ def test_a_run_removes_only_provably_dead_temporaries(tmp_path, slide_tree):
     scan_state(slide_tree, tmp_path)
     assert not stale.exists()
     assert live.exists() and foreign.exists()
+
+
+def test_a_state_row_that_does_not_read_back_is_rescanned_not_fatal(tmp_path, slide_tree):
+    """Issue 22: a state row with unparsable probabilities failed every later run."""
+    out, state = tmp_path / "r.csv", tmp_path / "state.db"
+    args = ["scan", str(slide_tree), "--out", str(out), "--state", str(state), "--min-age", "0"]
+    run(args)
+    first = rows(out)
+    with sqlite3.connect(state) as db:
+        damaged = "SELECT rowid FROM files WHERE status='ok' LIMIT 1"
+        db.execute(f"UPDATE files SET probabilities='abc,' WHERE rowid IN ({damaged})")
+    result = run(args)
+    assert "7 unchanged" in result.log.strip().splitlines()[-1]  # that one file scanned again
+    assert rows(out) == first
