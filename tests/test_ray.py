@@ -173,3 +173,30 @@ def test_engine_ray_without_ray_says_how_to_install_it(tmp_path, slide_tree):
     assert done.returncode == ExitStatus.USAGE, done.stderr
     assert "pip install 'smearscan[ray]'" in done.stderr
     assert not (tmp_path / "r.csv").exists()
+
+
+def test_an_address_where_nothing_listens_fails_fast_with_a_reason(tmp_path, slide_tree):
+    """Issue 22: --ray-address to a closed port retried for 400 s and ended without the
+    final line."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again when the block ends: nothing listens
+    started = time.monotonic()
+    command = [
+        sys.executable,
+        "-m",
+        "smearscan",
+        "scan",
+        str(slide_tree),
+        "--out",
+        str(tmp_path / "r.csv"),
+        "--engine",
+        "ray",
+        "--ray-address",
+        f"127.0.0.1:{port}",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == ExitStatus.ERROR, done.stderr
+    assert time.monotonic() - started < 60
+    assert "cannot reach the Ray cluster" in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("smearscan failed")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from collections.abc import Iterable, Iterator
 
@@ -99,6 +100,31 @@ class RayPredictor:
         return out
 
 
+#: Seconds to wait for a cluster's address to answer before calling it unreachable (Ray
+#: itself retries for minutes, which a nightly run must not spend on a dead head node).
+CONNECT_TIMEOUT = 10.0
+
+
+def reachable_or_fail(address: str | None, timeout: float = CONNECT_TIMEOUT) -> None:
+    """A ``host:port`` or ``ray://host:port`` address must accept a TCP connection within
+    ``timeout`` seconds; raises :class:`EngineError` with the reason otherwise. ``None`` (a
+    local instance) and ``auto`` (found by Ray itself) are not checked."""
+    if not address or address == "auto":
+        return
+    target = address.split("://", 1)[-1].rsplit("/", 1)[0]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise EngineError(f"Ray address {address!r} is not host:port or ray://host:port")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return
+    except OSError as exc:
+        raise EngineError(
+            f"cannot reach the Ray cluster at {address}: "
+            f"{exc.strerror or exc} (nothing answered within {timeout:g} s)"
+        ) from None
+
+
 class RayEngine:
     """Ray Data over a cluster (or a local Ray instance when no address is given)."""
 
@@ -117,6 +143,7 @@ class RayEngine:
         # Ray core's C++ log lines go straight to stderr; failures still raise here
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
         if not self.ray.is_initialized():
+            reachable_or_fail(address)
             try:
                 self.ray.init(address=address, include_dashboard=False, log_to_driver=False,
                               ignore_reinit_error=True, logging_level=logging.WARNING)  # fmt: skip
