@@ -34,7 +34,7 @@ from smearscan.metrics import (
     wilson_interval,
 )
 from smearscan.modelfile import INTENDED_USE
-from smearscan.policy import DecisionPolicy
+from smearscan.policy import NEGATIVE, DecisionPolicy
 from smearscan.results import STATUS_OK, CellResult
 from smearscan.runner import ScanOutcome, ScanRequest, run_scan
 from smearscan.sinks.html import environment
@@ -235,7 +235,7 @@ def _slide_table(slides, y_true, probabilities, predicted, policy: DecisionPolic
         positives = int((predicted[members] == pos).sum())
         positive_sum = float(probabilities[members, pos].sum())
         call = policy.slide_call(cells, positives, positive_sum)
-        called = call in (policy.suspect_call, "negative")
+        called = call in (policy.suspect_call, NEGATIVE)
         table[slide] = {
             "cells": cells,
             "true_label": true_label,

@@ -21,7 +21,10 @@ SLIDE_RULES = ("mean", "fraction")
 #: cells is too few to call a patient either way (C-NMC's smallest donor has 9 crops).
 DEFAULT_MIN_CELLS = 10
 INSUFFICIENT = "insufficient"
-NEGATIVE = "negative"
+#: Below the cut-off. Not "negative": the model misses some ALL donors, so a slide it does
+#: not flag is not ruled out, only not flagged for review (reports before 2026-12-04 said
+#: "negative").
+NEGATIVE = "not-flagged"
 
 
 class PolicyError(ValueError):
@@ -103,7 +106,7 @@ class DecisionPolicy:
         return positive_sum / cells if self.slide_rule == "mean" else positives / cells
 
     def slide_call(self, cells: int, positives: int, positive_sum: float) -> str | None:
-        """``<positive>-suspect``, ``negative`` or ``insufficient``; None without a positive
+        """``<positive>-suspect``, ``not-flagged`` or ``insufficient``; None without a positive
         class (multi-class models without one make no slide call)."""
         if self.positive is None:
             return None
@@ -142,8 +145,10 @@ class DecisionPolicy:
             else f"fraction of its usable cells labelled '{self.positive}'"
         )
         return (
-            f"a slide is '{self.suspect_call}' when the {score} is >= {self.slide_cutoff:g}; "
-            f"'{INSUFFICIENT}' when it has fewer than {self.min_cells} usable cells"
+            f"a slide is '{self.suspect_call}' when the {score} is at least "
+            f"{self.slide_cutoff:g}, and '{NEGATIVE}' below it (not flagged for review, which "
+            f"does not rule leukaemia out); it is '{INSUFFICIENT}' when it has fewer than "
+            f"{self.min_cells} usable cells"
         )
 
     def to_dict(self) -> dict:

@@ -77,7 +77,8 @@ def test_report_renders_offline_with_rule_tables_thumbnails_and_problems(tmp_pat
     assert len(images) >= 6 and all(a["src"].startswith("data:image/jpeg;base64,") for a in images)
     assert not any(a.get("href", "").startswith("http") for _, a in parsed.tags)
     assert "Research use only" in text and "Not for diagnostic use" in text
-    assert "cells called all" in text and "cells called hem" in text
+    assert "cells labelled all (share of usable)" in text and "cells labelled hem" in text
+    assert "margin to the cut-off" in text
     assert re.search(r"a cell is 'all' when P\(all\) >= 0\.\d+", text)
     assert "failed quality control" in text and "grayscale or colourless" in text
     assert "Unreadable files (3)" in text and "empty.png" in text and "notes.jpg" in text

@@ -37,9 +37,9 @@ def test_a_threshold_on_a_model_it_cannot_apply_to_is_refused():
     ("rule", "cells", "positives", "positive_sum", "call"),
     [
         ("fraction", 20, 10, 5.0, "all-suspect"),  # 0.5 >= 0.5
-        ("fraction", 20, 9, 15.0, "negative"),
+        ("fraction", 20, 9, 15.0, "not-flagged"),
         ("mean", 20, 0, 10.0, "all-suspect"),  # mean P 0.5
-        ("mean", 20, 20, 9.0, "negative"),  # mean P 0.45
+        ("mean", 20, 20, 9.0, "not-flagged"),  # mean P 0.45
         ("mean", 9, 9, 9.0, "insufficient"),  # too few usable cells
     ],
 )

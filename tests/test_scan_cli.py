@@ -243,7 +243,8 @@ def test_examples_folder_scans_with_calls(tmp_path):
     assert len(rows(out)) == len(image_files(examples)) == 24
     summary = json.loads(out.with_name("r.summary.json").read_text())
     assert summary["slides"]["slide_01"]["call"] == "all-suspect"
-    assert summary["slides"]["slide_02"]["call"] == "negative"
+    assert summary["slides"]["slide_02"]["call"] == "not-flagged"
+    assert summary["slides"]["slide_02"]["margin"] < 0 < summary["slides"]["slide_01"]["margin"]
 
 
 def test_fixture_images_exist():

@@ -114,6 +114,8 @@ class SlideStats:
         if with_call and policy.positive is not None:
             score = policy.slide_score(cells, self.positives, self.positive_sum)
             out["score"] = None if score is None else round(score, 4)
+            # how far the score lies from the cut-off: a call by a hair is worth a look
+            out["margin"] = None if score is None else round(score - policy.slide_cutoff, 4)
             out["call"] = (
                 "incomplete"
                 if incomplete or self.pending
