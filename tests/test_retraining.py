@@ -133,3 +133,65 @@ def test_init_from_takes_the_parents_preprocessing_and_refuses_a_conflicting_one
     )
     assert code == 2
     assert "leave out --crop" in caplog.text
+
+
+def test_report_renderers_write_n_a_for_every_absent_figure():
+    """Issue 25: a lab set without large-cell normal donors (or with one class, or one donor
+    in a fold) leaves figures undefined; the Markdown reports must say n/a, not crash."""
+    from export import shift
+
+    empty = {
+        "pooled": dict.fromkeys(("weighted_f1", "roc_auc", "sensitivity", "specificity")),
+        "macro_sensitivity": None,
+        "macro_specificity": None,
+        "worst_positive_donor": None,
+        "worst_sensitivity": None,
+        "worst_negative_donor": None,
+        "worst_specificity": None,
+        "slide_call_accuracy": None,
+        "donors": 2,
+        "donor_rows": [
+            {
+                "patient": "P1",
+                "truth": "all",
+                "cells": 3,
+                "called_positive": None,
+                "mean_p": None,
+                "call": "insufficient",
+            }
+        ],
+    }
+    report = {
+        "positive_class": "all",
+        "argmax": empty,
+        "cross_fitted": empty,
+        "cell_size": {
+            "threshold_px": 29000,
+            "large_cell_donors": 0,
+            "small_cell_donors": 1,
+            "large_cell_macro_specificity": None,
+            "small_cell_macro_specificity": None,
+        },
+        "rules_on_all_donors": {
+            "temperature": None,
+            "threshold": None,
+            "slide_rule": "mean",
+            "slide_cutoff": None,
+        },
+        "operating_point": "balanced",
+    }
+    text = cv.render_markdown(report, "empty")
+    assert "n/a" in text
+    figures = dict.fromkeys(
+        (
+            "weighted_f1",
+            "roc_auc",
+            "sensitivity",
+            "specificity",
+            "macro_specificity",
+            "agreement",
+            "slide_call_accuracy",
+        )
+    )
+    shifted = shift.render_markdown({"shifts": {"none": figures}, "targets": {}}, "empty")
+    assert "| none | n/a | n/a |" in shifted
