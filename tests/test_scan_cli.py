@@ -47,13 +47,23 @@ def test_clean_scan_reports_every_cell(slide_tree, tmp_path):
     # a CPU-only machine is normal, not a warning; the tree's two JPEG crops are
     warnings = [line for line in result.log.splitlines() if "WARNING" in line]
     assert len(warnings) == 1 and "2 of 8 files are JPEG" in warnings[0]
-    assert summary["overall"]["jpeg_files"] == 2
+    assert summary["overall"]["jpeg_files"] == 2 and summary["model"]["is_default"]
+    assert "the default model, trained on lossless crops" in warnings[0]
     assert 'id="jpeg"' in out.with_name("report.html").read_text()
     assert (
         result.log.strip()
         .splitlines()[-1]
         .startswith("smearscan done: 8 files, 8 ok, 0 failed QC, 0 errors, 0 pending")
     )
+
+
+def test_the_jpeg_notice_does_not_pin_the_default_models_figure_on_another(tmp_path, slide_tree):
+    """Issue 21: under --model the notice named "the default model" as if it were this one."""
+    out = tmp_path / "r.csv"
+    result = run(["scan", str(slide_tree), "--out", str(out), "--model", str(TINY_3CLASS)])
+    assert "this model's JPEG behaviour is unmeasured" in result.log
+    assert "behaviour on JPEG is unmeasured" in out.with_name("r.html").read_text()
+    assert json.loads(out.with_name("r.summary.json").read_text())["model"]["is_default"] is False
 
 
 def test_lossless_crops_get_no_jpeg_notice(tmp_path):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from smearscan import __version__
 from smearscan.files import atomic_write
-from smearscan.modelfile import INTENDED_USE
+from smearscan.modelfile import INTENDED_USE, default_model_path
 from smearscan.policy import DecisionPolicy
 from smearscan.results import STATUS_OK, STATUS_PENDING, STATUS_QC, CellResult
 
@@ -244,6 +244,7 @@ def run_details(classifier, seconds: float, files: int, partial: bool, extra: di
             "labels": info.labels,
             "positive_class": info.positive_class,
             "temperature": classifier.temperature,
+            "is_default": info.path.resolve() == default_model_path().resolve(),
         },
         "execution_provider": classifier.provider,
         "device_note": classifier.device_note,
