@@ -91,6 +91,9 @@ def test_report_renders_offline_with_rule_tables_thumbnails_and_problems(tmp_pat
     assert purple.sum() > 2000
     bar = (np.abs(r - 0x7B) < 10) & (np.abs(g - 0x3F) < 10) & (np.abs(b - 0xA0) < 10)
     assert bar.sum() > 200  # the histogram bars are drawn
+    cutoff = (np.abs(r - 0xC0) < 12) & (np.abs(g - 0x39) < 12) & (np.abs(b - 0x2B) < 12)
+    assert cutoff.sum() > 40  # and the cell threshold across them, in red
+    assert "threshold 0." in text
 
 
 def test_an_empty_new_only_report_says_no_images_found(tmp_path, slide_tree):

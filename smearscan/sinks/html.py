@@ -48,7 +48,9 @@ def thumbnail_data_uri(file: str, recipe, size: int = THUMBNAIL_SIZE) -> str | N
     return "data:image/jpeg;base64," + base64.b64encode(encoded.tobytes()).decode("ascii")
 
 
-def histogram_svg(counts: list[int], label: str) -> Markup:
+def histogram_svg(counts: list[int], label: str, cutoff: float | None = None) -> Markup:
+    """Bars of the cells' P(positive); ``cutoff`` (the cell threshold) drawn as a dashed
+    line, so the reader sees which bars were labelled positive."""
     width, height, pad = 520, 190, 30
     peak = max(max(counts), 1)
     bar = (width - 2 * pad) / len(counts)
@@ -70,6 +72,14 @@ def histogram_svg(counts: list[int], label: str) -> Markup:
         f'<text x="{width - pad - 6}" y="{height - 12}" font-size="11">1</text>'
         f'<text x="4" y="{pad - 10}" font-size="11">cells (max {peak})</text>'
     )
+    if cutoff is not None:
+        x = pad + (width - 2 * pad) * cutoff
+        axis += (
+            f'<line id="cutoff" x1="{x:.1f}" y1="{pad - 4}" x2="{x:.1f}" y2="{height - pad}" '
+            'stroke="#c0392b" stroke-dasharray="4 3"/>'
+            f'<text x="{x + 3:.1f}" y="{pad + 6}" font-size="11" fill="#c0392b">'
+            f"threshold {cutoff:g}</text>"
+        )
     return Markup(
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'role="img" aria-label="histogram of {text}">{"".join(bars)}{axis}</svg>'
@@ -125,8 +135,11 @@ def write_html(
         slides=summary["slides"],
         labels=builder.labels,
         positive=positive,
-        histogram=histogram_svg(summary["histogram"]["counts"], f"P({positive})")
-        if positive else "",
+        histogram=histogram_svg(
+            summary["histogram"]["counts"], f"P({positive})", builder.policy.threshold
+        )
+        if positive
+        else "",
         thumbnails=thumbnails,
         thumbnails_truncated=len(builder.slides) > THUMBNAIL_SLIDES,
         qc_groups=qc_groups,
