@@ -148,3 +148,12 @@ def test_plot_labels_never_overlap():
             for b_ in boxes[i + 1 :]:
                 overlap = a[0] < b_[2] and b_[0] < a[2] and a[1] < b_[3] and b_[1] < a[3]
                 assert not overlap, (a, b_)
+
+
+def test_file_names_wrap_at_separators_never_inside_an_extension():
+    from smearscan.sinks.html import breakable
+
+    shown = str(breakable("site_A/slide-1/<b>UID_3_1_1_all.png"))
+    assert "&lt;b&gt;" in shown and "<b>" not in shown  # still escaped
+    assert shown.endswith("all.png") and "<wbr>.png" not in shown
+    assert shown.count("<wbr>") == 8  # after each of the 2 "/", 1 "-" and 5 "_"

@@ -19,15 +19,26 @@ THUMBNAIL_SLIDES = 200
 THUMBNAIL_SIZE = 112
 
 
+def breakable(name: str) -> Markup:
+    """A path that may wrap after its separators (``/``, ``_``, ``-``) but never inside a
+    word or an extension: escaped first, then ``<wbr>`` after each separator."""
+    escaped = str(escape(name))
+    for separator in ("/", "_", "-"):
+        escaped = escaped.replace(separator, separator + "<wbr>")
+    return Markup(escaped)
+
+
 def environment():
     from jinja2 import Environment, PackageLoader, select_autoescape
 
-    return Environment(
+    env = Environment(
         loader=PackageLoader("smearscan", "templates"),
         autoescape=select_autoescape(default=True, default_for_string=True),
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    env.filters["breakable"] = breakable
+    return env
 
 
 def thumbnail_data_uri(file: str, recipe, size: int = THUMBNAIL_SIZE) -> str | None:
