@@ -30,6 +30,7 @@ from smearscan.inference import Classifier
 from smearscan.metrics import (
     classification_metrics,
     expected_calibration_error,
+    roc_auc,
     roc_curve,
     wilson_interval,
 )
@@ -236,9 +237,11 @@ def _slide_table(slides, y_true, probabilities, predicted, policy: DecisionPolic
         positive_sum = float(probabilities[members, pos].sum())
         call = policy.slide_call(cells, positives, positive_sum)
         called = call in (policy.suspect_call, NEGATIVE)
+        right = int((predicted[members] == y_true[members]).sum())
         table[slide] = {
             "cells": cells,
             "true_label": true_label,
+            "cell_accuracy": round(right / cells, 4),
             f"fraction_called_{positive}": round(positives / cells, 4),
             "score": round(policy.slide_score(cells, positives, positive_sum) or 0.0, 4),
             "call": call,
@@ -246,10 +249,21 @@ def _slide_table(slides, y_true, probabilities, predicted, policy: DecisionPolic
             else None,
         }  # fmt: skip
     scored = [row["correct"] for row in table.values() if row["correct"] is not None]
-    return {"rule": policy.slide_rule_text(),
-            "accuracy": round(float(np.mean(scored)), 4) if scored else None,
-            "accuracy_interval": wilson_interval(int(sum(scored)), len(scored)),
-            "slides": table}  # fmt: skip
+    rows = list(table.values())
+    positive_rows = [r["cell_accuracy"] for r in rows if r["true_label"] == positive]
+    other_rows = [r["cell_accuracy"] for r in rows if r["true_label"] != positive]
+    truth = np.array([r["true_label"] == positive for r in rows])
+    auc = roc_auc(truth, np.array([r["score"] for r in rows])) if len(set(truth)) == 2 else None
+    return {
+        "rule": policy.slide_rule_text(),
+        "accuracy": round(float(np.mean(scored)), 4) if scored else None,
+        "accuracy_interval": wilson_interval(int(sum(scored)), len(scored)),
+        # each slide (donor) weighing the same: a few large slides cannot carry the figure
+        "macro_sensitivity": round(float(np.mean(positive_rows)), 4) if positive_rows else None,
+        "macro_specificity": round(float(np.mean(other_rows)), 4) if other_rows else None,
+        "slide_auc": None if auc is None or not np.isfinite(auc) else round(float(auc), 4),
+        "slides": table,
+    }
 
 
 # ------------------------------------------------------------------ plots (SVG)

@@ -71,6 +71,13 @@ def test_evaluate_with_labels_csv_and_slide_accuracy(tmp_path, slide_tree):
     assert slides["patient_A"]["true_label"] == "all"
     correct = [s["correct"] for s in slides.values()]
     assert document["slides"]["accuracy"] == pytest.approx(sum(correct) / 2)
+    # each slide (donor) counted once, and the slide scores ranked
+    summary = document["slides"]
+    assert summary["macro_sensitivity"] == slides["patient_A"]["cell_accuracy"]
+    assert summary["macro_specificity"] == slides["patient_B"]["cell_accuracy"]
+    expected_auc = float(slides["patient_A"]["score"] > slides["patient_B"]["score"])
+    assert summary["slide_auc"] == pytest.approx(expected_auc)
+    assert "Each slide counted once" in (out / "evaluation.html").read_text()
     # with the default minimum of 10 usable cells, 4-cell slides are not called or scored
     run(["evaluate", str(slide_tree), "--labels", str(labels), "--out", str(out)])
     document = json.loads((out / "metrics.json").read_text())
