@@ -185,3 +185,49 @@ def test_sensor_bit_depth_of_deep_images(maximum, bits):
     from smearscan.preprocess import sensor_bits
 
     assert sensor_bits(maximum) == bits
+
+
+REFERENCE = FIXTURES / "preprocessed-reference.npz"
+
+
+def _model_pixels_of_fixtures(recipe) -> np.ndarray:
+    from smearscan.preprocess import framed_and_resized, gray_of, model_pixels, read_image
+
+    crops = []
+    for path in fixture_images():
+        image = read_image(str(path), order="bgr")
+        framed = framed_and_resized(image, recipe, "bgr", gray_of(image, "bgr"))
+        crops.append(model_pixels(framed, recipe))
+    return np.stack(crops)
+
+
+def test_preprocessing_matches_the_stored_reference_crops():
+    """Issue 21: area resizing can change between OpenCV releases, and every figure of the
+    model was measured on one. The 24 fixture crops, preprocessed with the shipped recipe,
+    must equal the stored reference exactly (made with OpenCV 5.1.0.95, identical on
+    5.0.0.93); a new OpenCV that changes them fails here, before it changes any label.
+    Regenerate only after re-validating the model: ``python tests/test_preprocess.py``."""
+    from smearscan.inference import load_classifier
+
+    recipe = load_classifier(device="cpu").info.recipe
+    stored = np.load(REFERENCE)
+    assert str(stored["recipe"]) == recipe.to_json()
+    pixels = _model_pixels_of_fixtures(recipe)
+    difference = np.abs(pixels.astype(int) - stored["pixels"].astype(int))
+    assert difference.max() == 0, (
+        f"OpenCV {cv2.__version__} preprocesses differently from {stored['opencv']}: "
+        f"{(difference > 0).mean():.2%} of pixels differ, by up to {difference.max()}; "
+        "install the validated set (pip install -c constraints.txt) or re-validate"
+    )
+
+
+if __name__ == "__main__":
+    from smearscan.inference import load_classifier
+
+    shipped = load_classifier(device="cpu").info.recipe
+    np.savez_compressed(
+        REFERENCE,
+        pixels=_model_pixels_of_fixtures(shipped),
+        recipe=np.array(shipped.to_json()),
+        opencv=np.array(cv2.__version__),
+    )
