@@ -1,11 +1,13 @@
-"""How many real crops quality control refuses at other magnifications (a script, not a test).
+"""How many real crops quality control refuses under acquisition shifts (a script, not a test).
 
     python bench/qc_scale.py [--per-donor 10] [--model PATH] [--out FILE]
 
-Every donor's first crops of ../shared/data/cnmc are rescaled around the frame centre as
-another microscope magnification would show them (the shift suite's ``rescale``), then
-measured and checked by the model's default QC limits. The shift suite validates the model's
-labels at 0.8x and 1.25x (at least 90 % unchanged), so QC should refuse few crops there.
+Every donor's first crops of ../shared/data/cnmc are shifted as the shift suite does
+(rescaled as another magnification would show them, blurred, re-exposed, stain-jittered,
+hue-shifted, JPEG-compressed) and by shifts the model cannot judge (red and blue swapped,
+hue turned by 120 degrees, heavy noise, JPEG quality 10), then measured and checked by the
+model's default QC limits. QC should refuse few crops under the shifts the model is
+validated on (at most 1 %), and many under the others.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from export.augment import rescale  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from export.augment import jpeg_roundtrip, rescale  # noqa: E402
+from export.shift import shifts as suite_shifts  # noqa: E402
 from smearscan.inference import load_classifier  # noqa: E402
 from smearscan.modelfile import KEY_QC  # noqa: E402
 from smearscan.preprocess import framed_and_resized, gray_of, read_image  # noqa: E402
@@ -28,6 +34,35 @@ from smearscan.qc import QualityControl, measure  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "cnmc"
 SCALES = (0.8, 1.0, 1.25, 1.4)
+
+
+def _cell(image):
+    return image.max(axis=2, keepdims=True) > 12
+
+
+def _noise(image, sigma=5.0):
+    rng = np.random.default_rng(0)
+    noisy = image.astype(np.float32) + rng.normal(0, sigma, image.shape)
+    return (np.clip(noisy, 0, 255) * _cell(image)).astype(np.uint8)
+
+
+def _hue_turn(image, degrees=120):
+    hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)
+    hsv[:, :, 0] = ((hsv[:, :, 0].astype(int) + degrees // 2) % 180).astype(np.uint8)
+    return (cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR) * _cell(image)).astype(np.uint8)
+
+
+def shifted(seed: int) -> dict:
+    """Name -> function: the suite's validated shifts, then those the model cannot judge."""
+    validated = {name: f for name, f in suite_shifts(seed).items() if not name.startswith("scale")}
+    return {
+        **{f"{scale:g}x": (lambda im, s=scale: rescale(im, s)) for scale in SCALES},
+        **validated,
+        "unjudgeable: red and blue swapped": lambda im: np.ascontiguousarray(im[:, :, ::-1]),
+        "unjudgeable: hue +120 degrees": _hue_turn,
+        "unjudgeable: noise sigma 5": _noise,
+        "unjudgeable: jpeg quality 10": lambda im: jpeg_roundtrip(im, 10),
+    }
 
 
 def main() -> int:
@@ -47,25 +82,28 @@ def main() -> int:
         if taken[row["patient"]] < args.per_donor:
             taken[row["patient"]] += 1
             paths.append(SHARED / row["path"])
-    result: dict = {"crops": len(paths), "donors": len(taken), "scales": {}}
-    for scale in SCALES:
-        reasons: Counter[str] = Counter()
-        refused = 0
-        for path in paths:
-            image = rescale(read_image(str(path), order="bgr"), scale)
+    result: dict = {"crops": len(paths), "donors": len(taken), "shifts": {}}
+    names = list(shifted(0))
+    refused = dict.fromkeys(names, 0)
+    reasons: dict[str, Counter[str]] = {name: Counter() for name in names}
+    for index, path in enumerate(paths):
+        original = read_image(str(path), order="bgr")
+        for name, shift in shifted(index).items():
+            image = shift(original)
             gray = gray_of(image, "bgr")
             resized = framed_and_resized(image, info.recipe, "bgr", gray)
             found = qc.reasons(measure(gray, resized, info.recipe.background_threshold))
-            refused += bool(found)
-            reasons.update(reason.split(" (")[0] for reason in found)
-        result["scales"][f"{scale:g}x"] = {
-            "refused": refused,
-            "rate": round(refused / len(paths), 4),
-            "reasons": dict(reasons.most_common()),
+            refused[name] += bool(found)
+            reasons[name].update(reason.split(" (")[0] for reason in found)
+    for name in names:
+        result["shifts"][name] = {
+            "refused": refused[name],
+            "rate": round(refused[name] / len(paths), 4),
+            "reasons": dict(reasons[name].most_common()),
         }
         print(
-            f"{scale:g}x: {refused} of {len(paths)} refused ({refused / len(paths):.1%})",
-            dict(reasons.most_common(3)),
+            f"{name}: {refused[name]} of {len(paths)} refused ({refused[name] / len(paths):.1%})",
+            dict(reasons[name].most_common(2)),
         )
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -20,14 +20,25 @@ import cv2
 import numpy as np
 
 MODES = ("default", "strict", "off")
-FEATURES = ("area", "fill", "objects", "chroma", "brightness", "clipped", "focus")
+FEATURES = ("area", "fill", "objects", "chroma", "brightness", "clipped", "focus", "hue")
 #: Feature ranges fitted on training crops (``objects`` and the empty frame are fixed rules).
-FITTED = ("area", "chroma", "brightness", "clipped", "focus")
+FITTED = ("area", "chroma", "brightness", "clipped", "focus", "hue")
 #: The measurement's version, stored with the limits fitted with it. Version 2 (0.12 ms a
 #: crop instead of 0.22) takes the cell mask from the grey crop, chroma and brightness from
 #: the cell's mean colour, and counts objects on an 8x subsampled mask; on the 7,529 C-NMC
 #: training crops its fitted limits lie within 5 % of version 1's (docs/model-card.md).
-QC_VERSION = 2
+#: Version 3 adds the hue of the cell's mean colour: a crop with swapped colour channels or
+#: another stain passed every earlier check and got a label at chance (issue 22).
+QC_VERSION = 3
+#: What each version's limits cover (older files' limits have no hue range).
+FITTED_IN = {1: FITTED[:5], 2: FITTED[:5], 3: FITTED}
+#: The hue range reaches this many degrees beyond the training crops' rarest (an angle:
+#: margins add): the shift suite's validated hue shift, 8 degrees. C-NMC's cells lie at
+#: 277-303 degrees (purple, blue above red); with red and blue swapped they move to
+#: 302-322, so a wider margin would let the swap through.
+HUE_MARGIN = {"default": 8.0, "strict": 3.0}
+#: A training hue range wider than this (a set of several stains) gets no hue limit.
+MAX_HUE_SPREAD = 120.0
 #: A second object counts as a cell when its area is at least this share of the largest.
 CELL_SIZED = 0.25
 #: The mask is subsampled by this step for counting objects (64x fewer pixels to label; a
@@ -67,6 +78,7 @@ class QCFeatures:
     brightness: float  # luma of the cell's mean colour (resized crop), 0-255
     clipped: float  # pixels with a channel >= CLIP_LEVEL over the cell's pixels
     focus: float  # variance of the Laplacian inside the cell (eroded), resized crop
+    hue: float = float("nan")  # hue angle of the cell's mean colour, degrees in [0, 360)
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -100,6 +112,7 @@ def measure(gray: np.ndarray, resized: np.ndarray, threshold: int) -> QCFeatures
         return QCFeatures(area, fill, objects, nan, nan, nan, nan)
     mean_colour = cv2.mean(resized, mask=cell)[:3]
     chroma = max(mean_colour) - min(mean_colour)
+    hue = hue_of(*mean_colour)
     brightness = sum(w * c for w, c in zip(_LUMA, mean_colour, strict=True))
     # per channel, then any channel: the grey of a 0/255 image is 0 only where all are 0
     _, saturated = cv2.threshold(resized, CLIP_LEVEL - 1, 255, cv2.THRESH_BINARY)
@@ -113,7 +126,22 @@ def measure(gray: np.ndarray, resized: np.ndarray, threshold: int) -> QCFeatures
     else:
         focus = 0.0
     return QCFeatures(area, fill, objects, float(chroma), float(brightness), float(clipped),
-                      focus)  # fmt: skip
+                      focus, hue)  # fmt: skip
+
+
+def hue_of(red: float, green: float, blue: float) -> float:
+    """The hue angle (degrees, HSV's) of one RGB colour; NaN for a grey one."""
+    high, low = max(red, green, blue), min(red, green, blue)
+    spread = high - low
+    if spread <= 0:
+        return float("nan")
+    if high == red:
+        sector = ((green - blue) / spread) % 6
+    elif high == green:
+        sector = (blue - red) / spread + 2
+    else:
+        sector = (red - green) / spread + 4
+    return float(60.0 * sector)
 
 
 # ------------------------------------------------------------------ limits
@@ -152,6 +180,13 @@ def limits_for(percentiles: Mapping[str, Mapping[str, float]], mode: str) -> dic
             low, high = None, max(high, CLIPPED_FLOOR[mode])
         if name == "area" and mode == "default" and low is not None:
             low, high = low * VALIDATED_SCALES[0] ** 2, high * VALIDATED_SCALES[1] ** 2
+        if name == "hue":
+            low, high = values[f"p{low_p:g}"], values[f"p{high_p:g}"]
+            if high - low > MAX_HUE_SPREAD:
+                low, high = 0.0, 360.0  # several stains: no hue limit
+            else:
+                low = max(0.0, low - HUE_MARGIN[mode])
+                high = min(360.0, high + HUE_MARGIN[mode])
         limits[name] = [low, high]
     return limits
 
@@ -170,7 +205,8 @@ class QualityControl:
     def __post_init__(self) -> None:
         """Limits that are consistent, not only well-typed: a model file whose QC would
         refuse every crop, or let grayscale crops through, is refused when it loads."""
-        missing = [name for name in FITTED if name not in self.ranges]
+        required = FITTED_IN.get(self.fitted_version, FITTED)
+        missing = [name for name in required if name not in self.ranges]
         if missing:
             raise QCError(f"quality-control limits for {self.mode!r} lack {', '.join(missing)}")
         unknown = sorted(set(self.ranges) - set(FITTED))
@@ -268,6 +304,10 @@ _TEXT = {
     "(training <= {limit:.1%})",
     ("focus", True): "out of focus (sharpness {value:.1f}, training >= {limit:.1f})",
     ("focus", False): "too sharp or noisy (sharpness {value:.0f}, training <= {limit:.0f})",
+    ("hue", True): "stain colour unlike the training crops (hue {value:.0f}°, training >= "
+    "{limit:.0f}°: swapped colour channels or another stain?)",
+    ("hue", False): "stain colour unlike the training crops (hue {value:.0f}°, training <= "
+    "{limit:.0f}°: swapped colour channels or another stain?)",
 }
 
 

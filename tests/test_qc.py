@@ -6,6 +6,7 @@ with status ``qc`` (never ``ok`` with a label) under the embedded model's limits
 
 from __future__ import annotations
 
+import colorsys
 import json
 
 import cv2
@@ -154,8 +155,8 @@ def test_limits_round_trip_through_metadata():
 
 
 def _reference_features(gray: np.ndarray, resized: np.ndarray) -> tuple:
-    """The QC features (measurement version 2) written plainly: numpy, default labelling,
-    two 3x3 erosions, per-pixel masks."""
+    """The QC features (measurement version 3) written plainly: numpy, default labelling,
+    two 3x3 erosions, per-pixel masks, the standard library's HSV hue."""
     small = (gray[::8, ::8] > 12).astype(np.uint8)
     count, labels = cv2.connectedComponents(small, connectivity=8)
     areas = np.bincount(labels.ravel(), minlength=count)[1:]
@@ -173,6 +174,7 @@ def _reference_features(gray: np.ndarray, resized: np.ndarray) -> tuple:
         float(mean_colour @ np.array([0.299, 0.587, 0.114])),
         ((resized >= 250).any(axis=2) & cell).sum() / cell.sum(),
         laplacian.var() if inner.any() else 0.0,  # a speck has no interior
+        colorsys.rgb_to_hsv(*(mean_colour / 255.0))[0] * 360.0,
     )
 
 
@@ -190,7 +192,7 @@ def test_the_fast_measurement_matches_a_plain_reference():
         resized = framed_and_resized(image, Recipe(), "bgr", gray)
         f = measure(gray, resized, 12)
         expected = _reference_features(gray, resized)
-        got = (f.area, f.objects, f.chroma, f.brightness, f.clipped, f.focus)
+        got = (f.area, f.objects, f.chroma, f.brightness, f.clipped, f.focus, f.hue)
         assert got[:2] == expected[:2]
         assert np.allclose(got[2:], expected[2:], rtol=1e-4, atol=1e-6), (got, expected)
     assert measure(gray, resized, 12).clipped > 0.05  # the burnt crop exercised the share
@@ -248,7 +250,7 @@ def test_deep_images_are_scaled_by_their_real_bit_depth(tmp_path):
 @pytest.mark.skipif(not SHARED_CNMC.is_dir(), reason="needs ../shared/data/cnmc")
 def test_real_crops_pass_at_the_documented_rate():
     """At most 0.5 % of the 7,529 real training crops may fail the default QC (the model
-    card documents 3). The scan's own decode-QC-preprocess stage with the shipped model's
+    card documents 2). The scan's own decode-QC-preprocess stage with the shipped model's
     limits, without inference: the QC decision does not depend on it."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -288,3 +290,26 @@ def test_size_limits_cover_the_validated_magnifications_and_still_refuse_far_one
 
     assert refused(0.8) == refused(1.25) == 0
     assert refused(2.0) >= len(fixture_images()) // 2
+
+
+def test_qc_sees_the_stain_colour_and_keeps_the_validated_hue_shift():
+    """Issue 22: crops of another stain colour (hue turned by 120 degrees) passed every check
+    and got labels at chance; the shift suite's validated hue shift (8 degrees) must pass."""
+    from export.shift import hue_shift
+
+    info = load_classifier(device="cpu").info
+    qc = QualityControl.from_metadata(info.metadata[KEY_QC], "default")
+    assert qc is not None and "hue" in qc.ranges
+
+    def reasons(image):
+        gray = gray_of(image, "bgr")
+        resized = framed_and_resized(image, info.recipe, "bgr", gray)
+        return qc.reasons(measure(gray, resized, info.recipe.background_threshold))
+
+    crops = [read_bgr(p) for p in fixture_images()]
+    assert all(reasons(hue_shift(c, 8)) == [] for c in crops)
+    turned = [reasons(hue_shift(c, 120)) for c in crops]
+    assert all(
+        any(r.startswith("stain colour unlike the training crops") for r in found)
+        for found in turned
+    )
