@@ -9,6 +9,7 @@ stderr always summarises the run, whatever happened.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ class Environment:
     stdin: TextIO = field(default_factory=lambda: sys.stdin)
     stderr: TextIO = field(default_factory=lambda: sys.stderr)
     stderr_isatty: bool = field(default_factory=lambda: sys.stderr.isatty())
+    verbose: bool = False  # -v: debug messages too
 
 
 class _Formatter(logging.Formatter):
@@ -51,12 +53,12 @@ def _setup_logging(env: Environment, quiet: bool, log_file: Path | None) -> None
     for handler in root.handlers:
         handler.close()
     root.handlers.clear()
-    root.setLevel(logging.INFO)
     root.propagate = False
     handler = logging.StreamHandler(env.stderr)
     handler.setFormatter(_Formatter())
-    handler.setLevel(logging.ERROR if quiet else logging.INFO)
+    handler.setLevel(logging.ERROR if quiet else logging.DEBUG if env.verbose else logging.INFO)
     root.addHandler(handler)
+    root.setLevel(logging.DEBUG if env.verbose else logging.INFO)
     if log_file:
         from smearscan.files import open_private
 
@@ -286,12 +288,14 @@ def _apply(options: list):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="smearscan")
+@click.option("-v", "--verbose", is_flag=True, help="Debug messages too (with the final line).")
 @click.pass_context
-def cli(ctx: click.Context) -> None:
+def cli(ctx: click.Context, verbose: bool) -> None:
     """Screen white-cell crops for acute lymphoblastic leukemia.
 
     Research use only; not for diagnostic use."""
     ctx.ensure_object(Environment)
+    ctx.obj.verbose = verbose
 
 
 @cli.command()
@@ -756,6 +760,19 @@ def _run_command(env: Environment, name: str, quiet: bool, log_interval: float, 
     sys.exit(outcome.status)
 
 
+class _AboveTheBar(io.TextIOBase):
+    """A stream for log lines while the progress bar is live: rich prints them above the
+    bar (written straight to the terminal they would land inside the bar's line)."""
+
+    def __init__(self, console) -> None:
+        self.console = console
+
+    def write(self, text: str) -> int:
+        if text.strip():
+            self.console.print(text.rstrip("\n"), markup=False, highlight=False, soft_wrap=True)
+        return len(text)
+
+
 class _Progress:
     """Rich progress bar on a terminal; plain periodic log lines otherwise (cron)."""
 
@@ -765,6 +782,7 @@ class _Progress:
         self.started = self.last = time.time()
         self.bar: Any = None
         self.task: Any = None
+        self.redirected: list = []
 
     def __enter__(self) -> _Progress:
         if self.quiet or not self.env.stderr_isatty:
@@ -786,6 +804,11 @@ class _Progress:
         )  # fmt: skip
         self.bar.start()
         self.task = self.bar.add_task("scan", total=None, rate=0.0)
+        self.redirected = [
+            (handler, handler.setStream(_AboveTheBar(self.bar.console)))
+            for handler in logging.getLogger("smearscan").handlers
+            if type(handler) is logging.StreamHandler
+        ]
         return self
 
     def total_from(self, listing: Callable) -> None:
@@ -820,6 +843,8 @@ class _Progress:
 
     def close(self) -> None:
         if self.bar is not None:
+            for handler, stream in self.redirected:
+                handler.setStream(stream)
             self.bar.stop()
             self.bar = None
 

@@ -301,6 +301,12 @@ def make_engine(name: str, plan_: RunPlan, classifier: Classifier, request: Scan
 
     predictor = BatchPredictor(classifier=classifier, tta=options.tta, pad_to=batch_size)
     decode = decode_for(options, classifier)
+    log.debug(
+        "local engine: batch %d, CPU stage in %s, %s workers",
+        batch_size,
+        decode,
+        options.workers or "one per core",
+    )
     return LocalEngine(plan_.config, predictor, batch_size, options.workers, decode)
 
 

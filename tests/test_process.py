@@ -115,3 +115,36 @@ def test_state_runs_lock_with_filelock_where_there_is_no_fcntl(tmp_path, slide_t
         held = _python_without(no_fcntl, *args)
     assert held.returncode == ExitStatus.LOCKED, held.stderr
     assert "another smearscan run holds" in held.stderr
+
+
+def test_log_lines_print_above_the_progress_bar_in_a_real_terminal(tmp_path):
+    """Issue 21: on a terminal, INFO and WARNING lines were written into the progress bar's
+    line. Run in tmux (a real terminal) and read the screen: each log line starts its own
+    line, never after the bar."""
+    import shutil
+    import time
+
+    if shutil.which("tmux") is None:
+        import pytest
+
+        pytest.skip("tmux not installed (.ci/run installs it)")
+    session = f"smearscan-{os.getpid()}"
+    out = tmp_path / "r.csv"
+    command = f"{sys.executable} -m smearscan scan examples/slides --out {out}; sleep 30"
+    tmux = ["tmux", "new-session", "-d", "-s", session, "-x", "200", "-y", "50"]
+    subprocess.run([*tmux, "-c", str(ROOT), command], check=True)
+    try:
+        deadline = time.monotonic() + 60
+        screen = ""
+        while time.monotonic() < deadline and "smearscan done" not in screen:
+            time.sleep(0.5)
+            capture = ["tmux", "capture-pane", "-t", session, "-p", "-J"]
+            screen = subprocess.run(capture, capture_output=True, text=True).stdout
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    assert "smearscan done" in screen, screen
+    lines = [line for line in screen.splitlines() if line.strip()]
+    logged = [line for line in lines if " WARNING " in line or " INFO " in line]
+    assert any("files are JPEG" in line for line in logged), screen
+    assert all(line.startswith("20") for line in logged), screen  # a timestamp, not the bar
+    assert not any(line.startswith("scanning") and " INFO " in line for line in lines)

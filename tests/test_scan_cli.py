@@ -474,3 +474,10 @@ def test_an_unknown_report_extension_is_refused_and_env_vars_are_in_help(tmp_pat
     run(["scan", str(slide_tree), "--out", str(tmp_path / "r.xlsx"), "--format", "csv"])
     helped = run(["scan", "--help"]).output
     assert "SMEARSCAN_WORKERS" in helped and "SMEARSCAN_MAX_QC_RATE" in helped
+
+
+def test_verbose_shows_debug_messages(tmp_path, slide_tree):
+    plain = run(["scan", str(slide_tree), "--out", str(tmp_path / "a.csv")])
+    verbose = run(["-v", "scan", str(slide_tree), "--out", str(tmp_path / "b.csv")])
+    assert " DEBUG " not in plain.log
+    assert " DEBUG local engine: batch 8, CPU stage in threads" in verbose.log
