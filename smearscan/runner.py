@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -517,7 +518,8 @@ def _report(
     write_json(request.summary_path(), summary)
     html_path = request.html_path()
     if html_path is not None:
-        write_html(html_path, summary, builder, classifier.info.recipe, run_plan.qc_text)
+        roots = [os.path.realpath(p) for p in request.inputs if p.is_dir()]
+        write_html(html_path, summary, builder, classifier.info.recipe, run_plan.qc_text, roots)
     if partial:
         status = stop_status() if stop_status else ExitStatus.INTERRUPTED_INT
     elif counts[STATUS_PENDING]:

@@ -14,6 +14,7 @@ import pytest
 from conftest import CNMC, IN_CI, run
 
 from smearscan.exitstatus import ExitStatus
+from smearscan.preprocess import Recipe
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None and IN_CI:
@@ -157,3 +158,22 @@ def test_file_names_wrap_at_separators_never_inside_an_extension():
     assert "&lt;b&gt;" in shown and "<b>" not in shown  # still escaped
     assert shown.endswith("all.png") and "<wbr>.png" not in shown
     assert shown.count("<wbr>") == 8  # after each of the 2 "/", 1 "-" and 5 "_"
+
+
+def test_thumbnails_stay_inside_the_scanned_folder(tmp_path, slide_tree):
+    """Issue 22: the report's thumbnails read files again without the scan's containment
+    check: a file swapped for a link to outside the folder after the scan was shown."""
+    import os
+    import shutil
+
+    from smearscan.sinks.html import thumbnail_data_uri
+
+    recipe = Recipe()
+    crop = sorted(p for p in slide_tree.rglob("*.png"))[0]
+    root = os.path.realpath(slide_tree)
+    assert thumbnail_data_uri(str(crop), recipe, inside=root).startswith("data:image/jpeg")
+    outside = tmp_path / "private.png"
+    shutil.copy(crop, outside)
+    crop.unlink()
+    crop.symlink_to(outside)  # swapped after the scan found it
+    assert thumbnail_data_uri(str(crop), recipe, inside=root) is None

@@ -41,14 +41,18 @@ def environment():
     return env
 
 
-def thumbnail_data_uri(file: str, recipe, size: int = THUMBNAIL_SIZE) -> str | None:
-    """A small JPEG of the framed cell, inlined so the report is one self-contained file."""
+def thumbnail_data_uri(
+    file: str, recipe, size: int = THUMBNAIL_SIZE, inside: str | None = None
+) -> str | None:
+    """A small JPEG of the framed cell, inlined so the report is one self-contained file.
+    ``inside`` (the scanned folder's real path): the file must still lie inside it when it
+    is read again, as the scan checked (a file swapped for a link since shows no picture)."""
     import cv2
 
     from smearscan.preprocess import ImageDecodeError, frame_cell, read_image
 
     try:
-        bgr = read_image(file, order="bgr")
+        bgr = read_image(file, order="bgr", inside=inside)
         framed = cv2.resize(frame_cell(bgr, recipe, "bgr"), (size, size),
                             interpolation=cv2.INTER_AREA)  # fmt: skip
     except (ImageDecodeError, cv2.error, ValueError):
@@ -105,23 +109,39 @@ def _row_class(stats: dict) -> str:
 
 
 def write_html(
-    path: str | os.PathLike, summary: dict, builder: SummaryBuilder, recipe, qc_text: str
+    path: str | os.PathLike,
+    summary: dict,
+    builder: SummaryBuilder,
+    recipe,
+    qc_text: str,
+    roots: list[str] | None = None,
 ) -> None:
     """One offline HTML file: rule, per-slide table, histogram, suspicious cells, QC
-    failures by reason, unreadable files, run details."""
+    failures by reason, unreadable files, run details. ``roots`` (the scanned folders'
+    real paths) keep thumbnails to the files inside them."""
     positive = builder.policy.positive
+    made: dict[str, str | None] = {}  # a file shown under several QC reasons is read once
+
+    def thumbnail(file: str) -> str | None:
+        if file not in made:
+            real = os.path.realpath(file) if file else ""
+            inside = next(
+                (r for r in roots or [] if real.startswith(r.rstrip(os.sep) + os.sep)), None
+            )
+            made[file] = thumbnail_data_uri(file, recipe, inside=inside) if file else None
+        return made[file]
+
     thumbnails = []
     for name, stats in sorted(builder.slides.items())[:THUMBNAIL_SLIDES]:
         if stats.suspicious:
             thumbnails.append({
                 "name": name,
-                "cells": [{"score": score, "path": rel, "uri": thumbnail_data_uri(file, recipe)}
+                "cells": [{"score": score, "path": rel, "uri": thumbnail(file)}
                           for score, rel, file in sorted(stats.suspicious, reverse=True)],
             })  # fmt: skip
     qc_groups = [
         {"reason": reason, "count": builder.qc_reasons.get(reason, 0),
-         "cells": [{"path": rel, "uri": thumbnail_data_uri(file, recipe)}
-                   for rel, file in examples]}
+         "cells": [{"path": rel, "uri": thumbnail(file)} for rel, file in examples]}
         for reason, examples in sorted(builder.qc_examples.items())
     ]  # fmt: skip
     model = summary["model"]
