@@ -951,22 +951,35 @@ def merge(env: Environment, parts, out, no_html, quiet) -> None:
     """Merge per-part reports (scan --num-parts N --part-id K) into one report, summary and
     HTML. Every part must come from the same model and decision rule."""
     _setup_logging(env, quiet, None)
-    from smearscan.merge import MergeError, merge_reports
+    from smearscan.files import remove_dead_temporaries
+    from smearscan.merge import MergeError, merge_reports, summary_of
 
     started = time.time()
-    try:
-        outcome = merge_reports(list(parts), out, html=not no_html)
-    except MergeError as exc:
-        log.error("%s", exc)
-        _final_line(env, "refused", ExitStatus.USAGE, seconds=time.time() - started)
-        sys.exit(ExitStatus.USAGE)
-    except OSError as exc:
-        log.error("%s", exc)
-        _final_line(env, "failed", ExitStatus.ERROR, seconds=time.time() - started)
-        sys.exit(ExitStatus.ERROR)
-    _final_line(env, "merged", outcome.status, outcome.files, outcome.ok, outcome.qc,
-                outcome.errors, outcome.seconds)  # fmt: skip
-    sys.exit(outcome.status)
+
+    def aborted(status: ExitStatus) -> None:
+        _final_line(
+            env, "aborted (second signal; no report written)", status, seconds=time.time() - started
+        )
+
+    # the scan's signal contract: a first signal lets the merge finish writing its reports
+    # (each is written whole or not at all), then exits 128 + the signal; a second exits
+    with SignalGuard(env, aborted) as guard:
+        try:
+            html = None if no_html else out.with_name(out.stem + ".html")
+            remove_dead_temporaries([out, summary_of(out), html])  # a killed merge's leftovers
+            outcome = merge_reports(list(parts), out, html=not no_html)
+        except MergeError as exc:
+            log.error("%s", exc)
+            _final_line(env, "refused", ExitStatus.USAGE, seconds=time.time() - started)
+            sys.exit(ExitStatus.USAGE)
+        except OSError as exc:
+            log.error("%s", exc)
+            _final_line(env, "failed", ExitStatus.ERROR, seconds=time.time() - started)
+            sys.exit(ExitStatus.ERROR)
+    status = guard.status() if guard.stop.is_set() else outcome.status
+    _final_line(env, "merged", status, outcome.files, outcome.ok, outcome.qc, outcome.errors,
+                outcome.seconds)  # fmt: skip
+    sys.exit(status)
 
 
 @cli.group()

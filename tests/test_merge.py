@@ -4,6 +4,7 @@ report one run would have written."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from conftest import rows, run
@@ -137,3 +138,17 @@ def test_an_incomplete_slide_of_a_partial_part_stays_incomplete(tmp_path, slide_
     _merge(tmp_path, *parts)
     merged = json.loads((tmp_path / "m.summary.json").read_text())
     assert merged["partial"] is True and merged["slides"][slide]["call"] == "incomplete"
+
+
+def test_merge_removes_a_killed_merges_temporaries(tmp_path, slide_tree):
+    """Issue 22: merge has scan's temp cleanup: a merge killed with SIGKILL leaves a
+    temporary report; the next one removes it (only those whose writer is gone)."""
+    from smearscan.files import _HOST
+
+    parts = _parts(tmp_path, slide_tree, count=2)
+    dead = tmp_path / f".m.csv.{_HOST}.999999.0badc0de.tmp"  # a pid that does not run
+    dead.write_text("half a report")
+    alive = tmp_path / f".m.csv.{_HOST}.{os.getpid()}.0badc0de.tmp"  # this process: running
+    alive.write_text("being written")
+    assert _merge(tmp_path, *parts).exit_code in (0, ExitStatus.SOME_UNUSABLE)
+    assert not dead.exists() and alive.exists()
