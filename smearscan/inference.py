@@ -212,6 +212,14 @@ def _check_shapes(session, info: ModelInfo) -> None:
         raise ModelFileError(
             f"{info.path}: output shape {out_shape} does not match its {len(info.labels)} labels"
         )
+    if not isinstance(classes, int):  # the graph knows its width only when it runs: try it
+        probe = np.zeros((1, size, size, 3), np.float32)
+        width = session.run(None, {inputs[0].name: probe})[0].shape[-1]
+        if width != len(info.labels):
+            raise ModelFileError(
+                f"{info.path}: the model gives {width} outputs per crop for its "
+                f"{len(info.labels)} labels"
+            )
 
 
 def load_classifier(

@@ -456,8 +456,9 @@ def test_a_model_file_that_lies_is_refused_before_any_report(tmp_path, slide_tre
     model = _tampered(tmp_path, **metadata)
     out = tmp_path / "r.csv"
     out.write_text("previous\n")
-    result = run(["scan", str(slide_tree), "--out", str(out), "--model", str(model)],
-                 expect=ExitStatus.ERROR)  # fmt: skip
+    result = run(
+        ["scan", str(slide_tree), "--out", str(out), "--model", str(model)], expect=ExitStatus.ERROR
+    )
     assert reason in result.log, result.log
     assert out.read_text() == "previous\n"
 
@@ -538,8 +539,9 @@ def test_inconsistent_model_metadata_is_refused_not_only_mistyped(
     change(value)
     model = _tampered(tmp_path, **{key: json.dumps(value)})
     out = tmp_path / "r.csv"
-    result = run(["scan", str(slide_tree), "--out", str(out), "--model", str(model)],
-                 expect=ExitStatus.ERROR)  # fmt: skip
+    result = run(
+        ["scan", str(slide_tree), "--out", str(out), "--model", str(model)], expect=ExitStatus.ERROR
+    )
     assert reason in result.log, result.log
     assert not out.exists()
 
@@ -934,3 +936,52 @@ def test_model_info_escapes_and_caps_what_a_model_file_says(tmp_path):
     shown = run(["model", "info", "--model", str(model)]).output
     assert "\x1b" not in shown and "\x07" not in shown
     assert "more characters)" in shown and len(shown) < 20_000
+
+
+def test_an_output_width_known_only_at_run_time_is_checked_before_any_report(tmp_path, slide_tree):
+    """Issue 22: a graph whose output width is symbolic gave 4 columns under 2 labels and
+    exit 0 with wrong columns; the width is now tried once when the model loads."""
+    require_training_stack()
+    import onnx
+    from onnx import TensorProto, helper
+
+    from smearscan.modelfile import default_model_path
+
+    source = onnx.load(str(default_model_path()))
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 128, 128, 3])
+    # [batch, 2] tiled by a count computed from the input's shape (128 // 64 = 2): no static
+    # shape inference can tell the width before the graph runs
+    nodes = [
+        helper.make_node("ReduceMean", ["image", "axes"], ["mean"], keepdims=0),
+        helper.make_node("Slice", ["mean", "start", "end", "axis"], ["pair"]),
+        helper.make_node("Shape", ["image"], ["shape"]),
+        helper.make_node("Slice", ["shape", "one", "two", "zero"], ["side"]),
+        helper.make_node("Div", ["side", "sixty_four"], ["times"]),
+        helper.make_node("Concat", ["one", "times"], ["repeats"], axis=0),
+        helper.make_node("Tile", ["pair", "repeats"], ["four"]),
+        helper.make_node("Softmax", ["four"], ["probabilities"], axis=1),
+    ]
+    initializers = [
+        helper.make_tensor("axes", TensorProto.INT64, [2], [1, 2]),
+        helper.make_tensor("start", TensorProto.INT64, [1], [0]),
+        helper.make_tensor("end", TensorProto.INT64, [1], [2]),
+        helper.make_tensor("axis", TensorProto.INT64, [1], [1]),
+        helper.make_tensor("zero", TensorProto.INT64, [1], [0]),
+        helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+        helper.make_tensor("two", TensorProto.INT64, [1], [2]),
+        helper.make_tensor("sixty_four", TensorProto.INT64, [1], [64]),
+    ]
+    output = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", "k"])
+    graph = helper.make_graph(nodes, "four", [image], [output], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = source.ir_version
+    for entry in source.metadata_props:
+        model.metadata_props.add(key=entry.key, value=entry.value)
+    path = tmp_path / "four.onnx"
+    onnx.save(model, str(path))
+    out = tmp_path / "r.csv"
+    result = run(
+        ["scan", str(slide_tree), "--out", str(out), "--model", str(path)], expect=ExitStatus.ERROR
+    )
+    assert "gives 4 outputs per crop for its 2 labels" in result.log
+    assert not out.exists()
