@@ -61,29 +61,65 @@ def fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+class ReportSet:
+    """Several files written as one: each to a temporary sibling, fsynced, and all renamed
+    into place only when every one is written. A full disk or a crash halfway leaves the
+    previous set whole, never a new report beside an old summary or page."""
+
+    def __init__(self) -> None:
+        self.written: list[tuple[Path, Path]] = []  # (temporary, target)
+
+    @contextmanager
+    def write(
+        self, path: str | os.PathLike, mode: str = "w", permissions: int = REPORT_MODE
+    ) -> Iterator[IO[Any]]:
+        path = Path(path)
+        check_target(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_name(path)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(tmp, flags, permissions)
+        try:
+            os.fchmod(fd, permissions)  # the umask may have taken bits away; add none either
+            kwargs: dict = {} if "b" in mode else {"newline": "", "encoding": "utf-8"}
+            with os.fdopen(fd, mode, **kwargs) as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.written.append((tmp, path))
+
+    def commit(self) -> None:
+        for tmp, path in self.written:
+            os.replace(tmp, path)
+        for folder in {path.parent for _, path in self.written}:
+            fsync_folder(folder)
+        self.written = []
+
+    def discard(self) -> None:
+        for tmp, _ in self.written:
+            tmp.unlink(missing_ok=True)
+        self.written = []
+
+    def __enter__(self) -> ReportSet:
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.discard()
+
+
 @contextmanager
 def atomic_write(
     path: str | os.PathLike, mode: str = "w", permissions: int = REPORT_MODE
 ) -> Iterator[IO[Any]]:
     """Write to a temporary sibling, fsync, rename over ``path``, fsync the folder."""
-    path = Path(path)
-    check_target(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
-                 permissions)  # fmt: skip
-    try:
-        os.fchmod(fd, permissions)  # the umask may have taken bits away; add none either
-        kwargs: dict = {} if "b" in mode else {"newline": "", "encoding": "utf-8"}
-        with os.fdopen(fd, mode, **kwargs) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        fsync_folder(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with ReportSet() as reports, reports.write(path, mode, permissions) as handle:
+        yield handle
 
 
 def _process_alive(pid: int) -> bool:

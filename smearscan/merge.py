@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smearscan.exitstatus import ExitStatus
-from smearscan.files import atomic_write
+from smearscan.files import ReportSet
 from smearscan.policy import DecisionPolicy
 from smearscan.results import (
     STATUS_ERROR,
@@ -205,45 +205,46 @@ def merge_reports(parts: list[Path], out: Path, html: bool = True) -> MergeOutco
     builder = SummaryBuilder(policy)
     counts = dict.fromkeys(STATUSES, 0)
     fmt = "jsonl" if out.suffix.lower() in (".jsonl", ".ndjson") else "csv"
-    with atomic_write(out) as handle:
-        writer = RowWriter(handle, labels, fmt, policy.cell_rule_short())
-        for result in results:
-            if result.status == STATUS_OK:
-                result.label = policy.cell_label(result.probabilities)
-            writer.write(result)
-            builder.add(result)
-            counts[result.status] += 1
-    partial = any(s.get("partial") for s in summaries)
-    # a slide a partial part left half-read stays incomplete: its other files were never read
-    unfinished = {
-        name
-        for s in summaries
-        if s.get("partial")
-        for name, slide in s["slides"].items()
-        if slide.get("call") == "incomplete"
-    }
-    details = {key: first[key] for key in ("smearscan_version", "model", "execution_provider",
-                                           "versions", "quality_control", "tta")
-               if key in first}  # fmt: skip
-    details.update(
-        partial=partial,
-        device_note="",
-        seconds=round(sum(s.get("seconds", 0) for s in summaries), 3),
-        files_per_second=None,
-        started=min(s.get("started", "") for s in summaries),
-        merged_from=[str(p) for p in parts],
-        parts=seen_by_part,
-        parts_started_apart=_started_apart(summaries),
-        anonymized_paths=bool(first.get("anonymized_paths")),
-        engine={"engine": "merged parts", "parts": len(parts)},
-    )
-    summary = builder.to_dict(details, unfinished)
-    write_json(summary_of(out), summary)
-    if html:
-        from smearscan.preprocess import Recipe
+    with ReportSet() as reports:  # report, summary and page: all or none
+        with reports.write(out) as handle:
+            writer = RowWriter(handle, labels, fmt, policy.cell_rule_short())
+            for result in results:
+                if result.status == STATUS_OK:
+                    result.label = policy.cell_label(result.probabilities)
+                writer.write(result)
+                builder.add(result)
+                counts[result.status] += 1
+        partial = any(s.get("partial") for s in summaries)
+        # a slide a partial part left half-read stays incomplete: its other files were never read
+        unfinished = {
+            name
+            for s in summaries
+            if s.get("partial")
+            for name, slide in s["slides"].items()
+            if slide.get("call") == "incomplete"
+        }
+        details = {key: first[key] for key in ("smearscan_version", "model", "execution_provider",
+                                               "versions", "quality_control", "tta")
+                   if key in first}  # fmt: skip
+        details.update(
+            partial=partial,
+            device_note="",
+            seconds=round(sum(s.get("seconds", 0) for s in summaries), 3),
+            files_per_second=None,
+            started=min(s.get("started", "") for s in summaries),
+            merged_from=[str(p) for p in parts],
+            parts=seen_by_part,
+            parts_started_apart=_started_apart(summaries),
+            anonymized_paths=bool(first.get("anonymized_paths")),
+            engine={"engine": "merged parts", "parts": len(parts)},
+        )
+        summary = builder.to_dict(details, unfinished)
+        write_json(summary_of(out), summary, reports)
+        if html:
+            from smearscan.preprocess import Recipe
 
-        write_html(out.with_name(out.stem + ".html"), summary, builder, Recipe(),
-                   first.get("quality_control", ""))  # fmt: skip
+            write_html(out.with_name(out.stem + ".html"), summary, builder, Recipe(),
+                       first.get("quality_control", ""), reports=reports)  # fmt: skip
     status = ExitStatus.SUCCESS
     if partial:
         status = ExitStatus.INTERRUPTED_INT

@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 
 from smearscan.discover import Found, Skipped, discover, explicit_files
 from smearscan.exitstatus import ExitStatus
-from smearscan.files import TargetError, atomic_write, check_target, remove_dead_temporaries
+from smearscan.files import ReportSet, TargetError, check_target, remove_dead_temporaries
 from smearscan.inference import CUDA, BatchPredictor, Classifier
 from smearscan.modelfile import KEY_QC
 from smearscan.policy import DecisionPolicy, policy_for_model
@@ -445,81 +445,92 @@ def _report(
     anonymize = PathAnonymizer(request.anonymize_key) if request.anonymize_key else None
     counts = dict.fromkeys(STATUSES, 0)
     rule = policy.cell_rule_short()
-    try:
-        with atomic_write(request.out) as handle:
-            writer = RowWriter(handle, list(policy.labels), request.format(), rule)
-            for result in results:
-                if result.status == STATUS_OK:
-                    result.label = policy.cell_label(result.probabilities)
-                if anonymize:
-                    result = anonymize(result)
-                writer.write(result)
-                builder.add(result)
-                counts[result.status] += 1
-            # (one part of a --num-parts run may own no file: its empty report is still
-            # written, so that merge finds every part)
-            nothing = sum(counts.values()) == 0 and not (request.new_only and reused)
-            if nothing and request.num_parts == 1:
-                raise NothingToScan  # (an empty --new-only report is news: nothing new)
-    except NothingToScan:
+    # the per-image report, summary and page are one set: renamed into place together,
+    # once all are written (a full disk leaves the previous set, not a mix)
+    with ReportSet() as reports:
+        try:
+            with reports.write(request.out) as handle:
+                writer = RowWriter(handle, list(policy.labels), request.format(), rule)
+                for result in results:
+                    if result.status == STATUS_OK:
+                        result.label = policy.cell_label(result.probabilities)
+                    if anonymize:
+                        result = anonymize(result)
+                    writer.write(result)
+                    builder.add(result)
+                    counts[result.status] += 1
+                # (one part of a --num-parts run may own no file: its empty report is still
+                # written, so that merge finds every part)
+                nothing = sum(counts.values()) == 0 and not (request.new_only and reused)
+                if nothing and request.num_parts == 1:
+                    raise NothingToScan  # (an empty --new-only report is news: nothing new)
+        except NothingToScan:
+            seconds = time.time() - started
+            partial = bool(stop is not None and stop.is_set())
+            status = (stop_status() if stop_status else ExitStatus.INTERRUPTED_INT) if partial \
+                else ExitStatus.NOTHING_TO_SCAN  # fmt: skip
+            return ScanOutcome(0, 0, 0, 0, pending, reused, seconds, status, {}, run_plan.policy)
+        files = sum(counts.values())
         seconds = time.time() - started
         partial = bool(stop is not None and stop.is_set())
-        status = (stop_status() if stop_status else ExitStatus.INTERRUPTED_INT) if partial \
-            else ExitStatus.NOTHING_TO_SCAN  # fmt: skip
-        return ScanOutcome(0, 0, 0, 0, pending, reused, seconds, status, {}, run_plan.policy)
-    files = sum(counts.values())
-    seconds = time.time() - started
-    partial = bool(stop is not None and stop.is_set())
-    details = run_details(
-        classifier,
-        seconds,
-        files if scanned is None else scanned,
-        partial,
-        {
-            "started": started_iso,
-            "tta": request.options.tta,
-            "quality_control": run_plan.qc_text,
-            "engine": engine.describe(),
-            "inputs": ["<anonymized>" if anonymize else str(p) for p in request.inputs],
-            "part": {"num_parts": request.num_parts, "part_id": request.part_id}
-            if request.num_parts > 1 else None,
-            "incremental": {
-                "state": str(request.state) if request.state else None,
-                "reused_from_earlier_runs": reused,
-                "pending_too_young": pending,
-                "pending_rows": "every file present has a row; files still being written "
-                "are 'pending', with no label, and their slides have no call",
-                "report_covers": "this run's new or changed files"
-                if request.new_only else "every file present",
+        details = run_details(
+            classifier,
+            seconds,
+            files if scanned is None else scanned,
+            partial,
+            {
+                "started": started_iso,
+                "tta": request.options.tta,
+                "quality_control": run_plan.qc_text,
+                "engine": engine.describe(),
+                "inputs": ["<anonymized>" if anonymize else str(p) for p in request.inputs],
+                "part": {"num_parts": request.num_parts, "part_id": request.part_id}
+                if request.num_parts > 1 else None,
+                "incremental": {
+                    "state": str(request.state) if request.state else None,
+                    "reused_from_earlier_runs": reused,
+                    "pending_too_young": pending,
+                    "pending_rows": "every file present has a row; files still being written "
+                    "are 'pending', with no label, and their slides have no call",
+                    "report_covers": "this run's new or changed files"
+                    if request.new_only else "every file present",
+                },
+                "anonymized_paths": bool(anonymize),
+                "skipped": {**skipped.to_dict(), "include_hidden": request.include_hidden},
+                "qc_tolerance": qc_tolerance(request.max_qc_rate, counts),
+                "profile": engine.stage_times.to_dict(seconds)
+                if engine.stage_times is not None else None,
             },
-            "anonymized_paths": bool(anonymize),
-            "skipped": {**skipped.to_dict(), "include_hidden": request.include_hidden},
-            "qc_tolerance": qc_tolerance(request.max_qc_rate, counts),
-            "profile": engine.stage_times.to_dict(seconds)
-            if engine.stage_times is not None else None,
-        },
-    )  # fmt: skip
-    summary = builder.to_dict(details, engine.unfinished_slides if partial else set())
-    if builder.jpeg_files:
-        measured = (
-            "the default model, trained on lossless crops, missed about a quarter more blasts "
-            "at JPEG quality 75"
-            if summary["model"]["is_default"]
-            else "this model's JPEG behaviour is unmeasured; the default model missed about a "
-            "quarter more blasts at JPEG quality 75"
-        )
-        log.warning(
-            "%d of %d files are JPEG: compression changes what the model sees (%s); prefer "
-            "lossless crops or validate on your own JPEG cases",
-            builder.jpeg_files,
-            files,
-            measured,
-        )
-    write_json(request.summary_path(), summary)
-    html_path = request.html_path()
-    if html_path is not None:
-        roots = [os.path.realpath(p) for p in request.inputs if p.is_dir()]
-        write_html(html_path, summary, builder, classifier.info.recipe, run_plan.qc_text, roots)
+        )  # fmt: skip
+        summary = builder.to_dict(details, engine.unfinished_slides if partial else set())
+        if builder.jpeg_files:
+            measured = (
+                "the default model, trained on lossless crops, missed about a quarter more blasts "
+                "at JPEG quality 75"
+                if summary["model"]["is_default"]
+                else "this model's JPEG behaviour is unmeasured; the default model missed about a "
+                "quarter more blasts at JPEG quality 75"
+            )
+            log.warning(
+                "%d of %d files are JPEG: compression changes what the model sees (%s); prefer "
+                "lossless crops or validate on your own JPEG cases",
+                builder.jpeg_files,
+                files,
+                measured,
+            )
+        write_json(request.summary_path(), summary, reports)
+        html_path = request.html_path()
+        if html_path is not None:
+            roots = [os.path.realpath(p) for p in request.inputs if p.is_dir()]
+            write_html(
+                html_path,
+                summary,
+                builder,
+                classifier.info.recipe,
+                run_plan.qc_text,
+                roots,
+                reports,
+            )
     if partial:
         status = stop_status() if stop_status else ExitStatus.INTERRUPTED_INT
     elif counts[STATUS_PENDING]:

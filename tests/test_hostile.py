@@ -985,3 +985,30 @@ def test_an_output_width_known_only_at_run_time_is_checked_before_any_report(tmp
     )
     assert "gives 4 outputs per crop for its 2 labels" in result.log
     assert not out.exists()
+
+
+def test_a_full_disk_leaves_the_previous_report_set_whole(tmp_path, slide_tree):
+    """Issue 22: a full disk while writing the HTML left the old page beside a new CSV and
+    summary. On a real 140 kB filesystem (tmpfs): the first scan's set fits; the second's
+    page does not, so the run fails and the first set stays, all three files of it."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=140k", "tmpfs", str(disk)]
+    mounted = subprocess.run(mount, capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        out = disk / "r.csv"
+        run(["scan", str(ROOT / "examples" / "slides"), "--out", str(out)])
+        before = {p.name: p.read_bytes() for p in disk.iterdir()}
+        assert set(before) == {"r.csv", "r.summary.json", "r.html"}
+        big = tmp_path / "big"
+        for index in range(6):
+            (big / f"s{index}").mkdir(parents=True)
+            for source in fixture_images():
+                shutil.copy(source, big / f"s{index}" / source.name)
+        result = run(["scan", str(big), "--out", str(out)], expect=ExitStatus.ERROR)
+        assert "No space left" in result.log or "space" in result.log.lower()
+        assert {p.name: p.read_bytes() for p in disk.iterdir()} == before  # no temp either
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

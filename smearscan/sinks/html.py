@@ -12,7 +12,7 @@ import os
 
 from markupsafe import Markup, escape
 
-from smearscan.files import atomic_write
+from smearscan.files import ReportSet, atomic_write
 from smearscan.sinks.summary import SummaryBuilder
 
 THUMBNAIL_SLIDES = 200
@@ -115,6 +115,7 @@ def write_html(
     recipe,
     qc_text: str,
     roots: list[str] | None = None,
+    reports: ReportSet | None = None,
 ) -> None:
     """One offline HTML file: rule, per-slide table, histogram, suspicious cells, QC
     failures by reason, unreadable files, run details. ``roots`` (the scanned folders'
@@ -179,5 +180,5 @@ def write_html(
         qc_text=qc_text,
         row_class=_row_class,
     )  # fmt: skip
-    with atomic_write(path) as handle:
+    with reports.write(path) if reports is not None else atomic_write(path) as handle:
         handle.write(page)

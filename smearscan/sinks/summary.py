@@ -15,7 +15,7 @@ import platform
 from dataclasses import dataclass, field
 
 from smearscan import __version__
-from smearscan.files import atomic_write
+from smearscan.files import ReportSet, atomic_write
 from smearscan.modelfile import INTENDED_USE, default_model_path
 from smearscan.policy import DecisionPolicy
 from smearscan.results import STATUS_OK, STATUS_PENDING, STATUS_QC, CellResult
@@ -271,7 +271,8 @@ def json_safe(value):
     return value
 
 
-def write_json(path: str | os.PathLike, document: dict) -> None:
-    with atomic_write(path) as handle:
+def write_json(path: str | os.PathLike, document: dict, reports: ReportSet | None = None) -> None:
+    """The summary as JSON; with ``reports``, as one file of that set."""
+    with reports.write(path) if reports is not None else atomic_write(path) as handle:
         json.dump(json_safe(document), handle, indent=2, ensure_ascii=False, allow_nan=False)
         handle.write("\n")
