@@ -754,7 +754,10 @@ def _run_command(env: Environment, name: str, quiet: bool, log_interval: float, 
         )
     if outcome.status == ExitStatus.NOTHING_TO_SCAN:
         log.warning("no image file to report (none found); the previous reports are kept")
-    state = "partial" if guard.stop.is_set() else "done"
+    # the reports' own word: a signal that came once every file was read (while the page was
+    # being written, say) left complete reports, and the final line must not call them partial
+    partial = outcome.summary.get("partial") if outcome.summary else guard.stop.is_set()
+    state = "partial" if partial else "done"
     _final_line(env, state, outcome.status, outcome.files, outcome.ok, outcome.qc,
                 outcome.errors, outcome.seconds, outcome.pending, outcome.reused)  # fmt: skip
     sys.exit(outcome.status)
