@@ -215,7 +215,7 @@ def test_training_refuses_bad_input_clearly(tmp_path):
 def test_help_shows_defaults_and_runs_from_the_repository_root():
     for module in ("export.train", "export.cv", "export.to_onnx", "export.shift",
                    "export.summarize_runs", "export.finetune_probe", "export.promote",
-                   "export.table1"):  # fmt: skip
+                   "export.table1", "export.align"):  # fmt: skip
         done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
                               text=True, cwd=ROOT, timeout=120)  # fmt: skip
         assert done.returncode == 0, done.stderr
