@@ -631,7 +631,7 @@ def _read_key(path: Path) -> bytes:
     try:
         return read_regular(path, 1 << 20)
     except OSError as exc:
-        raise click.BadParameter(str(exc), param_hint="--anonymize-key-file") from None
+        raise click.BadParameter(f"{path}: {exc}", param_hint="--anonymize-key-file") from None
 
 
 def _load(model, device: str, threads: int = 1):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, NamedTuple
 
+from smearscan.files import is_inside
 from smearscan.names import display_name
 from smearscan.preprocess import is_image_name, is_image_path
 
@@ -64,10 +65,6 @@ class Skipped:
 
     def to_dict(self) -> dict:
         return {"hidden_files": self.hidden_files, "hidden_folders": self.hidden_folders}
-
-
-def _inside(real: str, root_real: str) -> bool:
-    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
 
 
 def _slide_of(rel_parent: str, root_label: str, depth: int, prefix: str = "") -> str:
@@ -143,7 +140,7 @@ def walk_root(
                 is_link = is_dir = False
             if is_link:
                 real = os.path.realpath(entry.path)
-                if not _inside(real, root_real):
+                if not is_inside(real, root_real):
                     if is_image_name(name) and (matches is None or matches(rel)):
                         yield Found(entry.path, prefix + display_name(rel), slide,
                                     "symbolic link points outside the scanned folder; "
@@ -207,7 +204,7 @@ def covering_roots(folders: list[Path]) -> list[Path]:
     for folder in folders:
         real = os.path.realpath(folder)
         others = [os.path.realpath(f) for f in folders if f is not folder]
-        if any(_inside(real, other) and real != other for other in others):
+        if any(is_inside(real, other) and real != other for other in others):
             log.info("%s is inside another input folder; scanned once", display_name(str(folder)))
             continue
         if real in reals:
@@ -245,7 +242,7 @@ def discover(
                 )  # fmt: skip
             continue
         real = os.path.realpath(item)
-        if real in seen_files or any(_inside(real, root) for root in walked):
+        if real in seen_files or any(is_inside(real, root) for root in walked):
             continue
         seen_files.add(real)
         yield from explicit_files([item])

@@ -73,7 +73,7 @@ def read_labels(path: Path, root: Path, known: list[str]) -> dict[str, str]:
             raise LabelsError(f"{path}: needs a header with columns 'path' and 'label'")
         rows = list(reader)
     except OSError as exc:
-        raise LabelsError(f"cannot read labels file: {exc}") from None
+        raise LabelsError(f"cannot read labels file {path}: {exc}") from None
     except UnicodeDecodeError as exc:
         raise LabelsError(
             f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV"

@@ -182,24 +182,88 @@ def open_private(path: Path, flags: int = os.O_WRONLY | os.O_APPEND) -> int:
     return fd
 
 
-def read_regular(path: str | os.PathLike, max_bytes: int) -> bytes:
-    """The bytes of a small input file (a labels list, a key): opened without blocking, so
-    a pipe or device named there fails at once instead of hanging the run, and refused past
-    ``max_bytes``. Raises :class:`TargetError` (an OSError)."""
-    nonblock = getattr(os, "O_NONBLOCK", 0)
+_KINDS = {
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFDIR: "a directory",
+}
+
+
+class FileTooLarge(TargetError):
+    """A file larger than the limit its reader accepts."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"file too large ({size:,} bytes > {limit:,})")
+        self.size, self.limit = size, limit
+
+
+def read_regular(path: str | os.PathLike, max_bytes: int, inside: str | None = None) -> bytes:
+    """The bytes of a regular file (an image, a labels list, a key), or :class:`TargetError`
+    with the reason (:class:`FileTooLarge` past ``max_bytes``).
+
+    Opens without blocking (a FIFO named like an image would otherwise hang the run),
+    refuses anything but a regular file and anything larger than ``max_bytes`` before
+    reading, and, when ``inside`` (a real folder path) is given, checks after opening that
+    the file really opened lies inside it: a file swapped for a symbolic link between
+    discovery and reading cannot make the scanner read outside the scanned folder.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | nonblock | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise TargetError("dangling link: its target does not exist") from None
+        raise TargetError("file vanished before it could be read") from None
+    except PermissionError:
+        raise TargetError("permission denied") from None
     except OSError as exc:
-        raise TargetError(f"cannot open {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as handle:
+        raise TargetError(f"cannot open: {exc.strerror or exc}") from None
+    try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise TargetError(f"{path} is not a regular file (a pipe, socket or device)")
+            kind = _KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
+            raise TargetError(f"not a regular file ({kind}); not read")
         if info.st_size > max_bytes:
-            raise TargetError(f"{path} is larger than {max_bytes:,} bytes")
-        if nonblock and hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
-        return handle.read(max_bytes + 1)[:max_bytes]
+            raise FileTooLarge(info.st_size, max_bytes)
+        if inside is not None and not _opened_inside(fd, inside):
+            raise TargetError(
+                "file became a link out of the scanned folder after discovery; not read"
+            )
+        chunks, remaining = [], max_bytes + 1
+        while remaining > 0:
+            try:
+                chunk = os.read(fd, min(remaining, 1 << 20))
+            except BlockingIOError:
+                raise TargetError("file cannot be read without blocking") from None
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        if remaining <= 0:
+            raise TargetError(f"file grew past {max_bytes} bytes while being read")
+        return b"".join(chunks)
+    except IsADirectoryError:
+        raise TargetError("is a directory") from None
+    except OSError as exc:
+        raise TargetError(f"read error: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
+def _opened_inside(fd: int, folder: str) -> bool:
+    """Whether the file behind ``fd`` lies inside the real path ``folder`` (Linux:
+    /proc/self/fd; elsewhere the check is skipped)."""
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return True
+    return is_inside(real, folder)
+
+
+def is_inside(real: str, folder: str) -> bool:
+    """Whether the real path ``real`` is ``folder`` or lies below it (both resolved)."""
+    return real == folder or real.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def check_private(path: Path) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import stat
 import sys
 from dataclasses import asdict, dataclass
 
@@ -23,6 +22,8 @@ _CV2_LOADED_EARLIER = "cv2" in sys.modules
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS))
 
 import cv2  # noqa: E402  (must follow the environment variable above)
+
+from smearscan.files import FileTooLarge, TargetError, read_regular  # noqa: E402
 
 
 def _opencv_pixel_limit() -> int | None:
@@ -124,78 +125,21 @@ class Recipe:
 #: sparse TIFF or a device that never ends.
 DEFAULT_MAX_BYTES = 128 * 1024 * 1024
 
-_KINDS = {
-    stat.S_IFIFO: "a named pipe (FIFO)",
-    stat.S_IFSOCK: "a socket",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-    stat.S_IFDIR: "a directory",
-}
-
 
 def read_file_bytes(
     path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES, inside: str | None = None
 ) -> bytes:
-    """The bytes of a regular file, or :class:`ImageDecodeError` with the reason.
-
-    Opens without blocking (a FIFO named like an image would otherwise hang the run),
-    refuses anything but a regular file and anything larger than ``max_bytes`` before
-    reading, and, when ``inside`` (a real folder path) is given, checks after opening that
-    the file really opened lies inside it: a file swapped for a symbolic link between
-    discovery and reading cannot make the scanner read outside the scanned folder.
-    """
+    """The bytes of an image file, or :class:`ImageDecodeError` with the reason: the checks
+    of :func:`smearscan.files.read_regular` (no blocking open, regular files only, size
+    bounded before reading, still inside the scanned folder once opened)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        if os.path.islink(path):
-            raise ImageDecodeError("dangling link: its target does not exist") from None
-        raise ImageDecodeError("file vanished before it could be read") from None
-    except PermissionError:
-        raise ImageDecodeError("permission denied") from None
-    except OSError as exc:
-        raise ImageDecodeError(f"cannot open: {exc.strerror or exc}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            kind = _KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
-            raise ImageDecodeError(f"not a regular file ({kind}); not read")
-        if info.st_size > max_bytes:
-            raise ImageDecodeError(
-                f"file too large ({info.st_size} bytes > {max_bytes}; see --max-bytes)"
-            )
-        if inside is not None and not _opened_inside(fd, inside):
-            raise ImageDecodeError(
-                "file became a link out of the scanned folder after discovery; not read"
-            )
-        chunks, remaining = [], max_bytes + 1
-        while remaining > 0:
-            try:
-                chunk = os.read(fd, min(remaining, 1 << 20))
-            except BlockingIOError:
-                raise ImageDecodeError("file cannot be read without blocking") from None
-            if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        if remaining <= 0:
-            raise ImageDecodeError(f"file grew past {max_bytes} bytes while being read")
-        return b"".join(chunks)
-    except IsADirectoryError:
-        raise ImageDecodeError("is a directory") from None
-    except OSError as exc:
-        raise ImageDecodeError(f"read error: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-
-
-def _opened_inside(fd: int, folder: str) -> bool:
-    """Whether the file behind ``fd`` lies inside the real path ``folder`` (Linux:
-    /proc/self/fd; elsewhere the check is skipped)."""
-    try:
-        real = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return True
-    return real == folder or real.startswith(folder.rstrip(os.sep) + os.sep)
+        return read_regular(path, max_bytes, inside)
+    except FileTooLarge as exc:
+        raise ImageDecodeError(
+            f"file too large ({exc.size} bytes > {exc.limit}; see --max-bytes)"
+        ) from None
+    except TargetError as exc:
+        raise ImageDecodeError(str(exc)) from None
 
 
 def read_image(

@@ -12,7 +12,7 @@ import os
 
 from markupsafe import Markup, escape
 
-from smearscan.files import ReportSet, atomic_write
+from smearscan.files import ReportSet, atomic_write, is_inside
 from smearscan.sinks.summary import SummaryBuilder
 
 THUMBNAIL_SLIDES = 200
@@ -126,9 +126,7 @@ def write_html(
     def thumbnail(file: str) -> str | None:
         if file not in made:
             real = os.path.realpath(file) if file else ""
-            inside = next(
-                (r for r in roots or [] if real.startswith(r.rstrip(os.sep) + os.sep)), None
-            )
+            inside = next((r for r in roots or [] if is_inside(real, r)), None)
             made[file] = thumbnail_data_uri(file, recipe, inside=inside) if file else None
         return made[file]
 
