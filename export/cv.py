@@ -53,6 +53,7 @@ LEGACY_DEFAULTS = {
     "freeze_batch_norm": None,
     "distill_from": None,
     "distill_weight": 0.5,
+    "split": "donors",
 }
 DEFAULT_OPERATING_POINT = "balanced"
 

@@ -104,13 +104,62 @@ def grouped_folds(samples: list[Sample], n_folds: int, seed: int) -> list[set[st
     return folds
 
 
+def folder_folds(samples: list[Sample], root: Path, n_folds: int) -> list[set[str]]:
+    """The data folder's top-level folders as the folds, in name order.
+
+    C-NMC's release folds (``fold_0/1/2``) are separate acquisition batches (fold 2's normal
+    cells are larger), so holding one out is the closest thing in the training data to a
+    lab's new batch; random donor folds mix the batches and cannot show that shift.
+    """
+    folder_of: dict[str, set[str]] = {}
+    for sample in samples:
+        top = sample.path.relative_to(root).parts[0]
+        folder_of.setdefault(sample.patient, set()).add(top)
+    spread = sorted(p for p, tops in folder_of.items() if len(tops) > 1)
+    if spread:
+        raise ValueError(
+            f"patients in more than one top-level folder of {root} ({', '.join(spread[:5])}): "
+            "a split by folder would put one patient on both sides"
+        )
+    tops = sorted({next(iter(t)) for t in folder_of.values()})
+    if len(tops) != n_folds:
+        raise ValueError(
+            f"a split by folder needs --folds {len(tops)} (the top-level folders of {root}: "
+            f"{', '.join(tops)}), not {n_folds}"
+        )
+    return [{p for p, t in folder_of.items() if top in t} for top in tops]
+
+
+#: How patients are dealt into folds: ``donors`` (random, stratified by class) or
+#: ``folders`` (the data folder's top-level folders; see ``folder_folds``).
+SPLITS = ("donors", "folders")
+
+
+def patient_folds(
+    samples: list[Sample], n_folds: int, seed: int, split: str = "donors", root: Path | None = None
+) -> list[set[str]]:
+    """The patients of each fold under the chosen split."""
+    if split == "folders":
+        if root is None:
+            raise ValueError("a split by folder needs the data folder")
+        return folder_folds(samples, root, n_folds)
+    if split != "donors":
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    return grouped_folds(samples, n_folds, seed)
+
+
 def split_by_patient(
-    samples: list[Sample], n_folds: int = 4, fold: int = 0, seed: int = 0
+    samples: list[Sample],
+    n_folds: int = 4,
+    fold: int = 0,
+    seed: int = 0,
+    split: str = "donors",
+    root: Path | None = None,
 ) -> tuple[list[Sample], list[Sample]]:
     """(train, validation) with validation = patients of fold ``fold``; never shares a patient."""
     if not 0 <= fold < n_folds:
         raise ValueError(f"fold must be in [0, {n_folds})")
-    val_patients = grouped_folds(samples, n_folds, seed)[fold]
+    val_patients = patient_folds(samples, n_folds, seed, split, root)[fold]
     train = [s for s in samples if s.patient not in val_patients]
     val = [s for s in samples if s.patient in val_patients]
     return train, val

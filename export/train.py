@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from export.augment import EXTRA_GROUPS, GROUPS, make_augmenter, parse_groups
-from export.data import Sample, discover_dataset, load_arrays, split_by_patient
+from export.data import SPLITS, Sample, discover_dataset, load_arrays, split_by_patient
 from smearscan.metrics import classification_metrics
 from smearscan.preprocess import Recipe
 
@@ -108,6 +108,14 @@ def build_parser(
         "initialisations can be compared on the same patients)",
     )
     p.add_argument("--folds", type=positive_int, default=4, help="patient-disjoint folds")
+    p.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="donors",
+        help="donors: patients dealt at random into --folds folds, stratified by class; "
+        "folders: the data folder's top-level folders are the folds (C-NMC's release "
+        "folds, one acquisition batch each: leave one batch out)",
+    )
     p.add_argument(
         "--fold",
         type=int,
@@ -310,7 +318,14 @@ class SplitArrays:
 
 
 def load_split(
-    data: Path, recipe: Recipe, folds: int, fold: int, seed: int, cache_dir: Path, workers: int
+    data: Path,
+    recipe: Recipe,
+    folds: int,
+    fold: int,
+    seed: int,
+    cache_dir: Path,
+    workers: int,
+    split: str = "donors",
 ) -> SplitArrays:
     """Discover, split by patient and preprocess (cached) a training folder; ``fold`` -1
     puts every patient in training."""
@@ -319,7 +334,7 @@ def load_split(
     if fold == -1:
         train_samples, val_samples = list(samples), []
     else:
-        train_samples, val_samples = split_by_patient(samples, folds, fold, seed)
+        train_samples, val_samples = split_by_patient(samples, folds, fold, seed, split, data)
     x_train, kept_train = cached_arrays(train_samples, recipe, cache_dir, workers)
     x_val, kept_val = cached_arrays(val_samples, recipe, cache_dir, workers)
     train_samples = [train_samples[i] for i in kept_train]
@@ -662,8 +677,16 @@ def train(args: argparse.Namespace) -> dict:
                 f"{'on' if parent_recipe.log_enhance else 'off'}): leave out --crop/--window/"
                 "--margin/--interpolation/--log-enhance to take the parent's"
             )
-    split = load_split(args.data, recipe, args.folds, args.fold, args.split_seed, args.cache_dir,
-                       args.workers)  # fmt: skip
+    split = load_split(
+        args.data,
+        recipe,
+        args.folds,
+        args.fold,
+        args.split_seed,
+        args.cache_dir,
+        args.workers,
+        args.split,
+    )
     labels, samples = split.labels, split.samples
     train_samples, val_samples = split.train_samples, split.val_samples
     x_train, y_train, x_val, y_val = split.x_train, split.y_train, split.x_val, split.y_val
@@ -892,8 +915,13 @@ def run_config(
         "parent": parent,
         "split": {
             "method": (
-                f"patient-disjoint, stratified by class, {args.folds} folds, fold {args.fold}"
-                f" validates, split seed {args.split_seed}"
+                (
+                    f"patient-disjoint, the data folder's {args.folds} top-level folders as "
+                    f"folds, fold {args.fold} validates"
+                    if args.split == "folders"
+                    else f"patient-disjoint, stratified by class, {args.folds} folds, fold "
+                    f"{args.fold} validates, split seed {args.split_seed}"
+                )
                 if validating
                 else "every patient in training (no validation split)"
             ),

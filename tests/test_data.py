@@ -9,6 +9,7 @@ from export.data import (
     discover_dataset,
     grouped_folds,
     load_arrays,
+    patient_folds,
     patient_of,
     split_by_patient,
 )
@@ -57,6 +58,50 @@ def test_split_is_deterministic_for_a_seed():
 def test_too_few_patients_is_a_clear_error():
     with pytest.raises(ValueError, match="too few"):
         grouped_folds(synthetic_samples(n_hem=2), 3, 0)
+
+
+def release_layout(root: Path, patients: dict[str, list[tuple[str, str]]]) -> list[Sample]:
+    """C-NMC's release layout: ``fold_K/<label>/UID_<patient>_...``, as files on disk."""
+    for folder, members in patients.items():
+        for patient, label in members:
+            target = root / folder / label / f"UID_{patient}_1_1_{label}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(b"")
+    return [
+        Sample(path, path.parent.name, patient_of(path, root))
+        for path in sorted(root.rglob("*.png"))
+    ]
+
+
+def test_a_split_by_folder_holds_out_each_top_level_folder(tmp_path):
+    samples = release_layout(
+        tmp_path,
+        {
+            "fold_0": [("1", "all"), ("2", "all"), ("H1", "hem")],
+            "fold_1": [("3", "all"), ("H2", "hem")],
+            "fold_2": [("4", "all"), ("H3", "hem"), ("H4", "hem")],
+        },
+    )
+    folds = patient_folds(samples, 3, seed=0, split="folders", root=tmp_path)
+    assert folds == [{"1", "2", "H1"}, {"3", "H2"}, {"4", "H3", "H4"}]
+    train, val = split_by_patient(samples, 3, 2, 0, "folders", tmp_path)
+    assert {s.patient for s in val} == {"4", "H3", "H4"}
+    assert {s.patient for s in train} == {"1", "2", "H1", "3", "H2"}
+    # the seed does not move a split by folder; it moves the random donor split
+    assert patient_folds(samples, 3, seed=5, split="folders", root=tmp_path) == folds
+
+
+def test_a_split_by_folder_refuses_a_wrong_fold_count_and_a_patient_in_two_folders(tmp_path):
+    samples = release_layout(
+        tmp_path, {"fold_0": [("1", "all"), ("H1", "hem")], "fold_1": [("2", "all")]}
+    )
+    with pytest.raises(ValueError, match="needs --folds 2"):
+        patient_folds(samples, 4, 0, "folders", tmp_path)
+    leaked = release_layout(tmp_path, {"fold_1": [("1", "all")]})
+    with pytest.raises(ValueError, match="more than one top-level folder"):
+        patient_folds(leaked, 2, 0, "folders", tmp_path)
+    with pytest.raises(ValueError, match="unknown split"):
+        patient_folds(samples, 2, 0, "images", tmp_path)
 
 
 def test_discover_fixture_dataset():
