@@ -52,14 +52,26 @@ def tree_rss_mb(root: int) -> int:
 
 def scan(share: Path, out: Path, engine: str, model: Path | None) -> tuple[float, int]:
     """Wall seconds and the peak memory of the whole process tree, sampled every 0.2 s."""
-    command = [sys.executable, "-m", "smearscan", "scan", str(share), "--out", str(out),
-               "--no-html", "-q", "--engine", engine]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "smearscan",
+        "scan",
+        str(share),
+        "--out",
+        str(out),
+        "--no-html",
+        "-q",
+        "--engine",
+        engine,
+    ]
     if model is not None:
         command += ["--model", str(model)]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     started = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             cwd=ROOT, env=env)  # fmt: skip
+    child = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT, env=env
+    )
     peak = 0
     while child.poll() is None:
         peak = max(peak, tree_rss_mb(child.pid))
@@ -93,9 +105,7 @@ def main() -> None:
         "model": str(args.model or "embedded"),
         "files": files,
         "seconds": {k: [round(x, 2) for x in v] for k, v in runs.items()},
-        "images_per_s_median": {
-            k: round(files / statistics.median(v), 1) for k, v in runs.items()
-        },  # fmt: skip
+        "images_per_s_median": {k: round(files / statistics.median(v), 1) for k, v in runs.items()},
         "ray_share_of_local_median": round(statistics.median(ratios), 3),
         "peak_tree_rss_mb": peaks,
         "note": "whole processes, Ray's start-up included (a local instance per run)",

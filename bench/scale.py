@@ -54,8 +54,7 @@ def build_share(root: Path, files: int, pool_size: int = 200) -> Path:
 def run(command: list[str]) -> tuple[float, int, str]:
     """Wall seconds, peak RSS (MB) of this one child (``wait4``) and its last stderr line."""
     started = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True)  # fmt: skip
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     stderr = child.stderr.read()
     _, _, usage = os.wait4(child.pid, 0)
     child.returncode = 0  # reaped above
@@ -77,9 +76,21 @@ def main() -> None:
         share = build_share(args.work / f"share-{count}", count)
         state = args.work / f"state-{count}.db"
         state.unlink(missing_ok=True)
-        command = [sys.executable, "-m", "smearscan", "scan", str(share / "slides"), "--out",
-                   str(args.work / f"scale-{count}.csv"), "--no-html", "-q", "--state",
-                   str(state), "--min-age", "0"]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "smearscan",
+            "scan",
+            str(share / "slides"),
+            "--out",
+            str(args.work / f"scale-{count}.csv"),
+            "--no-html",
+            "-q",
+            "--state",
+            str(state),
+            "--min-age",
+            "0",
+        ]
         if args.model:
             command += ["--model", str(args.model)]
         first_seconds, first_rss, first_line = run(command)
@@ -87,14 +98,20 @@ def main() -> None:
         rerun_seconds = statistics.median(r[0] for r in reruns)
         rerun_rss, rerun_line = max(r[1] for r in reruns), reruns[-1][2]
         results[count] = {
-            "first_run": {"seconds": round(first_seconds, 1),
-                          "images_per_s": round(count / first_seconds, 1),
-                          "peak_rss_mb": first_rss, "final_line": first_line},
-            "noop_rerun": {"seconds": round(rerun_seconds, 2),
-                           "files_per_s": round(count / rerun_seconds, 1),
-                           "all_seconds": [round(r[0], 2) for r in reruns],
-                           "peak_rss_mb": rerun_rss, "final_line": rerun_line},
-        }  # fmt: skip
+            "first_run": {
+                "seconds": round(first_seconds, 1),
+                "images_per_s": round(count / first_seconds, 1),
+                "peak_rss_mb": first_rss,
+                "final_line": first_line,
+            },
+            "noop_rerun": {
+                "seconds": round(rerun_seconds, 2),
+                "files_per_s": round(count / rerun_seconds, 1),
+                "all_seconds": [round(r[0], 2) for r in reruns],
+                "peak_rss_mb": rerun_rss,
+                "final_line": rerun_line,
+            },
+        }
         print(json.dumps({count: results[count]}, indent=2), flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -84,8 +84,18 @@ def timed_process(command: list[str]) -> tuple[float, int]:
 
 
 def scan_command(data: Path, model: Path | None, out_dir: Path, extra: list[str]) -> list[str]:
-    command = [sys.executable, "-m", "smearscan", "scan", str(data), "--out",
-               str(out_dir / "bench.csv"), "--no-html", "-q", *extra]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "smearscan",
+        "scan",
+        str(data),
+        "--out",
+        str(out_dir / "bench.csv"),
+        "--no-html",
+        "-q",
+        *extra,
+    ]
     return command + (["--model", str(model)] if model else [])
 
 
@@ -110,8 +120,12 @@ def keras_run(data: Path, keras_model: Path) -> tuple[float, int]:
     """Wall seconds and image count of one whole-process Keras run of a run folder (a CV
     folder's fold models are averaged)."""
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", KERAS_BASELINE, str(data), str(keras_model),
-                             str(ROOT)], capture_output=True, text=True, check=False)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", KERAS_BASELINE, str(data), str(keras_model), str(ROOT)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(result.stderr.strip().splitlines()[-1:])
@@ -134,19 +148,24 @@ def paired_e2e(data: Path, command: list[str], keras_model: Path | None, repeats
         in_run.append(json.loads(summary.read_text())["seconds"])
     scan_s = statistics.median(scans)
     out: dict = {
-        "smearscan_e2e": {"seconds": round(scan_s, 2), "images_per_s": round(files / scan_s, 1),
-                          "all_seconds": [round(x, 2) for x in scans], "peak_rss_mb": rss,
-                          "in_run_images_per_s": round(files / statistics.median(in_run), 1),
-                          "command": " ".join(command[1:])},
-    }  # fmt: skip
+        "smearscan_e2e": {
+            "seconds": round(scan_s, 2),
+            "images_per_s": round(files / scan_s, 1),
+            "all_seconds": [round(x, 2) for x in scans],
+            "peak_rss_mb": rss,
+            "in_run_images_per_s": round(files / statistics.median(in_run), 1),
+            "command": " ".join(command[1:]),
+        },
+    }
     if kerases:
         keras_s = statistics.median(kerases)
         out["keras_baseline"] = {
-            "seconds": round(keras_s, 2), "images_per_s": round(files / keras_s, 1),
+            "seconds": round(keras_s, 2),
+            "images_per_s": round(files / keras_s, 1),
             "all_seconds": [round(x, 2) for x in kerases],
             "note": "whole process, TensorFlow import and model load included, as a user "
             "would run it",
-        }  # fmt: skip
+        }
         ratios = [k / s for s, k in zip(scans, kerases, strict=True)]
         out["speedup_vs_keras"] = round(statistics.median(ratios), 2)
         out["speedup_per_pair"] = [round(r, 2) for r in ratios]
@@ -180,8 +199,13 @@ def model_only(model: Path | None, cores: int) -> dict:
         done = batch * (repeats // cores) * cores
         rates["concurrent_streams"][batch] = round(done / (time.perf_counter() - started), 1)
     mode, batch = max(((m, b) for m in rates for b in rates[m]), key=lambda k: rates[k[0]][k[1]])
-    return {"images_per_s_by_batch": rates, "best_mode": mode, "best_batch": batch,
-            "best_images_per_s": rates[mode][batch], "provider": single.provider}  # fmt: skip
+    return {
+        "images_per_s_by_batch": rates,
+        "best_mode": mode,
+        "best_batch": batch,
+        "best_images_per_s": rates[mode][batch],
+        "provider": single.provider,
+    }
 
 
 def preprocess_only(data: Path, model: Path | None, cores: int, limit: int = 1000) -> dict:
@@ -219,10 +243,12 @@ def preprocess_only(data: Path, model: Path | None, cores: int, limit: int = 100
         for gray, crop in zip(grays, resized, strict=True):
             measure(gray, crop, info.recipe.background_threshold)
     qc_ms = (time.perf_counter() - started) / (5 * len(images)) * 1000
-    return {"images_per_s_all_cores": round(max(rates), 1),
-            "ms_per_image_one_thread_alone": round(one_core * 1000, 3),
-            "qc_measure_ms_per_image": round(qc_ms, 3),
-            "stage": "read + decode + QC + preprocess (stages.prepare_item)"}  # fmt: skip
+    return {
+        "images_per_s_all_cores": round(max(rates), 1),
+        "ms_per_image_one_thread_alone": round(one_core * 1000, 3),
+        "qc_measure_ms_per_image": round(qc_ms, 3),
+        "stage": "read + decode + QC + preprocess (stages.prepare_item)",
+    }
 
 
 def qc_cost(data: Path, model: Path | None, work: Path, repeats: int) -> dict:
@@ -233,18 +259,21 @@ def qc_cost(data: Path, model: Path | None, work: Path, repeats: int) -> dict:
         on.append(timed_process(scan_command(data, model, work, ["--qc", "default"]))[0])
         off.append(timed_process(scan_command(data, model, work, ["--qc", "off"]))[0])
     ratios = [a / b for a, b in zip(on, off, strict=True)]
-    return {"seconds_qc_default": [round(x, 2) for x in on],
-            "seconds_qc_off": [round(x, 2) for x in off],
-            "slowdown_per_pair": [round(r - 1, 4) for r in ratios],
-            "slowdown_median": round(statistics.median(ratios) - 1, 4)}  # fmt: skip
+    return {
+        "seconds_qc_default": [round(x, 2) for x in on],
+        "seconds_qc_off": [round(x, 2) for x in off],
+        "slowdown_per_pair": [round(r - 1, 4) for r in ratios],
+        "slowdown_median": round(statistics.median(ratios) - 1, 4),
+    }
 
 
 def help_time() -> float:
     times = []
     for _ in range(5):
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "smearscan", "--help"], check=True,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "smearscan", "--help"], check=True, stdout=subprocess.DEVNULL
+        )
         times.append(time.perf_counter() - started)
     return round(min(times), 3)
 
@@ -253,15 +282,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--model", type=Path, help="ONNX model (default: embedded)")
-    parser.add_argument("--keras-run", type=Path, default=ROOT / "export" / "default_model",
-                        help="run or CV folder of the model for the Keras baseline")  # fmt: skip
+    parser.add_argument(
+        "--keras-run",
+        type=Path,
+        default=ROOT / "export" / "default_model",
+        help="run or CV folder of the model for the Keras baseline",
+    )
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--out", type=Path, help="write the results JSON here too")
     parser.add_argument("--scan-args", default="", help="extra smearscan scan arguments")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="whole-process runs of each (medians)")  # fmt: skip
-    parser.add_argument("--qc-only", action="store_true",
-                        help="measure only the cost of quality control")  # fmt: skip
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="whole-process runs of each (medians)"
+    )
+    parser.add_argument(
+        "--qc-only", action="store_true", help="measure only the cost of quality control"
+    )
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     data = write_crops(args.work / f"crops-{args.images}", args.images)
@@ -277,8 +312,11 @@ def main() -> None:
     keras_model = args.keras_run
     have_tf = importlib.util.find_spec("tensorflow") is not None
     command = scan_command(data, args.model, args.work, args.scan_args.split())
-    results.update(paired_e2e(data, command, keras_model if have_tf and keras_model.exists()
-                              else None, args.repeats))  # fmt: skip
+    results.update(
+        paired_e2e(
+            data, command, keras_model if have_tf and keras_model.exists() else None, args.repeats
+        )
+    )
     model = model_only(args.model, cores)
     pre = preprocess_only(data, args.model, cores)
     results["model_only"] = model

@@ -171,8 +171,14 @@ def averaged_predictions(folders: list[Path]) -> Predictions:
     for folder, other in zip(folders[1:], runs[1:], strict=True):
         if other.paths != first.paths or not np.array_equal(other.folds, first.folds):
             raise ValueError(f"{folder} did not hold out the same donors in the same folds")
-    return Predictions(first.labels, first.paths, first.patients, first.y, first.folds,
-                       np.mean([r.probabilities for r in runs], axis=0))  # fmt: skip
+    return Predictions(
+        first.labels,
+        first.paths,
+        first.patients,
+        first.y,
+        first.folds,
+        np.mean([r.probabilities for r in runs], axis=0),
+    )
 
 
 def donor_cell_areas(data: Path, workers: int) -> dict[str, float]:
@@ -257,8 +263,7 @@ def render_markdown(report: dict, title: str) -> str:
         "slide calls right |"
     )
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
-    for name, key in (("argmax, fraction ≥ 0.5", "argmax"),
-                      ("cross-fitted rules", "cross_fitted")):  # fmt: skip
+    for name, key in (("argmax, fraction ≥ 0.5", "argmax"), ("cross-fitted rules", "cross_fitted")):
         s = report[key]
         pooled = s["pooled"]
         lines.append(
@@ -339,8 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     sources = args.average_of or [args.out]
     report["recipe"] = (
         {"average_of": [str(p) for p in args.average_of]}
-        if args.average_of else recipe_signature(fold_args(args, 0))
-    )  # fmt: skip
+        if args.average_of
+        else recipe_signature(fold_args(args, 0))
+    )
     report["train_minutes"] = round(
         sum(
             json.loads((source / f"fold_{k}" / "metrics.json").read_text())["train_seconds"]

@@ -35,9 +35,13 @@ class Predictions:
 
     def subset(self, mask: np.ndarray) -> Predictions:
         return Predictions(
-            self.labels, [p for p, m in zip(self.paths, mask, strict=True) if m],
-            self.patients[mask], self.y[mask], self.folds[mask], self.probabilities[mask],
-        )  # fmt: skip
+            self.labels,
+            [p for p, m in zip(self.paths, mask, strict=True) if m],
+            self.patients[mask],
+            self.y[mask],
+            self.folds[mask],
+            self.probabilities[mask],
+        )
 
     def donor_weights(self) -> np.ndarray:
         """1 / (cells of the donor): each donor weighs the same in fitted rules."""
@@ -73,12 +77,19 @@ def read_predictions(path: Path, labels: list[str] | None = None) -> Predictions
 def write_predictions(path: Path, predictions: Predictions) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "patient", "label", "fold",
-                         *[f"p_{c}" for c in predictions.labels]])  # fmt: skip
+        writer.writerow(
+            ["path", "patient", "label", "fold", *[f"p_{c}" for c in predictions.labels]]
+        )
         for i, file in enumerate(predictions.paths):
-            writer.writerow([file, predictions.patients[i], predictions.labels[predictions.y[i]],
-                             int(predictions.folds[i]),
-                             *[f"{p:.6f}" for p in predictions.probabilities[i]]])  # fmt: skip
+            writer.writerow(
+                [
+                    file,
+                    predictions.patients[i],
+                    predictions.labels[predictions.y[i]],
+                    int(predictions.folds[i]),
+                    *[f"{p:.6f}" for p in predictions.probabilities[i]],
+                ]
+            )
 
 
 # ---------------------------------------------------------------- fitted rules
@@ -183,8 +194,9 @@ def fit_rules(
     pos = labels.index(positive)
     threshold = None
     if len(labels) == 2:
-        threshold = fit_threshold(predictions.y == pos, calibrated[:, pos], weights,
-                                  operating_point)  # fmt: skip
+        threshold = fit_threshold(
+            predictions.y == pos, calibrated[:, pos], weights, operating_point
+        )
     policy = DecisionPolicy(tuple(labels), positive, threshold, slide_rule, 0.5, 1)
     table = donor_rows(predictions.labels, predictions.patients, predictions.y, calibrated, policy)
     scores = np.array([row["score"] for row in table])
@@ -210,16 +222,18 @@ def donor_rows(
         cells = int(members.sum())
         positives = int((predicted[members] == pos).sum())
         positive_sum = float(calibrated[members, pos].sum())
-        rows.append({
-            "patient": patient,
-            "truth": truth,
-            "cells": cells,
-            "called_positive": positives / cells,
-            "mean_p": positive_sum / cells,
-            "cell_accuracy": float((predicted[members] == y[members]).mean()),
-            "score": policy.slide_score(cells, positives, positive_sum),
-            "call": policy.slide_call(cells, positives, positive_sum),
-        })  # fmt: skip
+        rows.append(
+            {
+                "patient": patient,
+                "truth": truth,
+                "cells": cells,
+                "called_positive": positives / cells,
+                "mean_p": positive_sum / cells,
+                "cell_accuracy": float((predicted[members] == y[members]).mean()),
+                "score": policy.slide_score(cells, positives, positive_sum),
+                "call": policy.slide_call(cells, positives, positive_sum),
+            }
+        )
     return rows
 
 
@@ -242,8 +256,9 @@ def summary_of(
     rows: list[dict],
     positive: str,
 ) -> dict:
-    pooled = classification_metrics(predictions.y, calibrated, predictions.labels, positive,
-                                     predicted)  # fmt: skip
+    pooled = classification_metrics(
+        predictions.y, calibrated, predictions.labels, positive, predicted
+    )
     rows = sorted(rows, key=lambda r: _natural(r["patient"]))
     malignant = [r for r in rows if r["truth"] == positive]
     normal = [r for r in rows if r["truth"] != positive]
@@ -254,14 +269,15 @@ def summary_of(
     def mean(group: list[dict]) -> float | None:
         return float(np.mean([r["cell_accuracy"] for r in group])) if group else None
 
-    calls_right = [(r["call"] == f"{positive}-suspect") == (r["truth"] == positive)
-                   for r in rows]  # fmt: skip
+    calls_right = [(r["call"] == f"{positive}-suspect") == (r["truth"] == positive) for r in rows]
     worst_positive, worst_negative = worst(malignant), worst(normal)
     return {
         "cells": len(predictions.y),
         "donors": len(rows),
-        "pooled": {k: pooled[k] for k in ("weighted_f1", "roc_auc", "sensitivity",
-                                          "specificity", "accuracy")},  # fmt: skip
+        "pooled": {
+            k: pooled[k]
+            for k in ("weighted_f1", "roc_auc", "sensitivity", "specificity", "accuracy")
+        },
         "macro_sensitivity": mean(malignant),
         "macro_specificity": mean(normal),
         "worst_positive_donor": worst_positive and worst_positive["patient"],
@@ -269,10 +285,11 @@ def summary_of(
         "worst_negative_donor": worst_negative and worst_negative["patient"],
         "worst_specificity": worst_negative and worst_negative["cell_accuracy"],
         "slide_call_accuracy": float(np.mean(calls_right)),
-        "slide_calls_wrong": [r["patient"] for r, ok in zip(rows, calls_right, strict=True)
-                              if not ok],
+        "slide_calls_wrong": [
+            r["patient"] for r, ok in zip(rows, calls_right, strict=True) if not ok
+        ],
         "donor_rows": rows,
-    }  # fmt: skip
+    }
 
 
 def cross_fitted(
@@ -288,10 +305,10 @@ def cross_fitted(
         inside = predictions.folds == fold
         rules = fit_rules(predictions.subset(~inside), positive, operating_point, slide_rule)
         per_fold.append(rules)
-        calibrated[inside] = apply_temperature(predictions.probabilities[inside],
-                                               rules.temperature)  # fmt: skip
-        policy = DecisionPolicy(tuple(predictions.labels), positive, rules.threshold,
-                                slide_rule, rules.slide_cutoff, 1)  # fmt: skip
+        calibrated[inside] = apply_temperature(predictions.probabilities[inside], rules.temperature)
+        policy = DecisionPolicy(
+            tuple(predictions.labels), positive, rules.threshold, slide_rule, rules.slide_cutoff, 1
+        )
         predicted[inside] = policy.label_indices(calibrated[inside])
         part = predictions.subset(inside)
         rows += donor_rows(part.labels, part.patients, part.y, calibrated[inside], policy)

@@ -56,8 +56,9 @@ def refit(model, samples, labels, recipe, rules, positive) -> dict:
     those crops would do); the slide cut-off stays (a few donors cannot set it)."""
     raw = raw_predictions(model, samples, recipe)
     y = np.array([labels.index(s.label) for s in samples])
-    weights = Predictions(labels, [], np.array([s.patient for s in samples]), y,
-                          np.zeros(len(y), int), raw).donor_weights()  # fmt: skip
+    weights = Predictions(
+        labels, [], np.array([s.patient for s in samples]), y, np.zeros(len(y), int), raw
+    ).donor_weights()
     temperature = fit_temperature(y, raw, weights)
     calibrated = apply_temperature(raw, temperature)
     pos = labels.index(positive)
@@ -69,14 +70,29 @@ def score(model, samples, labels, recipe, rules, positive) -> dict:
     raw = raw_predictions(model, samples, recipe)
     calibrated = apply_temperature(raw, rules["temperature"])
     y = np.array([labels.index(s.label) for s in samples])
-    predictions = Predictions(labels, [str(s.path) for s in samples],
-                              np.array([s.patient for s in samples]), y,
-                              np.zeros(len(y), int), calibrated)  # fmt: skip
-    policy = DecisionPolicy(tuple(labels), positive, rules["threshold"], rules["slide_rule"],
-                            rules["slide_cutoff"], 1)  # fmt: skip
+    predictions = Predictions(
+        labels,
+        [str(s.path) for s in samples],
+        np.array([s.patient for s in samples]),
+        y,
+        np.zeros(len(y), int),
+        calibrated,
+    )
+    policy = DecisionPolicy(
+        tuple(labels), positive, rules["threshold"], rules["slide_rule"], rules["slide_cutoff"], 1
+    )
     summary = summarize(predictions, calibrated, policy)
-    return {k: summary[k] for k in ("pooled", "macro_sensitivity", "macro_specificity",
-                                    "slide_call_accuracy", "donors", "cells")}  # fmt: skip
+    return {
+        k: summary[k]
+        for k in (
+            "pooled",
+            "macro_sensitivity",
+            "macro_specificity",
+            "slide_call_accuracy",
+            "donors",
+            "cells",
+        )
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,28 +138,63 @@ def main(argv: list[str] | None = None) -> int:
     lab_cells = discover_dataset(data)
     parent_model = keras.models.load_model(run / "model.keras", compile=False)
     before = score(parent_model, judged, labels, recipe, rules, positive)
-    recalibrated = score(parent_model, judged, labels, recipe,
-                         refit(parent_model, lab_cells, labels, recipe, rules, positive),
-                         positive)  # fmt: skip
+    recalibrated = score(
+        parent_model,
+        judged,
+        labels,
+        recipe,
+        refit(parent_model, lab_cells, labels, recipe, rules, positive),
+        positive,
+    )
     tuned = args.out / "tuned"
-    argv_train = ["--data", str(data), "--out", str(tuned), "--init-from", str(run),
-                  "--fold", "-1", "--epochs", str(args.epochs), "--lr", str(args.lr),
-                  "--per-patient", str(-(-args.cells * len(labels) // len(labelled_donors))),
-                  "--crop", recipe.crop, "--window", str(recipe.window),
-                  "--margin", str(recipe.margin), "--quiet", "--seed", str(args.seed),
-                  "--cache-dir", str(args.out / "cache")]  # fmt: skip
+    argv_train = [
+        "--data",
+        str(data),
+        "--out",
+        str(tuned),
+        "--init-from",
+        str(run),
+        "--fold",
+        "-1",
+        "--epochs",
+        str(args.epochs),
+        "--lr",
+        str(args.lr),
+        "--per-patient",
+        str(-(-args.cells * len(labels) // len(labelled_donors))),
+        "--crop",
+        recipe.crop,
+        "--window",
+        str(recipe.window),
+        "--margin",
+        str(recipe.margin),
+        "--quiet",
+        "--seed",
+        str(args.seed),
+        "--cache-dir",
+        str(args.out / "cache"),
+    ]
     if training.main(argv_train) != 0:
         return 1
     tuned_model = keras.models.load_model(tuned / "model.keras", compile=False)
-    after = score(tuned_model, judged, labels, recipe,
-                  refit(tuned_model, lab_cells, labels, recipe, rules, positive),
-                  positive)  # fmt: skip
-    report = {"fold": args.fold, "cells_per_class": args.cells,
-              "labelled_donors": sorted(labelled_donors), "judged_donors": sorted(judged_donors),
-              "shipped_rules": before, "recalibrated_on_lab_cells": recalibrated,
-              "fine_tuned_and_recalibrated": after,
-              "command": "python -m export.finetune_probe "
-              + " ".join(argv or sys.argv[1:])}  # fmt: skip
+    after = score(
+        tuned_model,
+        judged,
+        labels,
+        recipe,
+        refit(tuned_model, lab_cells, labels, recipe, rules, positive),
+        positive,
+    )
+    report = {
+        "fold": args.fold,
+        "cells_per_class": args.cells,
+        "labelled_donors": sorted(labelled_donors),
+        "judged_donors": sorted(judged_donors),
+        "shipped_rules": before,
+        "recalibrated_on_lab_cells": recalibrated,
+        "fine_tuned_and_recalibrated": after,
+        "command": "python -m export.finetune_probe " + " ".join(argv or sys.argv[1:]),
+    }
     (args.out / "probe.json").write_text(json.dumps(report, indent=2) + "\n")
     shown = ("shipped_rules", "recalibrated_on_lab_cells", "fine_tuned_and_recalibrated")
     print(json.dumps({k: report[k] for k in shown}, indent=2))

@@ -98,16 +98,22 @@ def pack(args: argparse.Namespace) -> dict:
             meta=np.array(json.dumps(meta)),
             **{k: v if k == "labels" else v[start:stop] for k, v in columns.items()},
         )
-    decoded = np.stack([cv2.imdecode(np.frombuffer(e, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
-                        for e in encoded])  # fmt: skip
+    decoded = np.stack(
+        [cv2.imdecode(np.frombuffer(e, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1] for e in encoded]
+    )
     meta["mean_abs_error"] = float(np.abs(decoded.astype(np.int16) - x).mean())
     meta["files"] = [str(f) for f in files]
     meta["bytes"] = sum(f.stat().st_size for f in files)
     meta["boxes_below_input_at_min_scale"] = int(
         (sides * args.scale_range[0] < recipe.input_size).sum()
     )
-    log.info("packed %d crops into %d file(s): %.1f MB, mean |error| %.2f grey levels",
-             len(samples), len(files), meta["bytes"] / 1e6, meta["mean_abs_error"])  # fmt: skip
+    log.info(
+        "packed %d crops into %d file(s): %.1f MB, mean |error| %.2f grey levels",
+        len(samples),
+        len(files),
+        meta["bytes"] / 1e6,
+        meta["mean_abs_error"],
+    )
     return meta
 
 
@@ -124,8 +130,9 @@ def weight_files(folder: Path, name: str, fold: int) -> list[Path]:
     whole = folder / f"{name}-fold{fold}.npz"
     if whole.exists():
         return [whole]
-    return sorted(folder.glob(f"{name}-fold{fold}-part*.npz"),
-                  key=lambda p: int(p.stem.rsplit("part", 1)[1]))  # fmt: skip
+    return sorted(
+        folder.glob(f"{name}-fold{fold}-part*.npz"), key=lambda p: int(p.stem.rsplit("part", 1)[1])
+    )
 
 
 def load_weights(model, paths: list[Path]) -> None:
@@ -138,18 +145,23 @@ def load_weights(model, paths: list[Path]) -> None:
     missing = [w.path for w in model.weights if w.path not in values]
     extra = sorted(set(values) - {w.path for w in model.weights})
     if missing or extra:
-        raise ValueError(f"{path}: weights do not match the network (missing {missing[:3]}, "
-                         f"unexpected {extra[:3]})")  # fmt: skip
+        raise ValueError(
+            f"{path}: weights do not match the network (missing {missing[:3]}, "
+            f"unexpected {extra[:3]})"
+        )
     for variable in model.weights:
         value = values[variable.path]
         if tuple(value.shape) != tuple(variable.shape):
-            raise ValueError(f"{path}: {variable.path} has shape {value.shape}, "
-                             f"the network {tuple(variable.shape)}")  # fmt: skip
+            raise ValueError(
+                f"{path}: {variable.path} has shape {value.shape}, "
+                f"the network {tuple(variable.shape)}"
+            )
         variable.assign(value.astype(np.float32))
 
 
-def write_fold_config(args: argparse.Namespace, split: training.SplitArrays, params: int,
-                      origin: dict) -> None:  # fmt: skip
+def write_fold_config(
+    args: argparse.Namespace, split: training.SplitArrays, params: int, origin: dict
+) -> None:
     """The fold's config.json as ``export.train`` writes it, plus where the model came from."""
     architecture = training.architecture_of(args, f"vgg{args.depth}_w{args.width:g}", params)
     recipe = training.recipe_from_args(args)
@@ -176,17 +188,30 @@ def import_run(args: argparse.Namespace) -> None:
         for row in reader:
             if row[0] == args.name:
                 gpu_predictions.setdefault(int(row[1]), []).append(row[2:])
-    cv_args = argparse.Namespace(**{**vars(args), "operating_point": None, "slide_rule": None,
-                                    "shift": None, "average_of": None})  # fmt: skip
+    cv_args = argparse.Namespace(
+        **{
+            **vars(args),
+            "operating_point": None,
+            "slide_rule": None,
+            "shift": None,
+            "average_of": None,
+        }
+    )
     for fold in range(args.folds):
         fold_arguments = fold_args(cv_args, fold)
         for name in ("source", "name", "command"):
             delattr(fold_arguments, name)
         record = summary["folds"][str(fold)]
         weights = weight_files(args.source, args.name, fold)
-        split = training.load_split(args.data, training.recipe_from_args(fold_arguments),
-                                    args.folds, fold, args.split_seed, args.cache_dir,
-                                    args.workers)  # fmt: skip
+        split = training.load_split(
+            args.data,
+            training.recipe_from_args(fold_arguments),
+            args.folds,
+            fold,
+            args.split_seed,
+            args.cache_dir,
+            args.workers,
+        )
         out = fold_arguments.out
         origin = {
             "trainer": "export.train_jax (Keras 3, JAX backend)",
@@ -195,17 +220,26 @@ def import_run(args: argparse.Namespace) -> None:
         }
         if weights:
             keras.backend.clear_session()
-            model = build_vgg(len(split.labels), depth=args.depth, width=args.width,
-                              pooling=args.pooling, dropout=args.dropout,
-                              dense_units=tuple(int(u) for u in args.dense.split(",") if u),
-                              batch_norm=args.batch_norm, initializer=args.init)  # fmt: skip
+            model = build_vgg(
+                len(split.labels),
+                depth=args.depth,
+                width=args.width,
+                pooling=args.pooling,
+                dropout=args.dropout,
+                dense_units=tuple(int(u) for u in args.dense.split(",") if u),
+                batch_norm=args.batch_norm,
+                initializer=args.init,
+            )
             load_weights(model, weights)
             out.mkdir(parents=True, exist_ok=True)
             training.save_model(model, out / "model.keras")
-            probabilities = model.predict(split.x_val.astype(np.float32) / 255.0, batch_size=64,
-                                          verbose=0)  # fmt: skip
-            rows = [[str(s.path), s.patient, s.label, *[f"{p:.6f}" for p in probs]]
-                    for s, probs in zip(split.val_samples, probabilities, strict=True)]  # fmt: skip
+            probabilities = model.predict(
+                split.x_val.astype(np.float32) / 255.0, batch_size=64, verbose=0
+            )
+            rows = [
+                [str(s.path), s.patient, s.label, *[f"{p:.6f}" for p in probs]]
+                for s, probs in zip(split.val_samples, probabilities, strict=True)
+            ]
             origin["predictions"] = "the real crops, on this machine (TensorFlow)"
             params = int(model.count_params())
         else:
@@ -225,10 +259,17 @@ def import_run(args: argparse.Namespace) -> None:
             writer = csv.DictWriter(handle, fieldnames=list(history[0]))
             writer.writeheader()
             writer.writerows(history)
-        (out / "metrics.json").write_text(json.dumps({
-            "best_epoch": len(history), "train_seconds": record["train_seconds"],
-            "selection": "last epoch", "validation": history[-1],
-        }, indent=2))  # fmt: skip
+        (out / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "best_epoch": len(history),
+                    "train_seconds": record["train_seconds"],
+                    "selection": "last epoch",
+                    "validation": history[-1],
+                },
+                indent=2,
+            )
+        )
         log.info("fold %d: %s -> %s (%s)", fold, args.name, out, origin["predictions"])
 
 
@@ -237,8 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m export.gpu", description=__doc__.split("\n")[0]
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    packer = commands.add_parser("pack", parents=[training.build_parser(add_help=False)],
-                                 help="pack the preprocessed crops")  # fmt: skip
+    packer = commands.add_parser(
+        "pack", parents=[training.build_parser(add_help=False)], help="pack the preprocessed crops"
+    )
     packer.add_argument(
         "--quality",
         type=int,
@@ -248,10 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(docs/ablation.md)",
     )
     packer.add_argument("--parts", type=int, default=1, help="split the pack into this many files")
-    importer = commands.add_parser("import", parents=[training.build_parser(add_help=False)],
-                                   help="bring a GPU run back as a CV folder")  # fmt: skip
-    importer.add_argument("--from", dest="source", required=True, type=Path,
-                          help="the folder export.train_jax wrote")  # fmt: skip
+    importer = commands.add_parser(
+        "import",
+        parents=[training.build_parser(add_help=False)],
+        help="bring a GPU run back as a CV folder",
+    )
+    importer.add_argument(
+        "--from", dest="source", required=True, type=Path, help="the folder export.train_jax wrote"
+    )
     importer.add_argument("--name", required=True, help="the run's name there (w<width>)")
     return parser
 

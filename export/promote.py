@@ -50,8 +50,9 @@ def promote(run: Path, target: Path) -> None:
     import keras
 
     folds = cv_folds(run)
-    missing = [str(run / name) for name in ("cv.json", "oof_predictions.csv")
-               if not (run / name).is_file()]  # fmt: skip
+    missing = [
+        str(run / name) for name in ("cv.json", "oof_predictions.csv") if not (run / name).is_file()
+    ]
     missing += [str(f / "model.keras") for f in folds if not (f / "model.keras").is_file()]
     if not folds or missing:
         raise PromoteError(f"{run} is not a finished CV run (missing {', '.join(missing)})")

@@ -187,14 +187,16 @@ def donor_sample(samples: list, per_donor: int, seed: int = 0) -> list:
     for donor in sorted(by_donor):
         members = by_donor[donor]
         if len(members) > per_donor:
-            members = [members[i] for i in sorted(rng.choice(len(members), per_donor,
-                                                             replace=False))]  # fmt: skip
+            members = [
+                members[i] for i in sorted(rng.choice(len(members), per_donor, replace=False))
+            ]
         kept.extend(members)
     return kept
 
 
-def run_suite(cv_dir: Path, data: Path, folds: int, workers: int = 2,
-              per_donor: int = PER_DONOR) -> dict:  # fmt: skip
+def run_suite(
+    cv_dir: Path, data: Path, folds: int, workers: int = 2, per_donor: int = PER_DONOR
+) -> dict:
     """Evaluate every fold's model on (a fixed sample of) its own donors under each shift;
     writes ``shift.json`` and ``shift.md`` into ``cv_dir``."""
     import keras
@@ -250,15 +252,25 @@ def run_suite(cv_dir: Path, data: Path, folds: int, workers: int = 2,
         judged = []
         for (members, y, fold), calibrated in zip(parts, per_fold, strict=True):
             rules = cv["per_fold_rules"][fold]
-            policy = DecisionPolicy(tuple(labels), positive, rules["threshold"],
-                                    rules["slide_rule"], rules["slide_cutoff"], 1)  # fmt: skip
+            policy = DecisionPolicy(
+                tuple(labels),
+                positive,
+                rules["threshold"],
+                rules["slide_rule"],
+                rules["slide_cutoff"],
+                1,
+            )
             judged.append((members, y, fold, calibrated, policy))
         results[name] = _shift_metrics(labels, positive, judged)
     reference = results["none"]["predicted"]
     for result in results.values():
         result["agreement"] = float((result.pop("predicted") == reference).mean())
-    report = {"positive_class": positive, "crops_per_donor": per_donor, "shifts": results,
-              "targets": check_targets(results)}  # fmt: skip
+    report = {
+        "positive_class": positive,
+        "crops_per_donor": per_donor,
+        "shifts": results,
+        "targets": check_targets(results),
+    }
     (cv_dir / "shift.json").write_text(json.dumps(report, indent=2) + "\n")
     (cv_dir / "shift.md").write_text(render_markdown(report, cv_dir.name))
     log.info("wrote %s", cv_dir / "shift.md")
@@ -347,14 +359,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("cv_dir", type=Path, help="a python -m export.cv output folder")
     parser.add_argument("--data", type=Path, help="training data (default: the folds')")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--per-donor", type=int, default=PER_DONOR,
-                        help="crops per donor evaluated (a fixed sample)")  # fmt: skip
+    parser.add_argument(
+        "--per-donor",
+        type=int,
+        default=PER_DONOR,
+        help="crops per donor evaluated (a fixed sample)",
+    )
     args = parser.parse_args(argv)
     try:
         config = json.loads((args.cv_dir / "fold_0" / "config.json").read_text())
         folds = len(list(args.cv_dir.glob("fold_*")))
-        run_suite(args.cv_dir, args.data or Path(config["data"]), folds, args.workers,
-                  args.per_donor)  # fmt: skip
+        run_suite(
+            args.cv_dir, args.data or Path(config["data"]), folds, args.workers, args.per_donor
+        )
     except (FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         return 2

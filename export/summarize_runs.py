@@ -105,8 +105,11 @@ def recipes_table(folders: list[Path]) -> str:
             shifts = json.loads(shift_path.read_text())["shifts"]
             base = shifts["none"]["weighted_f1"]
             small, large = shifts["scale 0.8x"], shifts["scale 1.25x"]
-            drops = [base - r["weighted_f1"] for name, r in shifts.items()
-                     if not name.startswith("scale") and name != "none"]  # fmt: skip
+            drops = [
+                base - r["weighted_f1"]
+                for name, r in shifts.items()
+                if not name.startswith("scale") and name != "none"
+            ]
             shortfall = target_shortfall(
                 fitted["macro_specificity"],
                 min(small["agreement"], large["agreement"]),
@@ -149,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     marker = "cv.json" if args.recipes else ("history.csv" if args.cv else "metrics.json")
     found = [run for run in args.runs if (run / marker).exists()]
     if not found:
-        print(f"no finished runs among {len(args.runs)} path(s): none holds {marker}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"no finished runs among {len(args.runs)} path(s): none holds {marker}", file=sys.stderr
+        )
         return 2
     if args.recipes:
         print(recipes_table(found))
@@ -158,8 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cv:
         print(cv_table(found))
         return 0
-    print("| run | configuration | best epoch | weighted F1 | ROC AUC | sensitivity | "
-          "specificity | accuracy | minutes |")  # fmt: skip
+    print(
+        "| run | configuration | best epoch | weighted F1 | ROC AUC | sensitivity | "
+        "specificity | accuracy | minutes |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for run in found:
         config = json.loads((run / "config.json").read_text())

@@ -103,18 +103,54 @@ def train_vgg(depth: int, args, work: Path) -> Path:
 
     out = work / f"vgg{depth}"
     if not (out / "metrics.json").exists():
-        code = train.main([
-            "--data", str(args.data), "--out", str(out), "--depth", str(depth),
-            "--width", str(args.width), "--epochs", str(args.epochs), "--batch-norm",
-            "--lr", "1e-3", "--batch-size", "32", "--per-patient", str(args.per_patient),
-            "--folds", str(args.folds), "--fold", str(args.fold), "--seed", str(args.seed),
-            "--split-seed", str(args.seed),
-            # the recipe of the table as published (docs/table1.md): window crop, flips,
-            # class weights, best epoch by validation weighted F1
-            "--crop", "window", "--window", "320", "--augment", "flips", "--balance",
-            "weights", "--ema", "0", "--bn-recalibrate", "0", "--select", "best",
-            "--cache-dir", str(args.cache_dir), "--quiet",
-        ])  # fmt: skip
+        code = train.main(
+            [
+                "--data",
+                str(args.data),
+                "--out",
+                str(out),
+                "--depth",
+                str(depth),
+                "--width",
+                str(args.width),
+                "--epochs",
+                str(args.epochs),
+                "--batch-norm",
+                "--lr",
+                "1e-3",
+                "--batch-size",
+                "32",
+                "--per-patient",
+                str(args.per_patient),
+                "--folds",
+                str(args.folds),
+                "--fold",
+                str(args.fold),
+                "--seed",
+                str(args.seed),
+                "--split-seed",
+                str(args.seed),
+                # the recipe of the table as published (docs/table1.md): window crop, flips,
+                # class weights, best epoch by validation weighted F1
+                "--crop",
+                "window",
+                "--window",
+                "320",
+                "--augment",
+                "flips",
+                "--balance",
+                "weights",
+                "--ema",
+                "0",
+                "--bn-recalibrate",
+                "0",
+                "--select",
+                "best",
+                "--cache-dir",
+                str(args.cache_dir),
+                "--quiet",
+            ]
+        )
         if code != 0:
             raise RuntimeError(f"training VGG{depth} failed")
     return out
@@ -135,8 +171,9 @@ def vgg16_rf_row(run: Path, x_train, y_train, x_val, y_val, labels, seed: int) -
     extractor = keras.Model(model.input, model.get_layer("block5_pool").output)
     f_train = extractor.predict(x_train.astype(np.float32) / 255.0, batch_size=128, verbose=0)
     f_val = extractor.predict(x_val.astype(np.float32) / 255.0, batch_size=128, verbose=0)
-    forest = RandomForestClassifier(n_estimators=300, class_weight="balanced", n_jobs=-1,
-                                    random_state=seed)  # fmt: skip
+    forest = RandomForestClassifier(
+        n_estimators=300, class_weight="balanced", n_jobs=-1, random_state=seed
+    )
     forest.fit(f_train, y_train)
     return classification_metrics(y_val, forest.predict_proba(f_val), labels, positive="all")
 
@@ -211,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     wanted = args.only.split(",") if args.only else ORDER
 
-    arrays = load_split(args.data, TABLE1_RECIPE, args.folds, args.fold, args.seed, args.cache_dir,
-                        2)  # fmt: skip
+    arrays = load_split(
+        args.data, TABLE1_RECIPE, args.folds, args.fold, args.seed, args.cache_dir, 2
+    )
     labels = arrays.labels
     x_train, y_train, x_val, y_val = arrays.x_train, arrays.y_train, arrays.x_val, arrays.y_val
     split = {
@@ -227,21 +265,22 @@ def main(argv: list[str] | None = None) -> int:
     def save(name: str, metrics: dict, started: float, seconds: float | None = None) -> None:
         results[name] = {"metrics": metrics, "seconds": seconds or time.time() - started}
         results_path.write_text(json.dumps(results, indent=2))
-        log.info("%s: weighted F1 %.4f, AUC %.4f", name, metrics["weighted_f1"],
-                 metrics["roc_auc"])  # fmt: skip
+        log.info("%s: weighted F1 %.4f, AUC %.4f", name, metrics["weighted_f1"], metrics["roc_auc"])
 
     for name in [n for n in ORDER if n in wanted and n not in results]:
         started = time.time()
         if name in ("KNN", "SVM"):
-            save(name, sklearn_row(name, x_train, y_train, x_val, y_val, labels, args.seed),
-                 started)  # fmt: skip
+            save(
+                name, sklearn_row(name, x_train, y_train, x_val, y_val, labels, args.seed), started
+            )
         elif name in ("VGG16", "VGG19"):
             metrics, seconds = vgg_row(train_vgg(int(name[3:]), args, args.work))
             save(name, metrics, started, seconds)
         elif name == "VGG16+RF":
             run = train_vgg(16, args, args.work)
-            save(name, vgg16_rf_row(run, x_train, y_train, x_val, y_val, labels, args.seed),
-                 started)  # fmt: skip
+            save(
+                name, vgg16_rf_row(run, x_train, y_train, x_val, y_val, labels, args.seed), started
+            )
         elif name == "VGG13":
             run = args.vgg13_run or train_vgg(13, args, args.work)
             metrics, seconds = vgg_row(run)

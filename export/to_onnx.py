@@ -75,8 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="balanced",
         help="single runs: 'balanced' or 'sensitivity:X' (a CV folder brings its own)",
     )
-    p.add_argument("--slide-rule", default="mean", choices=("mean", "fraction"),
-                   help="single runs: the slide score (a CV folder brings its own)")  # fmt: skip
+    p.add_argument(
+        "--slide-rule",
+        default="mean",
+        choices=("mean", "fraction"),
+        help="single runs: the slide score (a CV folder brings its own)",
+    )
     p.add_argument("--min-cells", type=int, default=10, help="fewer usable cells: 'insufficient'")
     p.add_argument("--int8", action="store_true", help="also write <out>.int8.onnx (static QDQ)")
     p.add_argument("--calibration", type=Path, help="images for INT8 calibration")
@@ -89,8 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "share get the label the fp32 model gives (calibrated, at the stored threshold)",
     )
     p.add_argument("--parity-images", type=int, default=64)
-    p.add_argument("--qc-images", type=int, default=0,
-                   help="training crops measured for QC limits (0 = all)")  # fmt: skip
+    p.add_argument(
+        "--qc-images", type=int, default=0, help="training crops measured for QC limits (0 = all)"
+    )
     p.add_argument("--description", help="training data description for the metadata")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     return p.parse_args(argv)
@@ -142,8 +147,9 @@ def qc_features(samples: list[Sample], recipe: Recipe, workers: int) -> list[qc.
         except ValueError:
             return None
         gray = gray_of(image, "bgr")
-        return qc.measure(gray, framed_and_resized(image, recipe, "bgr", gray),
-                          recipe.background_threshold)  # fmt: skip
+        return qc.measure(
+            gray, framed_and_resized(image, recipe, "bgr", gray), recipe.background_threshold
+        )
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return [f for f in pool.map(one, samples) if f is not None]
@@ -202,8 +208,9 @@ class Source:
             self.weights_config = None
         self.labels: list[str] = self.config["labels"]
         self.recipe = read_recipe(self.config)
-        self.positive = (args.positive or self.config.get("positive_class")
-                         or default_positive(self.labels))  # fmt: skip
+        self.positive = (
+            args.positive or self.config.get("positive_class") or default_positive(self.labels)
+        )
         if self.positive not in self.labels:
             raise ExportError(f"--positive {self.positive!r} is not one of {self.labels}")
 
@@ -218,8 +225,9 @@ class Source:
     def rules_and_metrics(self, args) -> tuple[Rules, dict, str]:
         if self.cv:
             final = self.report["rules_on_all_donors"]
-            rules = Rules(final["temperature"], final["threshold"], final["slide_rule"],
-                          final["slide_cutoff"])  # fmt: skip
+            rules = Rules(
+                final["temperature"], final["threshold"], final["slide_rule"], final["slide_cutoff"]
+            )
             fitted = self.report["cross_fitted"]
             metrics = {
                 "evaluated_on": f"out-of-fold predictions of all {fitted['donors']} donors "
@@ -238,22 +246,31 @@ class Source:
             where = "pooled out-of-fold predictions of every donor"
             return rules, metrics, where
         predictions = read_predictions(args.run / "val_predictions.csv", self.labels)
-        rules = fit_rules(predictions, self.positive, parse_operating_point(args.operating_point),
-                          args.slide_rule)  # fmt: skip
+        rules = fit_rules(
+            predictions, self.positive, parse_operating_point(args.operating_point), args.slide_rule
+        )
         calibrated = apply_temperature(predictions.probabilities, rules.temperature)
-        policy = DecisionPolicy(tuple(self.labels), self.positive, rules.threshold,
-                                rules.slide_rule, rules.slide_cutoff, 1)  # fmt: skip
+        policy = DecisionPolicy(
+            tuple(self.labels),
+            self.positive,
+            rules.threshold,
+            rules.slide_rule,
+            rules.slide_cutoff,
+            1,
+        )
         from export.donors import summarize
 
         summary = summarize(predictions, calibrated, policy)
         metrics = {
             "evaluated_on": f"{summary['donors']} validation patients of one split "
             "(rules fitted on the same patients: optimistic)",
-            "validation": {**summary["pooled"],
-                           "macro_specificity": summary["macro_specificity"],
-                           "macro_sensitivity": summary["macro_sensitivity"],
-                           "slide_call_accuracy": summary["slide_call_accuracy"]},
-        }  # fmt: skip
+            "validation": {
+                **summary["pooled"],
+                "macro_specificity": summary["macro_specificity"],
+                "macro_sensitivity": summary["macro_sensitivity"],
+                "slide_call_accuracy": summary["slide_call_accuracy"],
+            },
+        }
         return rules, metrics, "validation patients of one split"
 
 
@@ -280,16 +297,21 @@ def export(args: argparse.Namespace) -> dict:
     rules, metrics, fitted_on = source.rules_and_metrics(args)
     trained_on = source.training_patients(samples)
     qc_samples = pick(trained_on, args.qc_images) if args.qc_images else trained_on
-    qc_metadata = qc.fit(qc_features(qc_samples, recipe, args.workers),
-                         f"{len(qc_samples)} training crops")  # fmt: skip
+    qc_metadata = qc.fit(
+        qc_features(qc_samples, recipe, args.workers), f"{len(qc_samples)} training crops"
+    )
     decision = {
         "cell": {"rule": "threshold", "threshold": round(rules.threshold, 4)}
-        if rules.threshold is not None and len(labels) == 2 else {"rule": "argmax"},
-        "slide": {"rule": rules.slide_rule, "cutoff": round(rules.slide_cutoff, 4),
-                  "min_cells": args.min_cells},
+        if rules.threshold is not None and len(labels) == 2
+        else {"rule": "argmax"},
+        "slide": {
+            "rule": rules.slide_rule,
+            "cutoff": round(rules.slide_cutoff, 4),
+            "min_cells": args.min_cells,
+        },
         "fitted_on": fitted_on,
         "operating_point": (source.report or {}).get("operating_point", args.operating_point),
-    }  # fmt: skip
+    }
     calibration_info = {"temperature": round(rules.temperature, 4), "fitted_on": fitted_on}
     if rules.threshold is not None:
         calibration_info["threshold"] = round(rules.threshold, 4)
@@ -304,10 +326,11 @@ def export(args: argparse.Namespace) -> dict:
         "donors": len({s.patient for s in trained_on}),
         "crops": len(trained_on),
         "split": "grouped cross-validation over donors; the weights are the average of the "
-        f"{len(members)} fold models" if source.cv and len(members) > 1
+        f"{len(members)} fold models"
+        if source.cv and len(members) > 1
         else split["method"],
         "val_patients": [] if source.cv else split["val_patients"],
-    }  # fmt: skip
+    }
     entries = {
         mf.KEY_SCHEMA: str(mf.METADATA_VERSION),
         mf.KEY_LABELS: json.dumps(labels),
@@ -325,12 +348,16 @@ def export(args: argparse.Namespace) -> dict:
         mf.KEY_INTENDED_USE: mf.INTENDED_USE,
     }
     if len(members) > 1:
-        entries[mf.KEY_ENSEMBLE] = json.dumps({
-            "members": len(members),
-            "description": "the probabilities of the fold models of a grouped "
-            "cross-validation, averaged inside this graph",
-            "member_sha256": [hashlib.sha256(p.read_bytes()).hexdigest() for p in source.members],
-        })  # fmt: skip
+        entries[mf.KEY_ENSEMBLE] = json.dumps(
+            {
+                "members": len(members),
+                "description": "the probabilities of the fold models of a grouped "
+                "cross-validation, averaged inside this graph",
+                "member_sha256": [
+                    hashlib.sha256(p.read_bytes()).hexdigest() for p in source.members
+                ],
+            }
+        )
     elif model.name.startswith(ENSEMBLE_PREFIX):  # a fine-tuned ensemble stays one
         entries[mf.KEY_ENSEMBLE] = json.dumps(
             {
@@ -356,9 +383,13 @@ def export(args: argparse.Namespace) -> dict:
         if not parity <= PARITY_TOLERANCE:
             raise ExportError(f"ONNX differs from Keras by {parity:.2e} > {PARITY_TOLERANCE}")
         write_atomic_model(proto, args.out)
-    report = {"out": str(args.out), "parity_max_abs_diff": parity,
-              "calibration": calibration_info, "decision": decision,
-              "qc_default_limits": qc_metadata["limits"]["default"]}  # fmt: skip
+    report = {
+        "out": str(args.out),
+        "parity_max_abs_diff": parity,
+        "calibration": calibration_info,
+        "decision": decision,
+        "qc_default_limits": qc_metadata["limits"]["default"],
+    }
     if args.int8:
         validation = [s for s in samples if s.patient in set(split["val_patients"])] or samples
         report["int8"] = export_int8(args, recipe, labels, trained_on, validation, rng)
@@ -436,8 +467,9 @@ def export_int8(args, recipe, labels, train_samples, val_samples, rng) -> dict:
     import onnx
 
     if args.calibration:
-        pool = [Sample(p, p.parent.name, "") for p in sorted(args.calibration.rglob("*"))
-                if p.is_file()]  # fmt: skip
+        pool = [
+            Sample(p, p.parent.name, "") for p in sorted(args.calibration.rglob("*")) if p.is_file()
+        ]
     else:
         pool = train_samples
     order = rng.permutation(len(pool))[: args.calibration_images]
@@ -457,12 +489,17 @@ def export_int8(args, recipe, labels, train_samples, val_samples, rng) -> dict:
         val_x, kept = load_arrays(val_samples, recipe)
         val_x = val_x.astype(np.float32) / np.float32(255.0)
         y_val = np.array([labels.index(val_samples[i].label) for i in kept])
-        quant = {"format": "static QDQ int8, per-channel weights",
-                 "calibration_images": int(len(calibration_x)),
-                 **int8_agreement(fp32, candidate, val_x, y_val)}  # fmt: skip
+        quant = {
+            "format": "static QDQ int8, per-channel weights",
+            "calibration_images": int(len(calibration_x)),
+            **int8_agreement(fp32, candidate, val_x, y_val),
+        }
         if quant["label_agreement_min"] < args.int8_min_agreement:
-            log.warning("INT8 not written: label agreement %.4f < %.4f on some class",
-                        quant["label_agreement_min"], args.int8_min_agreement)  # fmt: skip
+            log.warning(
+                "INT8 not written: label agreement %.4f < %.4f on some class",
+                quant["label_agreement_min"],
+                args.int8_min_agreement,
+            )
             return {"path": None, "written": False, **quant}
         set_metadata(proto, {mf.KEY_QUANTIZATION: json.dumps(quant)})
         write_atomic_model(proto, int8_path)

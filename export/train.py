@@ -340,10 +340,15 @@ def load_split(
     train_samples = [train_samples[i] for i in kept_train]
     val_samples = [val_samples[i] for i in kept_val]
     return SplitArrays(
-        labels, samples, train_samples, val_samples,
-        x_train, np.array([labels.index(s.label) for s in train_samples], dtype=np.int64),
-        x_val, np.array([labels.index(s.label) for s in val_samples], dtype=np.int64),
-    )  # fmt: skip
+        labels,
+        samples,
+        train_samples,
+        val_samples,
+        x_train,
+        np.array([labels.index(s.label) for s in train_samples], dtype=np.int64),
+        x_val,
+        np.array([labels.index(s.label) for s in val_samples], dtype=np.int64),
+    )
 
 
 class RawRescaler:
@@ -353,8 +358,9 @@ class RawRescaler:
     are also saved as JPEG (quality drawn from ``augment.JPEG_QUALITY``) and read back
     first, as a lab's export would. The encoded bytes stay in memory (about 25 kB a crop)."""
 
-    def __init__(self, samples: list[Sample], recipe: Recipe, scale_range,
-                 jpeg: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self, samples: list[Sample], recipe: Recipe, scale_range, jpeg: bool = False
+    ) -> None:
         self.data = [sample.path.read_bytes() for sample in samples]
         self.recipe = recipe
         self.low, self.high = np.log(scale_range[0]), np.log(scale_range[1])
@@ -395,8 +401,9 @@ def make_dataset(
     groups = tuple(g for g in args.augment if g != "jpeg")  # jpeg: on the raw crop
     if rescaler is not None and getattr(args, "scale_at", "raw") == "raw":
         groups = tuple(g for g in groups if g != "scale")  # done on the raw crop
-    augment = make_augmenter(tf, groups, args.scale_range, size,
-                             getattr(args, "augment_strength", 1.0))  # fmt: skip
+    augment = make_augmenter(
+        tf, groups, args.scale_range, size, getattr(args, "augment_strength", 1.0)
+    )
 
     def scale(image, label):
         return tf.cast(image, tf.float32) * (1.0 / 255.0), tf.one_hot(label, num_classes)
@@ -498,8 +505,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
     if history and history[0].get("val_loss") is not None:
         ax_loss.plot(epochs, [h["val_loss"] for h in history], label="validation")
         ax_acc.plot(epochs, [h["val_accuracy"] for h in history], label="validation")
-        ax_acc.plot(epochs, [h["val_weighted_f1"] for h in history],
-                    label="validation weighted F1")  # fmt: skip
+        ax_acc.plot(epochs, [h["val_weighted_f1"] for h in history], label="validation weighted F1")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy", ylim=(0, 1))
     for ax in (ax_loss, ax_acc):
@@ -551,8 +557,9 @@ def recalibrate_batch_norm(model, images: np.ndarray, batch_size: int = 64) -> N
     (un-augmented training crops, uint8): a cumulative mean, batch by batch."""
     import keras
 
-    layers = [layer for layer in all_layers(model)
-              if isinstance(layer, keras.layers.BatchNormalization)]  # fmt: skip
+    layers = [
+        layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)
+    ]
     if not layers or len(images) == 0:
         return
     momenta = [layer.momentum for layer in layers]
@@ -603,8 +610,7 @@ def load_parent(parent: Path):
         return keras.models.load_model(parent, compile=False)
     from export.to_onnx import ensemble_model
 
-    members = [keras.models.load_model(f / "model.keras", compile=False)
-               for f in cv_folds(parent)]  # fmt: skip
+    members = [keras.models.load_model(f / "model.keras", compile=False) for f in cv_folds(parent)]
     return ensemble_model(members, members[0].input_shape[1])
 
 
@@ -746,9 +752,10 @@ def train(args: argparse.Namespace) -> dict:
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.trainable = False  # Keras runs frozen batch norm in inference mode
     steps_per_epoch = max(
-        1, len(epoch_indices(patients_train, y_train, args, np.random.default_rng(0)))
-        // args.batch_size
-    )  # fmt: skip
+        1,
+        len(epoch_indices(patients_train, y_train, args, np.random.default_rng(0)))
+        // args.batch_size,
+    )
     schedule = keras.optimizers.schedules.CosineDecay(
         args.lr, decay_steps=steps_per_epoch * args.epochs, alpha=0.05
     )
@@ -773,8 +780,12 @@ def train(args: argparse.Namespace) -> dict:
     rescaler = None
     raw_scale = "scale" in args.augment and args.scale_at == "raw"
     if raw_scale or "jpeg" in args.augment:
-        rescaler = RawRescaler(train_samples, recipe, args.scale_range if raw_scale else (1, 1),
-                               jpeg="jpeg" in args.augment)  # fmt: skip
+        rescaler = RawRescaler(
+            train_samples,
+            recipe,
+            args.scale_range if raw_scale else (1, 1),
+            jpeg="jpeg" in args.augment,
+        )
     average = WeightAverage(model, args.ema) if args.ema > 0 else None
     callbacks = [average.callback()] if average else []
     # a donor-balanced draw of clean crops (epoch_indices shuffles: the first N are a random
@@ -798,9 +809,18 @@ def train(args: argparse.Namespace) -> dict:
     for epoch in range(1, args.epochs + 1):
         tick = time.time()
         idx = epoch_indices(patients_train, y_train, args, rng)
-        train_ds = make_dataset(tf, x_train[idx], y_train[idx], len(labels), args,
-                                training=True, rng=rng, rescaler=rescaler,
-                                indices=idx, teacher=teacher)  # fmt: skip
+        train_ds = make_dataset(
+            tf,
+            x_train[idx],
+            y_train[idx],
+            len(labels),
+            args,
+            training=True,
+            rng=rng,
+            rescaler=rescaler,
+            indices=idx,
+            teacher=teacher,
+        )
         fit = model.fit(
             train_ds,
             epochs=1,
@@ -823,27 +843,38 @@ def train(args: argparse.Namespace) -> dict:
             model.set_weights(raw)
             metrics = classification_metrics(y_val, probabilities, labels, positive=positive)
             row.update(
-                val_loss=float(-np.mean(np.log(np.clip(
-                    probabilities[np.arange(len(y_val)), y_val], 1e-7, 1.0)))),
+                val_loss=float(
+                    -np.mean(
+                        np.log(np.clip(probabilities[np.arange(len(y_val)), y_val], 1e-7, 1.0))
+                    )
+                ),
                 val_accuracy=metrics["accuracy"],
                 val_weighted_f1=metrics["weighted_f1"],
                 val_roc_auc=metrics["roc_auc"],
                 val_sensitivity=metrics["sensitivity"],
                 val_specificity=metrics["specificity"],
-            )  # fmt: skip
+            )
         row["seconds"] = round(time.time() - tick, 1)
         history.append(row)
-        log.info("epoch %d/%d %s", epoch, args.epochs, " ".join(
-            f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "seconds")
-        ) + f" ({row['seconds']:.0f}s)")  # fmt: skip
+        log.info(
+            "epoch %d/%d %s",
+            epoch,
+            args.epochs,
+            " ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "seconds"))
+            + f" ({row['seconds']:.0f}s)",
+        )
         with open(args.out / "history.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(row))
             writer.writeheader()
             writer.writerows(history)
         better = metrics is not None and metrics["weighted_f1"] > kept.get("weighted_f1", -1.0)
         if args.select == "last" or not validating or better:
-            kept = {**(metrics or {}), "epoch": epoch, "weights": weights,
-                    "probabilities": probabilities}  # fmt: skip
+            kept = {
+                **(metrics or {}),
+                "epoch": epoch,
+                "weights": weights,
+                "probabilities": probabilities,
+            }
     model.set_weights(kept.pop("weights"))
     save_model(model, args.out / "model.keras")
     plot_curves(history, args.out / "curves.png")
@@ -860,13 +891,19 @@ def train(args: argparse.Namespace) -> dict:
         "best_epoch": kept["epoch"],
         "validation": {k: v for k, v in kept.items() if k != "epoch"},
         "train_seconds": round(time.time() - started, 1),
-        "selection": "last epoch" if args.select == "last"
+        "selection": "last epoch"
+        if args.select == "last"
         else "best epoch by validation weighted F1 (argmax)",
-    }  # fmt: skip
+    }
     (args.out / "metrics.json").write_text(json.dumps(summary, indent=2))
     if validating:
-        log.info("kept epoch %d: validation weighted F1 %.4f, AUC %.4f; wrote %s",
-                 kept["epoch"], kept["weighted_f1"], kept["roc_auc"], args.out)  # fmt: skip
+        log.info(
+            "kept epoch %d: validation weighted F1 %.4f, AUC %.4f; wrote %s",
+            kept["epoch"],
+            kept["weighted_f1"],
+            kept["roc_auc"],
+            args.out,
+        )
     else:
         log.info("trained on every patient; wrote %s", args.out)
     return summary

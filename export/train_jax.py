@@ -98,8 +98,16 @@ def save_weights(weights: dict[str, np.ndarray], stem: Path, dtype: str, max_mb:
         np.savez(stem.with_name(f"{stem.name}-part{index}.npz"), **part)
 
 
-def write_fold(out: Path, name: str, fold: int, pack: Pack, val_index: np.ndarray,
-               probabilities: np.ndarray, record: dict, run: dict) -> None:  # fmt: skip
+def write_fold(
+    out: Path,
+    name: str,
+    fold: int,
+    pack: Pack,
+    val_index: np.ndarray,
+    probabilities: np.ndarray,
+    record: dict,
+    run: dict,
+) -> None:
     """Append a fold's validation predictions to ``oof.csv`` and its record (seconds,
     history, parameter count) to ``summary.json``, as soon as the fold ends."""
     oof_path = out / "oof.csv"
@@ -107,11 +115,20 @@ def write_fold(out: Path, name: str, fold: int, pack: Pack, val_index: np.ndarra
     with open(oof_path, "a", newline="") as handle:
         writer = csv.writer(handle)
         if new:
-            writer.writerow(["model", "fold", "path", "patient", "label",
-                             *[f"p_{c}" for c in pack.labels]])  # fmt: skip
+            writer.writerow(
+                ["model", "fold", "path", "patient", "label", *[f"p_{c}" for c in pack.labels]]
+            )
         for index, probs in zip(val_index, probabilities, strict=True):
-            writer.writerow([name, fold, pack.paths[index], pack.patients[index],
-                             pack.labels[pack.y[index]], *[f"{p:.6f}" for p in probs]])  # fmt: skip
+            writer.writerow(
+                [
+                    name,
+                    fold,
+                    pack.paths[index],
+                    pack.patients[index],
+                    pack.labels[pack.y[index]],
+                    *[f"{p:.6f}" for p in probs],
+                ]
+            )
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary.setdefault(name, {**run, "folds": {}})["folds"][str(fold)] = record
@@ -150,8 +167,10 @@ class Pack:
                 chunks += [blob[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
         merged = {name: np.concatenate(parts) for name, parts in columns.items()}
         if len(chunks) != self.meta["crops"]:
-            raise ValueError(f"the pack holds {len(chunks)} of {self.meta['crops']} crops: "
-                             "pass every part, in order")  # fmt: skip
+            raise ValueError(
+                f"the pack holds {len(chunks)} of {self.meta['crops']} crops: "
+                "pass every part, in order"
+            )
         self.paths = [str(x) for x in merged["paths"]]
         self.patients = merged["patients"].astype(str)
         self.y = merged["y"].astype(np.int64)
@@ -292,8 +311,9 @@ def zoom(image, factor, size: int):
 
     scale = jnp.stack([factor, factor])
     shift = (size - size * scale) / 2.0
-    return jax.image.scale_and_translate(image, image.shape, (0, 1), scale, shift, "linear",
-                                         antialias=True)  # fmt: skip
+    return jax.image.scale_and_translate(
+        image, image.shape, (0, 1), scale, shift, "linear", antialias=True
+    )
 
 
 class FoldTrainer:
@@ -435,8 +455,7 @@ class FoldTrainer:
         trainable, non_trainable = state
         for variable, value in zip(self.model.trainable_variables, trainable, strict=True):
             variable.assign(value)
-        for variable, value in zip(self.model.non_trainable_variables, non_trainable,
-                                   strict=True):  # fmt: skip
+        for variable, value in zip(self.model.non_trainable_variables, non_trainable, strict=True):
             variable.assign(value)
         return {variable.path: np.asarray(variable.value) for variable in self.model.weights}
 
@@ -445,13 +464,20 @@ def steps_per_epoch(pack: Pack, args: argparse.Namespace, fold: int) -> int:
     from export.train import epoch_indices
 
     train_index = np.flatnonzero(pack.fold_of != fold)
-    drawn = epoch_indices(pack.patients[train_index], pack.y[train_index], args,
-                          np.random.default_rng(0))  # fmt: skip
+    drawn = epoch_indices(
+        pack.patients[train_index], pack.y[train_index], args, np.random.default_rng(0)
+    )
     return len(drawn) // args.batch_size
 
 
-def train_fold(pack: Pack, args: argparse.Namespace, fold: int, rng: np.random.Generator,
-               trainer: FoldTrainer, augment):  # fmt: skip
+def train_fold(
+    pack: Pack,
+    args: argparse.Namespace,
+    fold: int,
+    rng: np.random.Generator,
+    trainer: FoldTrainer,
+    augment,
+):
     """Train one fold; returns (kept weights, validation probabilities, history)."""
     import jax
     import jax.numpy as jnp
@@ -486,8 +512,9 @@ def train_fold(pack: Pack, args: argparse.Namespace, fold: int, rng: np.random.G
             accuracies.append(accuracy)
         state = trainer.evaluated_state(recalibration)
         probabilities = trainer.predict(state, pack.x[val_index])
-        metrics = classification_metrics(pack.y[val_index], probabilities, pack.labels,
-                                         positive=positive)  # fmt: skip
+        metrics = classification_metrics(
+            pack.y[val_index], probabilities, pack.labels, positive=positive
+        )
         row = {
             "epoch": epoch,
             "loss": float(np.mean(jax.device_get(losses))),
@@ -497,8 +524,12 @@ def train_fold(pack: Pack, args: argparse.Namespace, fold: int, rng: np.random.G
             "seconds": round(time.time() - tick, 1),
         }
         history.append(row)
-        log.info("fold %d epoch %d %s", fold, epoch,
-                 " ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch"))  # fmt: skip
+        log.info(
+            "fold %d epoch %d %s",
+            fold,
+            epoch,
+            " ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch"),
+        )
     return trainer.weights(state), probabilities, history
 
 
@@ -521,17 +552,26 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     pack = Pack(args.pack, args.workers)
     recipe = pack.meta["recipe"]
-    if (recipe["crop"], recipe["margin"], recipe["window"]) != (args.crop, args.margin,
-                                                                args.window):  # fmt: skip
-        log.error("the pack was made with crop %s; pass the same --crop/--margin/--window",
-                  recipe["crop"])  # fmt: skip
+    if (recipe["crop"], recipe["margin"], recipe["window"]) != (
+        args.crop,
+        args.margin,
+        args.window,
+    ):
+        log.error(
+            "the pack was made with crop %s; pass the same --crop/--margin/--window", recipe["crop"]
+        )
         return 2
     folds = fold_selection(args.fold_list, pack.meta["folds"])
     saved = fold_selection(args.save_weights, pack.meta["folds"])
     name = args.name or f"w{args.width:g}"
     args.out.mkdir(parents=True, exist_ok=True)
-    log.info("%d crops, %d donors; %s on %s", len(pack.paths), len(set(pack.patients)), name,
-             jax.devices())  # fmt: skip
+    log.info(
+        "%d crops, %d donors; %s on %s",
+        len(pack.paths),
+        len(set(pack.patients)),
+        name,
+        jax.devices(),
+    )
     if args.ema <= 0:
         log.error("the JAX trainer keeps the weight average: --ema must be above 0")
         return 2
@@ -541,22 +581,41 @@ def main(argv: list[str] | None = None) -> int:
         log.error("folds differ in steps per epoch %s; train them one at a time", steps)
         return 2
     trainer = FoldTrainer(args, len(pack.labels), steps.pop())
-    augment = jax.jit(make_augment(tuple(args.augment), args.augment_strength, args.scale_range,
-                                   args.scale_at, pack.x.shape[1]))  # fmt: skip
+    augment = jax.jit(
+        make_augment(
+            tuple(args.augment),
+            args.augment_strength,
+            args.scale_range,
+            args.scale_at,
+            pack.x.shape[1],
+        )
+    )
     for fold in folds:
         tick = time.time()
         weights, probabilities, history = train_fold(pack, args, fold, rng, trainer, augment)
         seconds = round(time.time() - tick, 1)
         val_index = np.flatnonzero(pack.fold_of == fold)
-        write_fold(args.out, name, fold, pack, val_index, probabilities,
-                   {"train_seconds": seconds, "history": history,
-                    "params": int(sum(v.size for v in weights.values()))},
-                   {"args": {k: str(v) if isinstance(v, Path) else v
-                             for k, v in vars(args).items()},
-                    "device": str(jax.devices()[0])})  # fmt: skip
+        write_fold(
+            args.out,
+            name,
+            fold,
+            pack,
+            val_index,
+            probabilities,
+            {
+                "train_seconds": seconds,
+                "history": history,
+                "params": int(sum(v.size for v in weights.values())),
+            },
+            {
+                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                "device": str(jax.devices()[0]),
+            },
+        )
         if fold in saved:
-            save_weights(weights, args.out / f"{name}-fold{fold}", args.weights_dtype,
-                         args.max_file_mb)  # fmt: skip
+            save_weights(
+                weights, args.out / f"{name}-fold{fold}", args.weights_dtype, args.max_file_mb
+            )
         log.info("fold %d done in %.0f s", fold, seconds)
     log.info("%s: %d fold(s) in %.0f s", name, len(folds), time.time() - started)
     return 0

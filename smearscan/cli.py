@@ -119,8 +119,13 @@ def _native_stderr_silenced(env: Environment, quiet: bool):
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     original = env.stderr
-    ours = os.fdopen(saved, "w", buffering=1, encoding=getattr(original, "encoding", "utf-8"),
-                     errors="backslashreplace")  # fmt: skip
+    ours = os.fdopen(
+        saved,
+        "w",
+        buffering=1,
+        encoding=getattr(original, "encoding", "utf-8"),
+        errors="backslashreplace",
+    )
     handlers = [
         h
         for h in log.handlers
@@ -184,8 +189,11 @@ class SignalGuard:
             self.on_abort(status)
             os._exit(int(status))
         self.stop.set()
-        log.warning("signal %d: finishing the batches in flight, then writing a partial report "
-                    "(signal again to stop at once)", signum)  # fmt: skip
+        log.warning(
+            "signal %d: finishing the batches in flight, then writing a partial report "
+            "(signal again to stop at once)",
+            signum,
+        )
 
     def status(self) -> ExitStatus:
         if not self.received:
@@ -193,9 +201,18 @@ class SignalGuard:
         return ExitStatus.for_signal(self.received[0])
 
 
-def _final_line(env: Environment, state: str, status: ExitStatus, files: int = 0, ok: int = 0,
-                qc: int = 0, errors: int = 0, seconds: float = 0.0, pending: int = 0,
-                reused: int = 0) -> None:  # fmt: skip
+def _final_line(
+    env: Environment,
+    state: str,
+    status: ExitStatus,
+    files: int = 0,
+    ok: int = 0,
+    qc: int = 0,
+    errors: int = 0,
+    seconds: float = 0.0,
+    pending: int = 0,
+    reused: int = 0,
+) -> None:
     """One line for cron mail, printed even with --quiet, always last."""
     line = (
         f"smearscan {state}: {files} files, {ok} ok, {qc} failed QC, {errors} errors, "
@@ -218,8 +235,9 @@ def _check_device(device: str) -> None:
     import re
 
     if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", device.strip().lower()):
-        raise click.BadParameter(f"{device!r}: use auto, cpu, cuda or cuda:N",
-                                 param_hint="--device")  # fmt: skip
+        raise click.BadParameter(
+            f"{device!r}: use auto, cpu, cuda or cuda:N", param_hint="--device"
+        )
 
 
 model_option = click.option(
@@ -573,8 +591,9 @@ def scan(
     _check_device(device)
     anonymize_key = _read_key(anonymize_key_file) if anonymize_key_file else None
     if anonymize_key is not None and len(anonymize_key.strip()) < 16:
-        raise click.BadParameter("the key file must hold at least 16 bytes",
-                                 param_hint="--anonymize-key-file")  # fmt: skip
+        raise click.BadParameter(
+            "the key file must hold at least 16 bytes", param_hint="--anonymize-key-file"
+        )
     for item in inputs:
         if not item.exists():
             raise click.BadParameter(f"{item} does not exist", param_hint="INPUTS")
@@ -591,18 +610,39 @@ def scan(
     request = ScanRequest(
         inputs=list(inputs),
         files=list(read_file_list(files_from, nul_separated)) if files_from is not None else None,
-        out=out, fmt=fmt, summary=summary, html=html, write_html=not no_html,
-        recursive=recursive, pattern=pattern, case_sensitive_glob=glob_case_sensitive,
+        out=out,
+        fmt=fmt,
+        summary=summary,
+        html=html,
+        write_html=not no_html,
+        recursive=recursive,
+        pattern=pattern,
+        case_sensitive_glob=glob_case_sensitive,
         slide_depth=slide_depth,
-        options=ScanOptions(batch_size=batch_size, workers=workers, tta=tta, decode=decode,
-                            max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-                            max_bytes=max_bytes or DEFAULT_MAX_BYTES),
-        threshold=threshold, slide_rule=slide_rule, slide_cutoff=slide_cutoff,
-        min_cells=min_cells, qc_mode=qc_mode, state=state, lock_wait=lock_wait,
-        min_age=min_age, new_only=new_only, verify=verify, anonymize_key=anonymize_key,
-        num_parts=num_parts, part_id=part_id, include_hidden=include_hidden,
+        options=ScanOptions(
+            batch_size=batch_size,
+            workers=workers,
+            tta=tta,
+            decode=decode,
+            max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+            max_bytes=max_bytes or DEFAULT_MAX_BYTES,
+        ),
+        threshold=threshold,
+        slide_rule=slide_rule,
+        slide_cutoff=slide_cutoff,
+        min_cells=min_cells,
+        qc_mode=qc_mode,
+        state=state,
+        lock_wait=lock_wait,
+        min_age=min_age,
+        new_only=new_only,
+        verify=verify,
+        anonymize_key=anonymize_key,
+        num_parts=num_parts,
+        part_id=part_id,
+        include_hidden=include_hidden,
         max_qc_rate=max_qc_rate,
-    )  # fmt: skip
+    )
     _run_command(
         env,
         "scan",
@@ -643,9 +683,14 @@ def _load(model, device: str, threads: int = 1):
     note = classifier.device_note
     if note and device.strip().lower() != "auto":
         level = logging.WARNING
-    log.log(level, "model %s (%s), execution provider %s%s", classifier.info.name,
-            classifier.info.sha256[:12], classifier.provider,
-            f" ({note})" if note else "")  # fmt: skip
+    log.log(
+        level,
+        "model %s (%s), execution provider %s%s",
+        classifier.info.name,
+        classifier.info.sha256[:12],
+        classifier.provider,
+        f" ({note})" if note else "",
+    )
     return classifier
 
 
@@ -717,14 +762,27 @@ def _run_command(env: Environment, name: str, quiet: bool, log_interval: float, 
 
     def aborted(status: ExitStatus) -> None:
         progress.close()
-        _final_line(env, "aborted (second signal; no report written)", status,
-                    progress.done, seconds=time.time() - started)  # fmt: skip
+        _final_line(
+            env,
+            "aborted (second signal; no report written)",
+            status,
+            progress.done,
+            seconds=time.time() - started,
+        )
 
     def fail(state: str, status: ExitStatus, message: str) -> None:
         progress.close()
         log.error("%s", message)
-        _final_line(env, state, status, progress.done, ok=progress.ok, qc=progress.qc,
-                    errors=progress.errors, seconds=time.time() - started)  # fmt: skip
+        _final_line(
+            env,
+            state,
+            status,
+            progress.done,
+            ok=progress.ok,
+            qc=progress.qc,
+            errors=progress.errors,
+            seconds=time.time() - started,
+        )
         sys.exit(status)
 
     with SignalGuard(env, aborted) as guard, _native_stderr_silenced(env, quiet):
@@ -758,8 +816,18 @@ def _run_command(env: Environment, name: str, quiet: bool, log_interval: float, 
     # being written, say) left complete reports, and the final line must not call them partial
     partial = outcome.summary.get("partial") if outcome.summary else guard.stop.is_set()
     state = "partial" if partial else "done"
-    _final_line(env, state, outcome.status, outcome.files, outcome.ok, outcome.qc,
-                outcome.errors, outcome.seconds, outcome.pending, outcome.reused)  # fmt: skip
+    _final_line(
+        env,
+        state,
+        outcome.status,
+        outcome.files,
+        outcome.ok,
+        outcome.qc,
+        outcome.errors,
+        outcome.seconds,
+        outcome.pending,
+        outcome.reused,
+    )
     sys.exit(outcome.status)
 
 
@@ -801,10 +869,15 @@ class _Progress:
         )
 
         self.bar = Progress(
-            TextColumn("scanning"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-            TextColumn("{task.fields[rate]:.0f} files/s"), TimeRemainingColumn(),
-            console=Console(file=self.env.stderr), transient=False,
-        )  # fmt: skip
+            TextColumn("scanning"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[rate]:.0f} files/s"),
+            TimeRemainingColumn(),
+            console=Console(file=self.env.stderr),
+            transient=False,
+        )
         self.bar.start()
         self.task = self.bar.add_task("scan", total=None, rate=0.0)
         self.redirected = [
@@ -841,8 +914,13 @@ class _Progress:
             self.bar.update(self.task, advance=1, rate=rate)
         elif not self.quiet and now - self.last >= self.interval:
             self.last = now
-            log.info("progress: %d files (%d failed QC, %d errors), %.1f files/s", self.done,
-                     self.qc, self.errors, rate)  # fmt: skip
+            log.info(
+                "progress: %d files (%d failed QC, %d errors), %.1f files/s",
+                self.done,
+                self.qc,
+                self.errors,
+                rate,
+            )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -886,9 +964,22 @@ class _Progress:
 )
 @click.option("-q", "--quiet", is_flag=True)
 @click.pass_obj
-def evaluate(env: Environment, root, labels_csv, report_dir, model, device, threshold,
-             slide_rule, slide_cutoff, min_cells, qc_mode, tta, batch_size,
-             quiet) -> None:  # fmt: skip
+def evaluate(
+    env: Environment,
+    root,
+    labels_csv,
+    report_dir,
+    model,
+    device,
+    threshold,
+    slide_rule,
+    slide_cutoff,
+    min_cells,
+    qc_mode,
+    tta,
+    batch_size,
+    quiet,
+) -> None:
     """Score a model on labelled crops under ROOT (same pipeline as scan).
 
     Writes a validation record: metrics on the crops that passed quality control, the
@@ -899,9 +990,13 @@ def evaluate(env: Environment, root, labels_csv, report_dir, model, device, thre
     from smearscan.runner import ScanOptions, ScanRequest
 
     request = ScanRequest(
-        options=ScanOptions(batch_size=batch_size, tta=tta), threshold=threshold,
-        slide_rule=slide_rule, slide_cutoff=slide_cutoff, min_cells=min_cells, qc_mode=qc_mode,
-    )  # fmt: skip
+        options=ScanOptions(batch_size=batch_size, tta=tta),
+        threshold=threshold,
+        slide_rule=slide_rule,
+        slide_cutoff=slide_cutoff,
+        min_cells=min_cells,
+        qc_mode=qc_mode,
+    )
 
     def body(guard: SignalGuard, progress: _Progress):
         from smearscan.evaluate import LabelsError
@@ -910,9 +1005,16 @@ def evaluate(env: Environment, root, labels_csv, report_dir, model, device, thre
 
         classifier = _load(model, device)
         try:
-            outcome = run_evaluation(root, classifier, report_dir, labels_csv, request,
-                                     stop=guard.stop, stop_status=guard.status,
-                                     on_result=progress.advance)  # fmt: skip
+            outcome = run_evaluation(
+                root,
+                classifier,
+                report_dir,
+                labels_csv,
+                request,
+                stop=guard.stop,
+                stop_status=guard.status,
+                on_result=progress.advance,
+            )
         except LabelsError as exc:
             raise RequestError(str(exc)) from None
         if outcome.metrics is not None and outcome.slide_metrics is not None:
@@ -927,11 +1029,14 @@ def evaluate(env: Environment, root, labels_csv, report_dir, model, device, thre
             if slides.get("note"):
                 click.echo(slides["note"])
             else:
-                click.echo(f"{len(slides['slides'])} slides: slide-call accuracy "
-                           f"{_number(slides['accuracy'])} ({slides['rule']})")  # fmt: skip
+                click.echo(
+                    f"{len(slides['slides'])} slides: slide-call accuracy "
+                    f"{_number(slides['accuracy'])} ({slides['rule']})"
+                )
             if outcome.unlabelled:
-                click.echo(f"{outcome.unlabelled} classified cells had no label and were not "
-                           "scored")  # fmt: skip
+                click.echo(
+                    f"{outcome.unlabelled} classified cells had no label and were not scored"
+                )
             click.echo(f"reports in {outcome.report_dir}")
         return outcome.scan
 
@@ -943,10 +1048,16 @@ def _number(value) -> str:
 
 
 @cli.command()
-@click.argument("parts", nargs=-1, required=True,
-                type=click.Path(path_type=Path, exists=True, dir_okay=False))  # fmt: skip
-@click.option("--out", "-o", type=click.Path(path_type=Path, dir_okay=False), required=True,
-              help="Merged per-image report; its summary JSON and HTML go beside it.")  # fmt: skip
+@click.argument(
+    "parts", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False)
+)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="Merged per-image report; its summary JSON and HTML go beside it.",
+)
 @click.option("--no-html", is_flag=True, help="Skip the HTML report.")
 @click.option("-q", "--quiet", is_flag=True)
 @click.pass_obj
@@ -980,8 +1091,16 @@ def merge(env: Environment, parts, out, no_html, quiet) -> None:
             _final_line(env, "failed", ExitStatus.ERROR, seconds=time.time() - started)
             sys.exit(ExitStatus.ERROR)
     status = guard.status() if guard.stop.is_set() else outcome.status
-    _final_line(env, "merged", status, outcome.files, outcome.ok, outcome.qc, outcome.errors,
-                outcome.seconds)  # fmt: skip
+    _final_line(
+        env,
+        "merged",
+        status,
+        outcome.files,
+        outcome.ok,
+        outcome.qc,
+        outcome.errors,
+        outcome.seconds,
+    )
     sys.exit(status)
 
 
@@ -1013,9 +1132,17 @@ def model_info(env: Environment, model, as_json) -> None:
                 metadata[key] = json.loads(value)
             except ValueError:
                 metadata[key] = value
-        click.echo(json.dumps({"path": str(info.path), "sha256": info.sha256,
-                               "intended_use": INTENDED_USE_LINE, "metadata": metadata},
-                              indent=2))  # fmt: skip
+        click.echo(
+            json.dumps(
+                {
+                    "path": str(info.path),
+                    "sha256": info.sha256,
+                    "intended_use": INTENDED_USE_LINE,
+                    "metadata": metadata,
+                },
+                indent=2,
+            )
+        )
         return
     click.echo(describe(info))
 

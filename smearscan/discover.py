@@ -125,8 +125,13 @@ def walk_root(
         except OSError as exc:
             shown = display_name(rel_dir or ".")
             log.warning("cannot list folder %s: %s", prefix + shown, exc.strerror or exc)
-            yield Found(directory, f"{prefix}{shown}/", slide,
-                        f"cannot list folder: {exc.strerror or exc}", root_real)  # fmt: skip
+            yield Found(
+                directory,
+                f"{prefix}{shown}/",
+                slide,
+                f"cannot list folder: {exc.strerror or exc}",
+                root_real,
+            )
             continue
         subdirs = []
         rel_prefix = f"{rel_dir}/" if rel_dir else ""
@@ -142,12 +147,18 @@ def walk_root(
                 real = os.path.realpath(entry.path)
                 if not is_inside(real, root_real):
                     if is_image_name(name) and (matches is None or matches(rel)):
-                        yield Found(entry.path, prefix + display_name(rel), slide,
-                                    "symbolic link points outside the scanned folder; "
-                                    "not followed", root_real)  # fmt: skip
+                        yield Found(
+                            entry.path,
+                            prefix + display_name(rel),
+                            slide,
+                            "symbolic link points outside the scanned folder; not followed",
+                            root_real,
+                        )
                     else:
-                        log.warning("not following %s: link leaves the scanned folder",
-                                    prefix + display_name(rel))  # fmt: skip
+                        log.warning(
+                            "not following %s: link leaves the scanned folder",
+                            prefix + display_name(rel),
+                        )
                     continue
             if not include_hidden and is_hidden(name, is_dir):
                 if skipped is not None:
@@ -184,10 +195,12 @@ def unique_prefixes(folders: list[Path]) -> dict[Path, str]:
         for depth in range(1, len(parts) + 1):
             candidate = "/".join(p for p in parts[-depth:] if p != os.sep)
             clashes = [
-                other for other, other_real in reals.items()
-                if other != folder and other_real != real
+                other
+                for other, other_real in reals.items()
+                if other != folder
+                and other_real != real
                 and "/".join(p for p in other_real.parts[-depth:] if p != os.sep) == candidate
-            ]  # fmt: skip
+            ]
             if not clashes:
                 prefixes[folder] = (candidate or ".") + "/"
                 break
@@ -236,10 +249,15 @@ def discover(
         if item.is_dir():
             if item in folders:
                 yield from walk_root(
-                    item, prefix=prefixes.get(item, ""), recursive=recursive,
-                    pattern=pattern, slide_depth=slide_depth, case_sensitive=case_sensitive,
-                    include_hidden=include_hidden, skipped=skipped,
-                )  # fmt: skip
+                    item,
+                    prefix=prefixes.get(item, ""),
+                    recursive=recursive,
+                    pattern=pattern,
+                    slide_depth=slide_depth,
+                    case_sensitive=case_sensitive,
+                    include_hidden=include_hidden,
+                    skipped=skipped,
+                )
             continue
         real = os.path.realpath(item)
         if real in seen_files or any(is_inside(real, root) for root in walked):

@@ -97,8 +97,9 @@ def read_labels(path: Path, root: Path, known: list[str]) -> dict[str, str]:
         labels[key] = label
     problems = []
     if missing:
-        shown = "; ".join(missing[:5]) + (f"; and {len(missing) - 5} more" if len(missing) > 5
-                                           else "")  # fmt: skip
+        shown = "; ".join(missing[:5]) + (
+            f"; and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
         problems.append(f"{len(missing)} listed file(s) not found ({shown})")
     if conflicting:
         problems.append(f"files listed twice with different labels ({'; '.join(conflicting[:5])})")
@@ -184,20 +185,38 @@ def evaluate(
             handle.write(str(svg))
     record = {
         "intended_use": INTENDED_USE,
-        "model": {"name": classifier.info.name, "sha256": classifier.info.sha256,
-                  "path": str(classifier.info.path)},
+        "model": {
+            "name": classifier.info.name,
+            "sha256": classifier.info.sha256,
+            "path": str(classifier.info.path),
+        },
         "smearscan_version": __version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "root": str(root),
         "labels_from": str(labels_csv) if labels_csv else "folder names",
-    }  # fmt: skip
-    document = {**record, "cells": metrics, "slides": slide_table, "unlabelled_cells": unlabelled,
-                "scan_summary": str(request.summary_path())}  # fmt: skip
+    }
+    document = {
+        **record,
+        "cells": metrics,
+        "slides": slide_table,
+        "unlabelled_cells": unlabelled,
+        "scan_summary": str(request.summary_path()),
+    }
     write_json(report_dir / "metrics.json", document)
-    page = environment().get_template("evaluation.html.j2").render(
-        record=record, metrics=metrics, slides=slide_table, roc=roc, reliability=reliability,
-        unlabelled=unlabelled, labels=model_labels, fmt=_fmt,
-    )  # fmt: skip
+    page = (
+        environment()
+        .get_template("evaluation.html.j2")
+        .render(
+            record=record,
+            metrics=metrics,
+            slides=slide_table,
+            roc=roc,
+            reliability=reliability,
+            unlabelled=unlabelled,
+            labels=model_labels,
+            fmt=_fmt,
+        )
+    )
     with atomic_write(report_dir / "evaluation.html") as handle:
         handle.write(page)
     return EvaluationOutcome(metrics, slide_table, report_dir, unlabelled, excluded, outcome)
@@ -245,9 +264,10 @@ def _slide_table(slides, y_true, probabilities, predicted, policy: DecisionPolic
             f"fraction_called_{positive}": round(positives / cells, 4),
             "score": round(policy.slide_score(cells, positives, positive_sum) or 0.0, 4),
             "call": call,
-            "correct": (call == policy.suspect_call) == (true_label == positive) if called
+            "correct": (call == policy.suspect_call) == (true_label == positive)
+            if called
             else None,
-        }  # fmt: skip
+        }
     scored = [row["correct"] for row in table.values() if row["correct"] is not None]
     rows = list(table.values())
     positive_rows = [r["cell_accuracy"] for r in rows if r["true_label"] == positive]
@@ -312,8 +332,12 @@ def roc_svg(positive_true: np.ndarray, scores: np.ndarray, auc: float, positive:
     fpr, tpr = roc_curve(positive_true, scores)
     points = " ".join(_point(x, y) for x, y in zip(fpr, tpr, strict=True))
     body = f'<polyline points="{points}" fill="none" stroke="#7b3fa0" stroke-width="2"/>'
-    return _svg_frame(f"ROC for '{positive}' (AUC {_fmt(auc, 3)})", "false positive rate",
-                      "true positive rate", body)  # fmt: skip
+    return _svg_frame(
+        f"ROC for '{positive}' (AUC {_fmt(auc, 3)})",
+        "false positive rate",
+        "true positive rate",
+        body,
+    )
 
 
 def reliability_svg(y_true: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> Markup:
@@ -330,9 +354,15 @@ def reliability_svg(y_true: np.ndarray, probabilities: np.ndarray, bins: int = 1
         accuracy = float(correct[members].mean())
         x = LEFT + edges[b] * SIZE + 2
         y = TOP + SIZE - accuracy * SIZE
-        bars.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{SIZE / bins - 4:.1f}" '
-                    f'height="{accuracy * SIZE:.1f}" fill="#7b3fa0" opacity="0.8">'
-                    f"<title>{edges[b]:.1f}-{edges[b + 1]:.1f}: {int(members.sum())} cells, "
-                    f"accuracy {accuracy:.2f}</title></rect>")  # fmt: skip
-    return _svg_frame(f"Reliability (ECE {ece:.3f})", "confidence (top-class probability)",
-                      "observed accuracy", "".join(bars))  # fmt: skip
+        bars.append(
+            f'<rect x="{x:.1f}" y="{y:.1f}" width="{SIZE / bins - 4:.1f}" '
+            f'height="{accuracy * SIZE:.1f}" fill="#7b3fa0" opacity="0.8">'
+            f"<title>{edges[b]:.1f}-{edges[b + 1]:.1f}: {int(members.sum())} cells, "
+            f"accuracy {accuracy:.2f}</title></rect>"
+        )
+    return _svg_frame(
+        f"Reliability (ECE {ece:.3f})",
+        "confidence (top-class probability)",
+        "observed accuracy",
+        "".join(bars),
+    )

@@ -199,9 +199,8 @@ def _check_shapes(session, info: ModelInfo) -> None:
     shape = list(inputs[0].shape)
     expected = [size, size, 3]
     if len(shape) != 4 or any(
-        isinstance(dim, int) and dim != want for dim, want in zip(shape[1:], expected,
-                                                                  strict=True)
-    ):  # fmt: skip
+        isinstance(dim, int) and dim != want for dim, want in zip(shape[1:], expected, strict=True)
+    ):
         raise ModelFileError(
             f"{info.path}: input shape {shape} does not match the recipe's "
             f"[batch, {size}, {size}, 3]"
@@ -281,7 +280,8 @@ def load_classifier(
     info = info_from_metadata(path, metadata)
     _check_shapes(session, info)
     temperature = info.calibration().get("temperature", 1.0)
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
-            and temperature > 0):  # fmt: skip
+    if not (
+        isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0
+    ):
         raise ModelFileError(f"{path}: calibration temperature {temperature!r} must be > 0")
     return Classifier(info=info, session=session, provider=used, device_note=note)

@@ -78,8 +78,10 @@ def read_rows(report: Path, labels: list[str]) -> list[CellResult]:
             if report.suffix.lower() in (".jsonl", ".ndjson"):
                 rows = [json.loads(line) for line in handle if line.strip()]
             else:
-                rows = [{k: _unneutralize(v) if isinstance(v, str) else v for k, v in row.items()}
-                        for row in csv.DictReader(handle)]  # fmt: skip
+                rows = [
+                    {k: _unneutralize(v) if isinstance(v, str) else v for k, v in row.items()}
+                    for row in csv.DictReader(handle)
+                ]
     except (UnicodeDecodeError, ValueError, csv.Error) as exc:
         raise MergeError(f"{report}: not a smearscan report ({exc})") from None
     for line, row in enumerate(rows, start=2):
@@ -90,8 +92,11 @@ def read_rows(report: Path, labels: list[str]) -> list[CellResult]:
         probabilities = []
         if row["status"] == STATUS_OK:
             probabilities = [_probability(report, line, row, label) for label in labels]
-        results.append(CellResult(row["path"], row["slide"], row["status"],
-                                  row.get("reason") or "", probabilities))  # fmt: skip
+        results.append(
+            CellResult(
+                row["path"], row["slide"], row["status"], row.get("reason") or "", probabilities
+            )
+        )
     return results
 
 
@@ -109,8 +114,11 @@ def check_parts(parts: list[Path], summaries: list[dict]) -> None:
             raise MergeError(f"{part} was scanned with another model than {parts[0]}")
         if summary["decision"] != first["decision"]:
             raise MergeError(f"{part} was decided by another rule than {parts[0]}")
-        for key, what in (("quality_control", "quality control"), ("tta", "test-time views"),
-                          ("anonymized_paths", "anonymisation")):  # fmt: skip
+        for key, what in (
+            ("quality_control", "quality control"),
+            ("tta", "test-time views"),
+            ("anonymized_paths", "anonymisation"),
+        ):
             if summary.get(key) != first.get(key):
                 raise MergeError(f"{part} used other {what} than {parts[0]}")
     given = [summary.get("part") for summary in summaries]
@@ -129,8 +137,9 @@ def check_parts(parts: list[Path], summaries: list[dict]) -> None:
         raise MergeError(f"part(s) {twice} given twice")
     missing = sorted(set(range(total)) - set(ids))
     if missing:
-        raise MergeError(f"part(s) {missing} of {total} missing: the merged report would lack "
-                         "their files")  # fmt: skip
+        raise MergeError(
+            f"part(s) {missing} of {total} missing: the merged report would lack their files"
+        )
 
 
 #: Parts started further apart than this may have seen different files (a share still
@@ -148,9 +157,11 @@ def _started_apart(summaries: list[dict]) -> float | None:
         return None
     spread = max(times) - min(times)
     if spread > PARTS_APART_SECONDS:
-        log.warning("the parts started %.0f minutes apart: files added or changed in between "
-                    "may be in some parts and not others (see the summary's 'parts')",
-                    spread / 60)  # fmt: skip
+        log.warning(
+            "the parts started %.0f minutes apart: files added or changed in between "
+            "may be in some parts and not others (see the summary's 'parts')",
+            spread / 60,
+        )
         return round(spread, 1)
     return None
 
@@ -177,10 +188,13 @@ def merge_reports(parts: list[Path], out: Path, html: bool = True) -> MergeOutco
     decision = first["decision"]
     try:
         policy = DecisionPolicy(
-            tuple(decision["labels"]), decision["positive_class"], decision["threshold"],
-            decision["slide_rule"] or "fraction", decision["slide_cutoff"] or 0.5,
+            tuple(decision["labels"]),
+            decision["positive_class"],
+            decision["threshold"],
+            decision["slide_rule"] or "fraction",
+            decision["slide_cutoff"] or 0.5,
             decision["min_cells"] or 1,
-        )  # fmt: skip
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise MergeError(f"{parts[0]}: its summary's decision rule is unusable ({exc!r})") from None
     labels = list(policy.labels)
@@ -191,16 +205,25 @@ def merge_reports(parts: list[Path], out: Path, html: bool = True) -> MergeOutco
         rows = read_rows(part, labels)
         expected = summary["overall"].get("files")
         if expected != len(rows):
-            raise MergeError(f"{part} has {len(rows)} rows but its summary counts {expected} "
-                             "files: cut short or edited")  # fmt: skip
+            raise MergeError(
+                f"{part} has {len(rows)} rows but its summary counts {expected} "
+                "files: cut short or edited"
+            )
         for result in rows:
             if result.path in seen:
-                raise MergeError(f"{result.path} is in both {seen[result.path]} and {part}: "
-                                 "the parts overlap")  # fmt: skip
+                raise MergeError(
+                    f"{result.path} is in both {seen[result.path]} and {part}: the parts overlap"
+                )
             seen[result.path] = part
             results.append(result)
-        seen_by_part.append({"report": str(part), "part": summary.get("part"),
-                             "started": summary.get("started"), "files": len(rows)})  # fmt: skip
+        seen_by_part.append(
+            {
+                "report": str(part),
+                "part": summary.get("part"),
+                "started": summary.get("started"),
+                "files": len(rows),
+            }
+        )
     results.sort(key=lambda r: r.path)
     builder = SummaryBuilder(policy)
     counts = dict.fromkeys(STATUSES, 0)
@@ -223,9 +246,18 @@ def merge_reports(parts: list[Path], out: Path, html: bool = True) -> MergeOutco
             for name, slide in s["slides"].items()
             if slide.get("call") == "incomplete"
         }
-        details = {key: first[key] for key in ("smearscan_version", "model", "execution_provider",
-                                               "versions", "quality_control", "tta")
-                   if key in first}  # fmt: skip
+        details = {
+            key: first[key]
+            for key in (
+                "smearscan_version",
+                "model",
+                "execution_provider",
+                "versions",
+                "quality_control",
+                "tta",
+            )
+            if key in first
+        }
         details.update(
             partial=partial,
             device_note="",
@@ -243,8 +275,14 @@ def merge_reports(parts: list[Path], out: Path, html: bool = True) -> MergeOutco
         if html:
             from smearscan.preprocess import Recipe
 
-            write_html(out.with_name(out.stem + ".html"), summary, builder, Recipe(),
-                       first.get("quality_control", ""), reports=reports)  # fmt: skip
+            write_html(
+                out.with_name(out.stem + ".html"),
+                summary,
+                builder,
+                Recipe(),
+                first.get("quality_control", ""),
+                reports=reports,
+            )
     status = ExitStatus.SUCCESS
     if partial:
         status = ExitStatus.INTERRUPTED_INT
@@ -252,5 +290,11 @@ def merge_reports(parts: list[Path], out: Path, html: bool = True) -> MergeOutco
         status = ExitStatus.PENDING
     elif counts[STATUS_QC] or counts[STATUS_ERROR]:
         status = ExitStatus.SOME_UNUSABLE
-    return MergeOutcome(sum(counts.values()), counts[STATUS_OK], counts[STATUS_QC],
-                        counts[STATUS_ERROR], time.time() - started, status)  # fmt: skip
+    return MergeOutcome(
+        sum(counts.values()),
+        counts[STATUS_OK],
+        counts[STATUS_QC],
+        counts[STATUS_ERROR],
+        time.time() - started,
+        status,
+    )

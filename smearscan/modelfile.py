@@ -131,8 +131,9 @@ def _check_decision(path: Path, decision: dict) -> None:
     if cells is not None and (
         isinstance(cells, bool) or not isinstance(cells, int) or not 1 <= cells <= MAX_MIN_CELLS
     ):
-        raise ModelFileError(f"{path}: min_cells {cells!r} must be a whole number in "
-                             f"[1, {MAX_MIN_CELLS:,}]")  # fmt: skip
+        raise ModelFileError(
+            f"{path}: min_cells {cells!r} must be a whole number in [1, {MAX_MIN_CELLS:,}]"
+        )
 
 
 def info_from_metadata(path: Path, metadata: dict[str, str]) -> ModelInfo:
@@ -211,12 +212,15 @@ def describe(info: ModelInfo) -> str:
         lines.append(f"slide rule   {policy.slide_rule_text()}")
     ensemble = field_of(KEY_ENSEMBLE)
     if ensemble:
-        lines.append(f"ensemble     mean of {ensemble.get('members')} models "
-                     f"({ensemble.get('description', '')})")  # fmt: skip
+        lines.append(
+            f"ensemble     mean of {ensemble.get('members')} models "
+            f"({ensemble.get('description', '')})"
+        )
     architecture = field_of(KEY_ARCHITECTURE)
     if architecture:
-        lines.append(f"network      {architecture.get('name')}, {architecture.get('params'):,} "
-                     "parameters")  # fmt: skip
+        lines.append(
+            f"network      {architecture.get('name')}, {architecture.get('params'):,} parameters"
+        )
     calibration = info.calibration()
     if calibration:
         lines.append(
@@ -236,16 +240,18 @@ def describe(info: ModelInfo) -> str:
             ("weighted_f1", "F1 of each class weighted by its cells"),
             ("roc_auc", "ranking quality, independent of the threshold"),
             ("slide_call_accuracy", "donors whose slide call was right"),
-        ):  # fmt: skip
+        ):
             if estimate.get(key) is not None:
                 value = estimate[key]
                 shown = _percent(value) if key != "roc_auc" else f"{value:.3f}"
                 lines.append(f"  {key:<20} {shown:>7}  {text}")
     qc = field_of(KEY_QC)
     if qc:
-        lines.append(f"quality      limits fitted on {qc.get('crops')} crops "
-                     f"({qc.get('fitted_on')}) with QC measurement version "
-                     f"{qc.get('version', 1)}; default range per feature:")  # fmt: skip
+        lines.append(
+            f"quality      limits fitted on {qc.get('crops')} crops "
+            f"({qc.get('fitted_on')}) with QC measurement version "
+            f"{qc.get('version', 1)}; default range per feature:"
+        )
         for name, (low, high) in qc.get("limits", {}).get("default", {}).items():
             low_text = "-" if low is None else f"{low:.4g}"
             high_text = "-" if high is None else f"{high:.4g}"

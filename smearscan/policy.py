@@ -206,5 +206,5 @@ def policy_for_model(
         slide_cutoff=float(slide.get("cutoff", 0.5) if slide_cutoff is None else slide_cutoff),
         min_cells=int(
             slide.get("min_cells", DEFAULT_MIN_CELLS) if min_cells is None else min_cells
-        ),  # fmt: skip
+        ),
     )

@@ -125,8 +125,9 @@ def measure(gray: np.ndarray, resized: np.ndarray, threshold: int) -> QCFeatures
         focus = float(deviation[0, 0]) ** 2
     else:
         focus = 0.0
-    return QCFeatures(area, fill, objects, float(chroma), float(brightness), float(clipped),
-                      focus, hue)  # fmt: skip
+    return QCFeatures(
+        area, fill, objects, float(chroma), float(brightness), float(clipped), focus, hue
+    )
 
 
 def hue_of(red: float, green: float, blue: float) -> float:
@@ -244,16 +245,19 @@ class QualityControl:
             max_objects = fixed.get("max_objects", 1)
             if not isinstance(max_objects, int) or isinstance(max_objects, bool):
                 raise ValueError(f"max_objects {max_objects!r} is not a whole number")
-            control = cls(mode, ranges, max_objects, float(fixed.get("max_fill", MAX_FILL)),
-                          version)  # fmt: skip
+            control = cls(
+                mode, ranges, max_objects, float(fixed.get("max_fill", MAX_FILL)), version
+            )
         except QCError:
             raise
         except (ValueError, KeyError, TypeError) as exc:
             raise QCError(f"invalid quality-control metadata: {exc}") from None
         if version > QC_VERSION:
-            raise QCError(f"the model's quality-control limits are of version {version}; this "
-                          f"smearscan measures version {QC_VERSION} (upgrade smearscan, or "
-                          "scan with --qc off)")  # fmt: skip
+            raise QCError(
+                f"the model's quality-control limits are of version {version}; this "
+                f"smearscan measures version {QC_VERSION} (upgrade smearscan, or "
+                "scan with --qc off)"
+            )
         return control
 
     @property

@@ -134,8 +134,11 @@ class ScanRequest:
         """Refuse contradictory options before anything is read or written."""
         if self.format() not in FORMATS:
             raise RequestError(f"format must be one of {FORMATS}")
-        targets = [("--out", self.out), ("--summary", self.summary_path()),
-                   ("--html", self.html_path())]  # fmt: skip
+        targets = [
+            ("--out", self.out),
+            ("--summary", self.summary_path()),
+            ("--html", self.html_path()),
+        ]
         resolved: dict[Path, str] = {}
         for option, path in targets:
             if path is None:
@@ -225,8 +228,9 @@ class PathAnonymizer:
         self.key = key
 
     def component(self, name: str) -> str:
-        return hmac.new(self.key, name.encode("utf-8", "surrogateescape"),
-                        hashlib.sha256).hexdigest()[:16]  # fmt: skip
+        return hmac.new(
+            self.key, name.encode("utf-8", "surrogateescape"), hashlib.sha256
+        ).hexdigest()[:16]
 
     def path(self, path: str, keep_suffix: bool = True) -> str:
         parts = PurePosixPath(path).parts
@@ -256,26 +260,38 @@ class RunPlan:
 def plan(request: ScanRequest, classifier: Classifier) -> RunPlan:
     """Resolve the decision policy and QC of a run; raises PolicyError or QCError."""
     info = classifier.info
-    policy = policy_for_model(info.labels, info.positive_class, info.metadata,
-                              threshold=request.threshold, slide_rule=request.slide_rule,
-                              slide_cutoff=request.slide_cutoff,
-                              min_cells=request.min_cells)  # fmt: skip
+    policy = policy_for_model(
+        info.labels,
+        info.positive_class,
+        info.metadata,
+        threshold=request.threshold,
+        slide_rule=request.slide_rule,
+        slide_cutoff=request.slide_cutoff,
+        min_cells=request.min_cells,
+    )
     qc_metadata = info.metadata.get(KEY_QC)
     qc = QualityControl.from_metadata(qc_metadata, request.qc_mode)
     if request.qc_mode == "off":
         qc_text = "off (--qc off): every decodable crop was classified"
     elif qc is None:
         qc_text = "off: this model file has no quality-control limits"
-        log.warning("quality control is off: %s has no QC limits (export it again with "
-                    "python -m export.to_onnx to add them)", info.name)  # fmt: skip
+        log.warning(
+            "quality control is off: %s has no QC limits (export it again with "
+            "python -m export.to_onnx to add them)",
+            info.name,
+        )
     else:
         qc_text = f"{request.qc_mode} limits of the model file"
         if qc.outdated:
             qc_text += f" (fitted with QC measurement version {qc.fitted_version})"
-            log.warning("%s's quality-control limits were fitted with measurement version %d; "
-                        "they are applied to version %d's measurements, which differ slightly "
-                        "(export the model again with python -m export.to_onnx to refit them)",
-                        info.name, qc.fitted_version, QC_VERSION)  # fmt: skip
+            log.warning(
+                "%s's quality-control limits were fitted with measurement version %d; "
+                "they are applied to version %d's measurements, which differ slightly "
+                "(export the model again with python -m export.to_onnx to refit them)",
+                info.name,
+                qc.fitted_version,
+                QC_VERSION,
+            )
     config = StageConfig(info.recipe, qc, request.options.max_pixels, request.options.max_bytes)
     return RunPlan(policy, qc, qc_text, config)
 
@@ -289,15 +305,19 @@ def batch_size_for(options: ScanOptions, classifier: Classifier, engine: str = "
     return CUDA_BATCH_SIZE if classifier.provider == CUDA else CPU_BATCH_SIZE
 
 
-def make_engine(name: str, plan_: RunPlan, classifier: Classifier, request: ScanRequest,
-                ray_address: str | None = None):  # fmt: skip
+def make_engine(
+    name: str,
+    plan_: RunPlan,
+    classifier: Classifier,
+    request: ScanRequest,
+    ray_address: str | None = None,
+):
     options = request.options
     batch_size = batch_size_for(options, classifier, name)
     if name == "ray":
         from smearscan.engines.ray import RayEngine
 
-        return RayEngine(plan_.config, classifier, batch_size, options.tta,
-                         address=ray_address)  # fmt: skip
+        return RayEngine(plan_.config, classifier, batch_size, options.tta, address=ray_address)
     from smearscan.engines.local import LocalEngine
 
     predictor = BatchPredictor(classifier=classifier, tta=options.tta, pad_to=batch_size)
@@ -412,10 +432,19 @@ def run_scan(
             store.commit()
             partial = bool(stop is not None and stop.is_set())
             outcome = _report(
-                request, classifier, run_plan, engine, store.results(request.new_only),
-                started, stop, stop_status, counters.pending, counters.reused,
-                counters.to_scan, skipped,
-            )  # fmt: skip
+                request,
+                classifier,
+                run_plan,
+                engine,
+                store.results(request.new_only),
+                started,
+                stop,
+                stop_status,
+                counters.pending,
+                counters.reused,
+                counters.to_scan,
+                skipped,
+            )
             store.finish("partial" if partial else outcome.status.name.lower())
             return outcome
         finally:
@@ -467,8 +496,11 @@ def _report(
         except NothingToScan:
             seconds = time.time() - started
             partial = bool(stop is not None and stop.is_set())
-            status = (stop_status() if stop_status else ExitStatus.INTERRUPTED_INT) if partial \
-                else ExitStatus.NOTHING_TO_SCAN  # fmt: skip
+            status = (
+                (stop_status() if stop_status else ExitStatus.INTERRUPTED_INT)
+                if partial
+                else ExitStatus.NOTHING_TO_SCAN
+            )
             return ScanOutcome(0, 0, 0, 0, pending, reused, seconds, status, {}, run_plan.policy)
         files = sum(counts.values())
         seconds = time.time() - started
@@ -485,7 +517,8 @@ def _report(
                 "engine": engine.describe(),
                 "inputs": ["<anonymized>" if anonymize else str(p) for p in request.inputs],
                 "part": {"num_parts": request.num_parts, "part_id": request.part_id}
-                if request.num_parts > 1 else None,
+                if request.num_parts > 1
+                else None,
                 "incremental": {
                     "state": str(request.state) if request.state else None,
                     "reused_from_earlier_runs": reused,
@@ -493,15 +526,17 @@ def _report(
                     "pending_rows": "every file present has a row; files still being written "
                     "are 'pending', with no label, and their slides have no call",
                     "report_covers": "this run's new or changed files"
-                    if request.new_only else "every file present",
+                    if request.new_only
+                    else "every file present",
                 },
                 "anonymized_paths": bool(anonymize),
                 "skipped": {**skipped.to_dict(), "include_hidden": request.include_hidden},
                 "qc_tolerance": qc_tolerance(request.max_qc_rate, counts),
                 "profile": engine.stage_times.to_dict(seconds)
-                if engine.stage_times is not None else None,
+                if engine.stage_times is not None
+                else None,
             },
-        )  # fmt: skip
+        )
         summary = builder.to_dict(details, engine.unfinished_slides if partial else set())
         if builder.jpeg_files:
             measured = (
@@ -541,5 +576,15 @@ def _report(
         status = ExitStatus.SOME_UNUSABLE
     else:
         status = ExitStatus.SUCCESS
-    return ScanOutcome(files, counts[STATUS_OK], counts[STATUS_QC], counts[STATUS_ERROR],
-                       pending, reused, seconds, status, summary, run_plan.policy)  # fmt: skip
+    return ScanOutcome(
+        files,
+        counts[STATUS_OK],
+        counts[STATUS_QC],
+        counts[STATUS_ERROR],
+        pending,
+        reused,
+        seconds,
+        status,
+        summary,
+        run_plan.policy,
+    )

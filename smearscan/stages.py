@@ -101,15 +101,19 @@ def prepare_item(
     ``seconds`` (stage -> seconds), when given, is added each stage's time."""
     clock = seconds if seconds is not None else dict.fromkeys(STAGES, 0.0)
     size, mtime = _stat(item.path)
-    result = CellResult(item.rel, item.slide, STATUS_OK, size=size, mtime_ns=mtime,
-                        file=item.path)  # fmt: skip
+    result = CellResult(item.rel, item.slide, STATUS_OK, size=size, mtime_ns=mtime, file=item.path)
     if item.problem:
         result.status, result.reason = STATUS_ERROR, item.problem
         return result, None
     try:
         start = time.perf_counter()
-        image = read_image(item.path, max_pixels=config.max_pixels, order="bgr",
-                           max_bytes=config.max_bytes, inside=item.root)  # fmt: skip
+        image = read_image(
+            item.path,
+            max_pixels=config.max_pixels,
+            order="bgr",
+            max_bytes=config.max_bytes,
+            inside=item.root,
+        )
         lap = time.perf_counter()
         clock["decode"] += lap - start
         recipe = config.recipe

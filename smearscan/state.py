@@ -124,8 +124,9 @@ class RunLock:
     ``stop`` (a signal) ends a wait at once with :class:`InterruptedError`.
     """
 
-    def __init__(self, path: Path, wait: float | None = None,
-                 stop: threading.Event | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, path: Path, wait: float | None = None, stop: threading.Event | None = None
+    ) -> None:
         self.path, self.wait, self.stop = path, wait, stop
         self.handle: IO[str] | None = None
         self.portable: filelock.BaseFileLock | None = None  # where there is no flock
@@ -275,8 +276,10 @@ class StateStore:
         waits one run, never forever.
         """
         reusable = self.reusable()
-        observed = {row[0]: (row[1], row[2]) for row in
-                    self.db.execute("SELECT file, size, mtime_ns FROM observed")}  # fmt: skip
+        observed = {
+            row[0]: (row[1], row[2])
+            for row in self.db.execute("SELECT file, size, mtime_ns FROM observed")
+        }
         sightings: list[tuple] = []
         seen: set[str] = set()
         now_ns = time.time_ns()
@@ -299,8 +302,12 @@ class StateStore:
                 except (OSError, ValueError):  # ValueError: a NUL byte in a listed name
                     size = mtime_ns = -1
                 previous = reusable.pop(key, None)  # popped: its data moves to the report row
-                unchanged = (previous is not None and previous[0] == size
-                             and previous[1] == mtime_ns and not item.problem)  # fmt: skip
+                unchanged = (
+                    previous is not None
+                    and previous[0] == size
+                    and previous[1] == mtime_ns
+                    and not item.problem
+                )
                 young = mtime_ns >= 0 and now_ns - mtime_ns < min_age_ns
                 # a young file is done being written when a run already read it, or saw it
                 # with this size and mtime before
@@ -326,8 +333,19 @@ class StateStore:
                 digest = content_digest(path) if verify and not item.problem else None
                 if unchanged and previous is not None and (not verify or previous[2] == digest):
                     reused += 1
-                    self._reused.append((self._order, item.rel, item.slide, key, size, mtime_ns,
-                                         previous[3], previous[4], previous[5]))  # fmt: skip
+                    self._reused.append(
+                        (
+                            self._order,
+                            item.rel,
+                            item.slide,
+                            key,
+                            size,
+                            mtime_ns,
+                            previous[3],
+                            previous[4],
+                            previous[5],
+                        )
+                    )
                     continue
                 to_scan += 1
                 self._orders[path] = self._order
@@ -343,8 +361,7 @@ class StateStore:
                 self.db.execute("BEGIN")
                 # sightings older than this run are settled, gone or seen again now
                 self.db.execute("DELETE FROM observed WHERE run < ?", (self.run_id,))
-                self.db.executemany("INSERT OR REPLACE INTO observed VALUES (?,?,?,?)",
-                                    sightings)  # fmt: skip
+                self.db.executemany("INSERT OR REPLACE INTO observed VALUES (?,?,?,?)", sightings)
 
     def pending_reason(self, age: float, min_age: float, previous: tuple | None) -> str:
         """Why a file was not read, and its previous result, marked as such, if it had one."""
@@ -370,12 +387,21 @@ class StateStore:
         file = display_name(os.path.abspath(result.file))
         self._pending_rows.append(
             (
-                file, result.path, result.slide, result.size, result.mtime_ns,
-                self._digests.pop(result.file, None), self.fingerprint, result.status,
-                result.reason, ",".join(map(repr, result.probabilities)), self.run_id,
-                self.run_id, order,
+                file,
+                result.path,
+                result.slide,
+                result.size,
+                result.mtime_ns,
+                self._digests.pop(result.file, None),
+                self.fingerprint,
+                result.status,
+                result.reason,
+                ",".join(map(repr, result.probabilities)),
+                self.run_id,
+                self.run_id,
+                order,
             )
-        )  # fmt: skip
+        )
 
     def commit(self) -> None:
         """Write the queued results in one transaction."""
@@ -412,5 +438,6 @@ class StateStore:
         rows = heapq.merge(*kept, scanned)
         for _, rel, slide, file, size, mtime_ns, status, reason, probabilities in rows:
             parsed = list(map(float, probabilities.split(","))) if probabilities else []
-            yield CellResult(rel, slide, status, reason, parsed, size, mtime_ns,
-                             unescape_name(file))  # fmt: skip
+            yield CellResult(
+                rel, slide, status, reason, parsed, size, mtime_ns, unescape_name(file)
+            )

@@ -145,11 +145,29 @@ def tiny_run(tmp_path_factory) -> Path:
     from export import train
 
     out = tmp_path_factory.mktemp("run") / "tiny"
-    code = train.main([
-        "--data", str(CNMC), "--out", str(out), "--width", "0.0625", "--epochs", "2",
-        "--folds", "3", "--batch-size", "8", "--quiet", "--seed", "3", "--per-patient", "8",
-        "--cache-dir", str(out.parent / "cache"),
-    ])  # fmt: skip
+    code = train.main(
+        [
+            "--data",
+            str(CNMC),
+            "--out",
+            str(out),
+            "--width",
+            "0.0625",
+            "--epochs",
+            "2",
+            "--folds",
+            "3",
+            "--batch-size",
+            "8",
+            "--quiet",
+            "--seed",
+            "3",
+            "--per-patient",
+            "8",
+            "--cache-dir",
+            str(out.parent / "cache"),
+        ]
+    )
     assert code == 0
     return out
 
@@ -161,7 +179,11 @@ def ray_instance():
         import ray
     else:
         ray = pytest.importorskip("ray", reason="Ray is the [ray] extra")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})  # fmt: skip
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+    )
     yield ray
     ray.shutdown()

@@ -22,8 +22,9 @@ def synthetic_samples(n_all: int = 32, n_hem: int = 16) -> list[Sample]:
     for label, count, prefix in (("all", n_all, ""), ("hem", n_hem, "H")):
         for p in range(count):
             for i in range(int(rng.integers(5, 60))):
-                samples.append(Sample(Path(f"{label}/UID_{prefix}{p}_{i}_1.bmp"), label,
-                                      f"{prefix}{p}"))  # fmt: skip
+                samples.append(
+                    Sample(Path(f"{label}/UID_{prefix}{p}_{i}_1.bmp"), label, f"{prefix}{p}")
+                )
     return samples
 
 

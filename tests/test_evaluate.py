@@ -63,8 +63,18 @@ def test_evaluate_with_labels_csv_and_slide_accuracy(tmp_path, slide_tree):
     labels = tmp_path / "labels.csv"
     labels.write_text("\n".join(lines) + "\n")
     out = tmp_path / "eval"
-    run(["evaluate", str(slide_tree), "--labels", str(labels), "--out", str(out),
-         "--min-cells", "2"])  # fmt: skip
+    run(
+        [
+            "evaluate",
+            str(slide_tree),
+            "--labels",
+            str(labels),
+            "--out",
+            str(out),
+            "--min-cells",
+            "2",
+        ]
+    )
     document = json.loads((out / "metrics.json").read_text())
     slides = document["slides"]["slides"]
     assert set(slides) == {"patient_A", "patient_B"}
@@ -108,13 +118,17 @@ def test_labels_csv_problems_are_clear(tmp_path, slide_tree):
     labels.write_text(
         f"path,label\npatient_A/missing.png,all\n{some.relative_to(slide_tree)},blast\n"
     )
-    result = run(["evaluate", str(slide_tree), "--labels", str(labels), "--out",
-                  str(tmp_path / "e")], expect=ExitStatus.USAGE)  # fmt: skip
+    result = run(
+        ["evaluate", str(slide_tree), "--labels", str(labels), "--out", str(tmp_path / "e")],
+        expect=ExitStatus.USAGE,
+    )
     assert "not found (line 2: patient_A/missing.png)" in result.log
     assert "unknown label(s) 'blast'" in result.log
     labels.write_text("file,class\nx,all\n")
-    result = run(["evaluate", str(slide_tree), "--labels", str(labels), "--out",
-                  str(tmp_path / "e")], expect=ExitStatus.USAGE)  # fmt: skip
+    result = run(
+        ["evaluate", str(slide_tree), "--labels", str(labels), "--out", str(tmp_path / "e")],
+        expect=ExitStatus.USAGE,
+    )
     assert "columns 'path' and 'label'" in result.log
 
 

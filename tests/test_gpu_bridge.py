@@ -23,9 +23,19 @@ NETWORK = ["--width", "0.0625", "--epochs", "2"]
 def packed(tmp_path_factory):
     out = tmp_path_factory.mktemp("pack")
     args = gpu.build_parser().parse_args(
-        ["pack", "--data", str(CNMC), "--out", str(out / "pack.npz"), "--parts", "2",
-         "--cache-dir", str(out / "cache"), *RECIPE]
-    )  # fmt: skip
+        [
+            "pack",
+            "--data",
+            str(CNMC),
+            "--out",
+            str(out / "pack.npz"),
+            "--parts",
+            "2",
+            "--cache-dir",
+            str(out / "cache"),
+            *RECIPE,
+        ]
+    )
     meta = gpu.pack(args)
     return out, meta
 
@@ -72,16 +82,18 @@ def test_gpu_weights_come_back_as_a_cv_folder_that_export_cv_reuses(packed, tmp_
         probabilities = model.predict(pack.x[val].astype(np.float32) / 255, verbose=0)
         weights = {v.path: np.asarray(v.numpy()) for v in model.weights}
         record = {"train_seconds": 1.0, "params": 1, "history": [{"epoch": 1, "loss": 0.7}]}
-        train_jax.write_fold(source, "t", fold, pack, val, probabilities, record,
-                             {"device": "test", "args": {}})  # fmt: skip
+        train_jax.write_fold(
+            source, "t", fold, pack, val, probabilities, record, {"device": "test", "args": {}}
+        )
         if fold < 2:  # fold 2 comes back as predictions only
             train_jax.save_weights(weights, source / f"t-fold{fold}", "float16", max_mb=0.05)
     assert len(gpu.weight_files(source, "t", 0)) > 1  # split into parts
 
     run = tmp_path / "cv-t"
     options = ["--data", str(CNMC), *RECIPE, *NETWORK, "--cache-dir", str(out / "cache")]
-    assert gpu.main(["import", "--from", str(source), "--name", "t", "--out", str(run),
-                     *options]) == 0  # fmt: skip
+    assert (
+        gpu.main(["import", "--from", str(source), "--name", "t", "--out", str(run), *options]) == 0
+    )
     restored = keras.models.load_model(run / "fold_0" / "model.keras", compile=False)
     for original, back in zip(networks[0].weights, restored.weights, strict=True):
         assert np.allclose(original.numpy(), back.numpy(), rtol=1e-3, atol=1e-4)

@@ -45,8 +45,15 @@ NON_UTF8 = os.fsdecode(b"caf\xe9 \xff.png")
 def smearscan(*args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMEARSCAN_")}
     env.update(kwargs.pop("env", {}))
-    return subprocess.run([sys.executable, "-m", "smearscan", *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=timeout, env=env, **kwargs)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "smearscan", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+        env=env,
+        **kwargs,
+    )
 
 
 def last_line(text: str) -> str:
@@ -74,8 +81,7 @@ def test_a_non_utf8_name_is_scanned_and_shown_losslessly(tmp_path, slide_tree):
 
 def test_names_with_line_breaks_and_formulas_round_trip_in_any_csv_reader(tmp_path, slide_tree):
     source = next(iter(image_files(slide_tree))).read_bytes()
-    evil = ["x\n=1+1.png", "y\r@SUM(A1).png", "tab\t-2.png", "back\\slash.png",
-            "\x1b[31mred.png"]  # fmt: skip
+    evil = ["x\n=1+1.png", "y\r@SUM(A1).png", "tab\t-2.png", "back\\slash.png", "\x1b[31mred.png"]
     folder = slide_tree / "patient_A"
     for name in evil:
         (folder / name).write_bytes(source)
@@ -205,8 +211,13 @@ def bomb(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("order", ["smearscan-first", "cv2-first"])
 def test_the_pixel_guard_holds_whatever_loads_first(bomb, order):
-    done = subprocess.run([sys.executable, "-c", PIXEL_GUARD, order, str(bomb)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", PIXEL_GUARD, order, str(bomb)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert "REFUSED" in done.stdout and "too large" in done.stdout, done.stdout + done.stderr
     rss = int(done.stdout.split("RSS_MB")[1])
     assert rss < 600, rss  # refused from the header, never decoded
@@ -225,9 +236,13 @@ def test_evaluate_refuses_a_bomb_from_its_header(bomb, tmp_path):
         "from smearscan.cli import main\n"
         "main()\n"
     )
-    done = subprocess.run([sys.executable, "-c", wrapper, "evaluate", str(tmp_path / "labelled"),
-                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", wrapper, "evaluate", str(tmp_path / "labelled"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert done.returncode == ExitStatus.SOME_UNUSABLE, done.stderr
     assert int(done.stderr.split("PEAK_MB")[1]) < 600
     row = next(r for r in read_rows(out / "predictions.csv") if r["path"].endswith("bomb.png"))
@@ -245,8 +260,9 @@ def test_max_pixels_above_the_default_is_honoured(tmp_path):
     refused = smearscan("scan", str(big.parent), "--out", str(out), "--qc", "off")
     assert refused.returncode == ExitStatus.SOME_UNUSABLE
     assert "too large" in read_rows(out)[0]["reason"]
-    allowed = smearscan("scan", str(big.parent), "--out", str(out), "--qc", "off",
-                        "--max-pixels", "100000000")  # fmt: skip
+    allowed = smearscan(
+        "scan", str(big.parent), "--out", str(out), "--qc", "off", "--max-pixels", "100000000"
+    )
     assert allowed.returncode == 0, allowed.stderr
     assert read_rows(out)[0]["status"] == "ok"
 
@@ -317,8 +333,9 @@ def as_nobody():
                 os.chmod(folder, stat.S_IMODE(mode) | stat.S_IXOTH)
     try:
         prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-        probe = subprocess.run([*prefix, sys.executable, "-c", "import smearscan"],
-                               capture_output=True, cwd="/")  # fmt: skip
+        probe = subprocess.run(
+            [*prefix, sys.executable, "-c", "import smearscan"], capture_output=True, cwd="/"
+        )
         if probe.returncode != 0:
             message = f"cannot run as an unprivileged user: {probe.stderr[-300:]!r}"
             if IN_CI:
@@ -346,9 +363,13 @@ def test_an_unreadable_folder_is_an_error_row_and_exit_3(slide_tree, as_nobody):
         out = shared / "reports" / "r.csv"
         (shared / "reports").mkdir()
         os.chmod(shared / "reports", 0o777)
-        done = subprocess.run([*prefix, sys.executable, "-m", "smearscan", "scan", str(tree),
-                               "--out", str(out)], capture_output=True, text=True, cwd="/",
-                              timeout=120)  # fmt: skip
+        done = subprocess.run(
+            [*prefix, sys.executable, "-m", "smearscan", "scan", str(tree), "--out", str(out)],
+            capture_output=True,
+            text=True,
+            cwd="/",
+            timeout=120,
+        )
         assert done.returncode == ExitStatus.SOME_UNUSABLE, done.stderr
         table = read_rows(out)
         row = next(r for r in table if r["path"] == "patient_B/")
@@ -395,16 +416,17 @@ def test_report_targets_must_be_regular_files(tmp_path, slide_tree):
     if os.geteuid() == 0:
         node = tmp_path / "null.csv"
         os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
-        run(["scan", str(slide_tree), "--out", str(tmp_path / "r.csv"), "--summary",
-             str(node)], expect=ExitStatus.USAGE)  # fmt: skip
+        run(
+            ["scan", str(slide_tree), "--out", str(tmp_path / "r.csv"), "--summary", str(node)],
+            expect=ExitStatus.USAGE,
+        )
         assert stat.S_ISCHR(node.stat().st_mode)
 
 
 def test_report_paths_may_not_clash(tmp_path, slide_tree):
     usage = ExitStatus.USAGE
     out = tmp_path / "r.csv"
-    result = run(["scan", str(slide_tree), "--out", str(out), "--summary", str(out)],
-                 expect=usage)  # fmt: skip
+    result = run(["scan", str(slide_tree), "--out", str(out), "--summary", str(out)], expect=usage)
     assert "overwrite" in result.log
     run(["scan", str(slide_tree), "--out", str(tmp_path / "x.html")], expect=usage)
     run(["scan", str(slide_tree), "--out", str(out), "--html", str(out)], expect=usage)
@@ -451,8 +473,9 @@ def _tampered(tmp_path: Path, name: str = "bad.onnx", **metadata) -> Path:
         ({"qc": "{not json"}, "quality-control"),
     ],
 )
-def test_a_model_file_that_lies_is_refused_before_any_report(tmp_path, slide_tree, metadata,
-                                                            reason):  # fmt: skip
+def test_a_model_file_that_lies_is_refused_before_any_report(
+    tmp_path, slide_tree, metadata, reason
+):
     model = _tampered(tmp_path, **metadata)
     out = tmp_path / "r.csv"
     out.write_text("previous\n")
@@ -555,8 +578,7 @@ def test_nan_and_negative_model_outputs_become_error_rows(tmp_path, slide_tree):
 
     source = onnx.load(str(default_model_path()))
     image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 128, 128, 3])
-    probabilities = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT,
-                                                  ["batch", 2])  # fmt: skip
+    probabilities = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2])
     # mean colour per crop -> [r, g]; a crop brighter than 0.1 in red gets NaN, else -1, 2
     nodes = [
         helper.make_node("ReduceMean", ["image", "axes"], ["mean"], keepdims=0),
@@ -570,10 +592,13 @@ def test_nan_and_negative_model_outputs_become_error_rows(tmp_path, slide_tree):
         helper.make_tensor("end", TensorProto.INT64, [1], [2]),
         helper.make_tensor("axis", TensorProto.INT64, [1], [1]),
     ]
-    graph = helper.make_graph(nodes, "nan", [image],
-                              [helper.make_tensor_value_info("nan", TensorProto.FLOAT,
-                                                             ["batch", 2])],
-                              initializers)  # fmt: skip
+    graph = helper.make_graph(
+        nodes,
+        "nan",
+        [image],
+        [helper.make_tensor_value_info("nan", TensorProto.FLOAT, ["batch", 2])],
+        initializers,
+    )
     del probabilities
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = source.ir_version
@@ -582,8 +607,10 @@ def test_nan_and_negative_model_outputs_become_error_rows(tmp_path, slide_tree):
     path = tmp_path / "nan.onnx"
     onnx.save(model, str(path))
     out = tmp_path / "r.csv"
-    result = run(["scan", str(slide_tree), "--out", str(out), "--model", str(path)],
-                 expect=ExitStatus.SOME_UNUSABLE)  # fmt: skip
+    result = run(
+        ["scan", str(slide_tree), "--out", str(out), "--model", str(path)],
+        expect=ExitStatus.SOME_UNUSABLE,
+    )
     table = read_rows(out)
     assert len(table) == 8 and all(r["status"] == "error" for r in table)
     assert all("invalid output" in r["reason"] and r["label"] == "" for r in table)
@@ -595,9 +622,15 @@ def test_nan_and_negative_model_outputs_become_error_rows(tmp_path, slide_tree):
 
 def _start(args: list[str], **kwargs) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMEARSCAN_")}
-    return subprocess.Popen([sys.executable, "-m", "smearscan", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
-                            **kwargs)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "smearscan", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        **kwargs,
+    )
 
 
 def _wait_for_progress(process: subprocess.Popen, needle: str = "progress:") -> str:
@@ -618,8 +651,20 @@ def _wait_for_progress(process: subprocess.Popen, needle: str = "progress:") -> 
 def test_hup_and_int_write_a_partial_report_marking_unfinished_slides(tmp_path, signum, code):
     root = make_share(tmp_path, 30)
     out = tmp_path / "r.csv"
-    process = _start(["scan", str(root), "--out", str(out), "--log-interval", "0",
-                      "--batch-size", "4", "--workers", "1"])  # fmt: skip
+    process = _start(
+        [
+            "scan",
+            str(root),
+            "--out",
+            str(out),
+            "--log-interval",
+            "0",
+            "--batch-size",
+            "4",
+            "--workers",
+            "1",
+        ]
+    )
     _wait_for_progress(process)
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
@@ -639,8 +684,21 @@ def test_a_second_signal_exits_at_once_without_a_report(tmp_path):
     root = make_share(tmp_path, copies=60)
     out = tmp_path / "r.csv"
     out.write_text("previous\n")
-    process = _start(["scan", str(root), "--out", str(out), "--log-interval", "0",
-                      "--batch-size", "64", "--workers", "1", "--tta"])  # fmt: skip
+    process = _start(
+        [
+            "scan",
+            str(root),
+            "--out",
+            str(out),
+            "--log-interval",
+            "0",
+            "--batch-size",
+            "64",
+            "--workers",
+            "1",
+            "--tta",
+        ]
+    )
     _wait_for_progress(process)
     process.send_signal(signal.SIGINT)
     _wait_for_progress(process, "finishing the batches in flight")
@@ -658,8 +716,9 @@ def test_sigterm_while_waiting_for_the_lock_ends_the_wait_without_a_report(tmp_p
     out = tmp_path / "r.csv"
     out.write_text("previous\n")
     with RunLock(state.with_name("state.db.lock")):
-        process = _start(["scan", str(slide_tree), "--out", str(out), "--state", str(state),
-                          "--wait", "600"])  # fmt: skip
+        process = _start(
+            ["scan", str(slide_tree), "--out", str(out), "--state", str(state), "--wait", "600"]
+        )
         _wait_for_progress(process, "execution provider")
         time.sleep(1)  # now waiting for the lock
         started = time.monotonic()
@@ -714,9 +773,18 @@ def test_anonymized_runs_keep_names_out_of_logs(tmp_path, slide_tree):
     (slide_tree / "patient_A" / "secret_name.png").write_bytes(b"broken")
     os.mkfifo(slide_tree / "patient_A" / "pipe.png")
     log_file = tmp_path / "scan.log"
-    done = smearscan("scan", str(slide_tree), "--out", str(tmp_path / "r.csv"),
-                     "--anonymize-key-file", str(key), "--log-file", str(log_file),
-                     "--log-interval", "0")  # fmt: skip
+    done = smearscan(
+        "scan",
+        str(slide_tree),
+        "--out",
+        str(tmp_path / "r.csv"),
+        "--anonymize-key-file",
+        str(key),
+        "--log-file",
+        str(log_file),
+        "--log-interval",
+        "0",
+    )
     assert done.returncode == ExitStatus.SOME_UNUSABLE
     for text in (done.stderr, log_file.read_text()):
         assert "patient_A" not in text and "secret_name" not in text and "pipe" not in text
@@ -770,11 +838,23 @@ def test_terminal_escapes_in_names_never_reach_the_log(tmp_path, slide_tree):
     (escape / "\x1b[31mcell.png").write_bytes(next(iter(image_files(slide_tree))).read_bytes())
     os.chmod(escape, 0o755)
     log_file = tmp_path / "scan.log"
-    done = smearscan("scan", str(slide_tree), "--out", str(tmp_path / "r.csv"),
-                     "--log-file", str(log_file), "--log-interval", "0")  # fmt: skip
+    done = smearscan(
+        "scan",
+        str(slide_tree),
+        "--out",
+        str(tmp_path / "r.csv"),
+        "--log-file",
+        str(log_file),
+        "--log-interval",
+        "0",
+    )
     assert done.returncode == 0, done.stderr
-    for text in (done.stderr, log_file.read_text(), (tmp_path / "r.csv").read_text(),
-                 (tmp_path / "r.html").read_text()):  # fmt: skip
+    for text in (
+        done.stderr,
+        log_file.read_text(),
+        (tmp_path / "r.csv").read_text(),
+        (tmp_path / "r.html").read_text(),
+    ):
         assert "\x1b" not in text and "\x07" not in text
 
 

@@ -22,9 +22,17 @@ if CHROMIUM is None and IN_CI:
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="chromium not installed (.ci/run installs it)"
 )
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--hide-scrollbars", "--disable-quic"]  # fmt: skip
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--disable-quic",
+]
 
 
 class Collector(HTMLParser):
@@ -44,8 +52,11 @@ def chromium(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     profile = tmp_path / "profile"
     return subprocess.run(
         [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def rendered(page: Path, tmp_path: Path) -> Collector:
@@ -58,8 +69,9 @@ def rendered(page: Path, tmp_path: Path) -> Collector:
 
 def screenshot(page: Path, tmp_path: Path, height: int = 2400) -> np.ndarray:
     shot = tmp_path / f"{page.stem}.png"
-    result = chromium([f"--screenshot={shot}", f"--window-size=1200,{height}", page.as_uri()],
-                      tmp_path)  # fmt: skip
+    result = chromium(
+        [f"--screenshot={shot}", f"--window-size=1200,{height}", page.as_uri()], tmp_path
+    )
     assert result.returncode == 0 and shot.exists(), result.stderr[-2000:]
     return cv2.imread(str(shot))
 
@@ -110,9 +122,16 @@ def test_evaluation_page_is_a_crisp_validation_record(tmp_path):
     run(["evaluate", str(CNMC), "--out", str(out)])
     parsed = rendered(out / "evaluation.html", tmp_path)
     text = " ".join(parsed.text)
-    for needed in ("Validation record", "model sha256", "date (UTC)", "smearscan",
-                   "false positive rate", "true positive rate", "observed accuracy",
-                   "Research use only"):  # fmt: skip
+    for needed in (
+        "Validation record",
+        "model sha256",
+        "date (UTC)",
+        "smearscan",
+        "false positive rate",
+        "true positive rate",
+        "observed accuracy",
+        "Research use only",
+    ):
         assert needed in text, needed
     assert [t for t, _ in parsed.tags].count("svg") == 2
     pixels = screenshot(out / "evaluation.html", tmp_path, height=1800)
@@ -128,8 +147,10 @@ def test_plot_labels_never_overlap():
 
     y = np.array([0, 1, 0, 1, 1])
     probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7], [0.45, 0.55]])
-    for svg in (roc_svg(y == 1, probabilities[:, 1], 0.9, "all"),
-                reliability_svg(y, probabilities)):  # fmt: skip
+    for svg in (
+        roc_svg(y == 1, probabilities[:, 1], 0.9, "all"),
+        reliability_svg(y, probabilities),
+    ):
         root = ElementTree.fromstring(str(svg))
         ns = "{http://www.w3.org/2000/svg}"
         boxes = []
@@ -137,8 +158,9 @@ def test_plot_labels_never_overlap():
             size = float(node.get("font-size", 12))
             width = 0.6 * size * len(node.text or "")
             if "rotate" in (node.get("transform") or ""):
-                x, y_ = map(float, re.findall(r"translate\(([\d.]+) ([\d.]+)\)",
-                                              node.get("transform"))[0])  # fmt: skip
+                x, y_ = map(
+                    float, re.findall(r"translate\(([\d.]+) ([\d.]+)\)", node.get("transform"))[0]
+                )
                 boxes.append((x - size, y_ - width / 2, x, y_ + width / 2))
                 continue
             x, y_ = float(node.get("x")), float(node.get("y"))

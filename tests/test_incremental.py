@@ -21,8 +21,20 @@ from smearscan.state import RunLock
 
 def scan_state(tree: Path, tmp_path: Path, *extra: str):
     out = tmp_path / "reports" / "r.csv"
-    result = run(["scan", str(tree), "--out", str(out), "--state", str(tmp_path / "state.db"),
-                  "--min-age", "0", *extra], expect=None)  # fmt: skip
+    result = run(
+        [
+            "scan",
+            str(tree),
+            "--out",
+            str(out),
+            "--state",
+            str(tmp_path / "state.db"),
+            "--min-age",
+            "0",
+            *extra,
+        ],
+        expect=None,
+    )
     summary = json.loads(out.with_name("r.summary.json").read_text())
     return result, rows(out), summary
 
@@ -223,12 +235,16 @@ def test_second_run_is_refused_while_the_lock_is_held(tmp_path, slide_tree):
 def test_lock_of_a_killed_process_does_not_block(tmp_path, slide_tree):
     state = tmp_path / "state.db"
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys,time; from pathlib import Path; from smearscan.state import RunLock\n"
-         f"l = RunLock(Path({str(state) + '.lock'!r})).__enter__(); print('held', flush=True);"
-         " time.sleep(600)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import sys,time; from pathlib import Path; from smearscan.state import RunLock\n"
+            f"l = RunLock(Path({str(state) + '.lock'!r})).__enter__(); print('held', flush=True);"
+            " time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     args = ["scan", str(slide_tree), "--out", str(tmp_path / "r.csv"), "--state", str(state)]
     run(args, expect=ExitStatus.LOCKED)
@@ -362,8 +378,17 @@ def test_overlapping_inputs_are_scanned_and_reported_once(tmp_path, slide_tree):
     out = tmp_path / "r.csv"
     state = tmp_path / "state.db"
     for extra in (["--state", str(state), "--min-age", "0"], []):
-        run(["scan", str(slide_tree), str(slide_tree / "patient_A"), "--out", str(out),
-             "--no-html", *extra])  # fmt: skip
+        run(
+            [
+                "scan",
+                str(slide_tree),
+                str(slide_tree / "patient_A"),
+                "--out",
+                str(out),
+                "--no-html",
+                *extra,
+            ]
+        )
         table = rows(out)
         assert len(table) == len(image_files(slide_tree)) == 8
         assert not any(r["path"].startswith("/") for r in table)
@@ -415,8 +440,9 @@ def test_verify_content_catches_a_same_size_same_mtime_replacement(tmp_path, sli
     target = files[0]
     scan_state(slide_tree, tmp_path, "--verify", "content")
     stat = target.stat()
-    other = next(p for p in sorted(image_files(slide_tree / "patient_B"))
-                 if p.suffix == target.suffix)  # fmt: skip
+    other = next(
+        p for p in sorted(image_files(slide_tree / "patient_B")) if p.suffix == target.suffix
+    )
     data = bytearray(target.read_bytes())
     donor = other.read_bytes()
     data[-200:] = donor[-200:] if len(donor) >= 200 else data[-200:]
@@ -435,8 +461,9 @@ def test_a_corrupt_state_file_fails_clearly_and_keeps_the_report(tmp_path, slide
     state.write_bytes(b"this is not a database" * 100)
     out = tmp_path / "r.csv"
     out.write_text("previous\n")
-    result = run(["scan", str(slide_tree), "--out", str(out), "--state", str(state)],
-                 expect=ExitStatus.ERROR)  # fmt: skip
+    result = run(
+        ["scan", str(slide_tree), "--out", str(out), "--state", str(state)], expect=ExitStatus.ERROR
+    )
     assert "cannot use state file" in result.log
     assert result.log.strip().splitlines()[-1].startswith("smearscan failed:")
     assert out.read_text() == "previous\n"

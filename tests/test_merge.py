@@ -20,14 +20,24 @@ def test_parts_partition_the_files_and_merge_back(tmp_path, messy_tree):
     for part in range(3):
         out = tmp_path / f"part{part}.csv"
         allowed = (0, ExitStatus.SOME_UNUSABLE)
-        run(["scan", str(messy_tree), "--out", str(out), "--num-parts", "3", "--part-id",
-             str(part)], expect=allowed)  # fmt: skip
+        run(
+            [
+                "scan",
+                str(messy_tree),
+                "--out",
+                str(out),
+                "--num-parts",
+                "3",
+                "--part-id",
+                str(part),
+            ],
+            expect=allowed,
+        )
         parts.append(out)  # every part writes its report, an empty one too
     seen = [r["path"] for p in parts for r in rows(p)]
     assert len(seen) == len(set(seen)) == len(rows(whole))  # disjoint and complete
     merged = tmp_path / "merged.csv"
-    result = run(["merge", *map(str, parts), "--out", str(merged)],
-                 expect=ExitStatus.SOME_UNUSABLE)  # fmt: skip
+    result = run(["merge", *map(str, parts), "--out", str(merged)], expect=ExitStatus.SOME_UNUSABLE)
     by_path = lambda table: sorted(table, key=lambda r: r["path"])  # noqa: E731
     assert by_path(rows(merged)) == by_path(rows(whole))
     a = json.loads(merged.with_name("merged.summary.json").read_text())
@@ -51,26 +61,40 @@ def test_merge_refuses_parts_of_other_models_or_overlapping_parts(tmp_path, slid
     a, b = tmp_path / "a.csv", tmp_path / "b.csv"
     run(["scan", str(slide_tree), "--out", str(a)])
     run(["scan", str(slide_tree), "--out", str(b), "--model", str(TINY_3CLASS)])
-    result = run(["merge", str(a), str(b), "--out", str(tmp_path / "m.csv")],
-                 expect=ExitStatus.USAGE)  # fmt: skip
+    result = run(
+        ["merge", str(a), str(b), "--out", str(tmp_path / "m.csv")], expect=ExitStatus.USAGE
+    )
     assert "another model" in result.log
-    result = run(["merge", str(a), str(a), "--out", str(tmp_path / "m.csv")],
-                 expect=ExitStatus.USAGE)  # fmt: skip
+    result = run(
+        ["merge", str(a), str(a), "--out", str(tmp_path / "m.csv")], expect=ExitStatus.USAGE
+    )
     assert "overlap" in result.log
 
 
 @pytest.mark.parametrize("bad", [["--part-id", "3", "--num-parts", "3"]])
 def test_part_options_are_checked(tmp_path, slide_tree, bad):
-    run(["scan", str(slide_tree), "--out", str(tmp_path / "r.csv"), *bad],
-        expect=ExitStatus.USAGE)  # fmt: skip
+    run(["scan", str(slide_tree), "--out", str(tmp_path / "r.csv"), *bad], expect=ExitStatus.USAGE)
 
 
 def _parts(tmp_path, tree, count=3, extra=()):
     parts = []
     for part in range(count):
         out = tmp_path / f"part{part}.csv"
-        run(["scan", str(tree), "--out", str(out), "--num-parts", str(count), "--part-id",
-             str(part), "--no-html", *extra], expect=None)  # fmt: skip
+        run(
+            [
+                "scan",
+                str(tree),
+                "--out",
+                str(out),
+                "--num-parts",
+                str(count),
+                "--part-id",
+                str(part),
+                "--no-html",
+                *extra,
+            ],
+            expect=None,
+        )
         parts.append(out)
     return parts
 
@@ -95,8 +119,12 @@ def test_merge_refuses_a_missing_part_a_cut_part_and_bad_values(tmp_path, slide_
     assert result.exit_code == ExitStatus.USAGE and "cut short or edited" in result.log
     header = lines[0].split(",")
     column = header.index("p_all")
-    for bad, says in (("abc", "not a number"), ("nan", "not a probability"),
-                      ("5", "not a probability"), ("-4", "not a probability")):  # fmt: skip
+    for bad, says in (
+        ("abc", "not a number"),
+        ("nan", "not a probability"),
+        ("5", "not a probability"),
+        ("-4", "not a probability"),
+    ):
         cells = lines[1].split(",")
         cells[column] = bad
         full.write_text("".join([lines[0], ",".join(cells), *lines[2:]]))

@@ -54,13 +54,25 @@ def test_no_positive_class_makes_no_slide_call():
 
 
 def test_model_rule_with_overrides_and_older_files():
-    decision = {"cell": {"rule": "threshold", "threshold": 0.37},
-                "slide": {"rule": "mean", "cutoff": 0.42, "min_cells": 12}}  # fmt: skip
+    decision = {
+        "cell": {"rule": "threshold", "threshold": 0.37},
+        "slide": {"rule": "mean", "cutoff": 0.42, "min_cells": 12},
+    }
     policy = policy_for_model(LABELS, "all", {KEY_DECISION: json.dumps(decision)})
     assert (policy.threshold, policy.slide_rule, policy.slide_cutoff, policy.min_cells) == (
-        0.37, "mean", 0.42, 12)  # fmt: skip
-    changed = policy_for_model(LABELS, "all", {KEY_DECISION: json.dumps(decision)},
-                               threshold=0.6, slide_rule="fraction", min_cells=3)  # fmt: skip
+        0.37,
+        "mean",
+        0.42,
+        12,
+    )
+    changed = policy_for_model(
+        LABELS,
+        "all",
+        {KEY_DECISION: json.dumps(decision)},
+        threshold=0.6,
+        slide_rule="fraction",
+        min_cells=3,
+    )
     assert (changed.threshold, changed.slide_rule, changed.min_cells) == (0.6, "fraction", 3)
     older = policy_for_model(LABELS, "all", {KEY_CALIBRATION: json.dumps({"threshold": 0.3})})
     assert older.threshold == 0.3 and older.slide_rule == "fraction" and older.slide_cutoff == 0.5

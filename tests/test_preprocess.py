@@ -147,8 +147,9 @@ def test_recipe_json_round_trip_and_validation():
         Recipe(crop="zoom")
 
 
-@pytest.mark.parametrize("recipe", [Recipe(), Recipe(crop="bbox"), Recipe(crop="full"),
-                                    Recipe(log_enhance=True)])  # fmt: skip
+@pytest.mark.parametrize(
+    "recipe", [Recipe(), Recipe(crop="bbox"), Recipe(crop="full"), Recipe(log_enhance=True)]
+)
 def test_bgr_fast_path_gives_identical_inputs(tmp_path, recipe):
     """Scanning and training decode to BGR and swap channels after resizing; that must give
     bit-identical model inputs to preprocessing the RGB image, for every kind of file."""
@@ -166,13 +167,19 @@ def test_bgr_fast_path_gives_identical_inputs(tmp_path, recipe):
         expected = preprocess(read_image(path), recipe)
         assert np.array_equal(load_and_preprocess(path, recipe), expected), name
     for path in fixture_images():
-        assert np.array_equal(load_and_preprocess(path, recipe),
-                              preprocess(read_image(path), recipe))  # fmt: skip
+        assert np.array_equal(
+            load_and_preprocess(path, recipe), preprocess(read_image(path), recipe)
+        )
 
 
 def test_recipe_numbers_are_bounded():
-    for bad in ({"input_size": 40000}, {"window": 0}, {"margin": -1.0}, {"input_size": "128"},
-                {"background_threshold": 300}):  # fmt: skip
+    for bad in (
+        {"input_size": 40000},
+        {"window": 0},
+        {"margin": -1.0},
+        {"input_size": "128"},
+        {"background_threshold": 300},
+    ):
         with pytest.raises(ValueError):
             Recipe(**bad)
     assert Recipe.from_json(json.dumps({**json.loads(Recipe().to_json()), "extra": {}})) == Recipe()

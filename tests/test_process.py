@@ -16,8 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def smearscan(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "smearscan", *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=300, **kwargs)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "smearscan", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        **kwargs,
+    )
 
 
 def test_version_and_help():
@@ -35,14 +41,23 @@ def test_help_does_not_import_the_heavy_modules():
         "import sys; from smearscan.cli import cli; "
         "print(sorted(m for m in ('cv2', 'onnxruntime', 'numpy') if m in sys.modules))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            cwd=ROOT, check=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
     assert result.stdout.strip() == "[]"
 
 
 def test_cron_mode_logs_progress_lines_and_a_final_line(slide_tree, tmp_path):
-    result = smearscan("scan", str(slide_tree), "--out", str(tmp_path / "r.csv"),
-                       "--log-interval", "0", "--batch-size", "2")  # fmt: skip
+    result = smearscan(
+        "scan",
+        str(slide_tree),
+        "--out",
+        str(tmp_path / "r.csv"),
+        "--log-interval",
+        "0",
+        "--batch-size",
+        "2",
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stderr.strip().splitlines()
     assert sum("progress:" in line for line in lines) >= 4
@@ -55,11 +70,20 @@ def test_progress_bar_on_a_terminal(slide_tree, tmp_path):
     primary, secondary = os.openpty()
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "smearscan", "scan", str(slide_tree), "--out",
-             str(tmp_path / "r.csv")],
-            stderr=secondary, stdout=subprocess.DEVNULL, cwd=ROOT,
+            [
+                sys.executable,
+                "-m",
+                "smearscan",
+                "scan",
+                str(slide_tree),
+                "--out",
+                str(tmp_path / "r.csv"),
+            ],
+            stderr=secondary,
+            stdout=subprocess.DEVNULL,
+            cwd=ROOT,
             env={**os.environ, "COLUMNS": "120", "TERM": "xterm"},
-        )  # fmt: skip
+        )
         os.close(secondary)
         output = b""
         while True:

@@ -49,7 +49,7 @@ def unusable_crops() -> dict[str, tuple[np.ndarray, str]]:
         "grayscale": (
             cv2.cvtColor(cv2.cvtColor(cell, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR),
             "grayscale",
-        ),  # fmt: skip
+        ),
         "speck": (_speck(cell), "too small"),
         "heavy_blur": (cv2.GaussianBlur(cell, (0, 0), 6), "out of focus"),
         "burnt": (np.clip(cell.astype(np.int32) * 4, 0, 255).astype(np.uint8), "too bright"),
@@ -164,8 +164,9 @@ def _reference_features(gray: np.ndarray, resized: np.ndarray) -> tuple:
     grey = cv2.cvtColor(resized, cv2.COLOR_RGB2GRAY)
     cell = grey > 12
     mean_colour = resized[cell].astype(np.float64).mean(axis=0)
-    inner = cv2.erode(cv2.erode(cell.astype(np.uint8), np.ones((3, 3), np.uint8)),
-                      np.ones((3, 3), np.uint8)).astype(bool)  # fmt: skip
+    inner = cv2.erode(
+        cv2.erode(cell.astype(np.uint8), np.ones((3, 3), np.uint8)), np.ones((3, 3), np.uint8)
+    ).astype(bool)
     laplacian = cv2.Laplacian(grey, cv2.CV_32F, ksize=3)[inner].astype(np.float64)
     return (
         largest * 64.0,
@@ -218,8 +219,10 @@ def test_limits_fitted_with_the_first_measurement_still_apply_with_a_warning(tmp
     cv2.imwrite(str(crops / "black.png"), np.zeros_like(cell))
     cv2.imwrite(str(crops / "cell.png"), cell)
     out = tmp_path / "r.csv"
-    result = run(["scan", str(crops.parent), "--out", str(out), "--model", str(old)],
-                 expect=ExitStatus.SOME_UNUSABLE)  # fmt: skip
+    result = run(
+        ["scan", str(crops.parent), "--out", str(out), "--model", str(old)],
+        expect=ExitStatus.SOME_UNUSABLE,
+    )
     assert "fitted with measurement version 1" in result.log
     table = {row["path"].rsplit("/", 1)[1]: row["status"] for row in rows(out)}
     assert table == {"black.png": "qc", "cell.png": "ok"}

@@ -33,12 +33,13 @@ def _same_rows(a: list[dict], b: list[dict]) -> None:
                 assert abs(float(x[key]) - float(y[key])) <= 1e-5
 
 
-def test_the_ray_engine_reports_what_the_local_engine_reports(ray_instance, tmp_path,
-                                                              messy_tree):  # fmt: skip
+def test_the_ray_engine_reports_what_the_local_engine_reports(ray_instance, tmp_path, messy_tree):
     local, on_ray = tmp_path / "local.csv", tmp_path / "ray.csv"
     run(["scan", str(messy_tree), "--out", str(local)], expect=ExitStatus.SOME_UNUSABLE)
-    run(["scan", str(messy_tree), "--out", str(on_ray), "--engine", "ray"],
-        expect=ExitStatus.SOME_UNUSABLE)  # fmt: skip
+    run(
+        ["scan", str(messy_tree), "--out", str(on_ray), "--engine", "ray"],
+        expect=ExitStatus.SOME_UNUSABLE,
+    )
     _same_rows(rows(local), rows(on_ray))
     summary = json.loads(on_ray.with_name("ray.summary.json").read_text())
     assert summary["engine"]["engine"] == "ray" and summary["engine"]["cpus"] == 2
@@ -50,8 +51,18 @@ def test_the_ray_engine_reports_what_the_local_engine_reports(ray_instance, tmp_
 def test_the_ray_engine_with_state_sends_only_new_files(ray_instance, tmp_path, slide_tree):
     state = tmp_path / "state.db"
     out = tmp_path / "r.csv"
-    args = ["scan", str(slide_tree), "--out", str(out), "--state", str(state), "--min-age", "0",
-            "--engine", "ray"]  # fmt: skip
+    args = [
+        "scan",
+        str(slide_tree),
+        "--out",
+        str(out),
+        "--state",
+        str(state),
+        "--min-age",
+        "0",
+        "--engine",
+        "ray",
+    ]
     run(args)
     extra = slide_tree / "patient_C"
     extra.mkdir()
@@ -64,8 +75,11 @@ def test_the_ray_engine_with_state_sends_only_new_files(ray_instance, tmp_path, 
 
 def _ray_workers() -> list[int]:
     listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in listing.splitlines()
-            if "ray::" in line and ("MapBatches" in line or "MapWorker" in line)]  # fmt: skip
+    return [
+        int(line.split()[0])
+        for line in listing.splitlines()
+        if "ray::" in line and ("MapBatches" in line or "MapWorker" in line)
+    ]
 
 
 def test_a_killed_worker_loses_and_duplicates_nothing(ray_instance, tmp_path):
@@ -132,25 +146,61 @@ def test_a_two_raylet_cluster_gives_the_local_report(tmp_path, slide_tree):
     ray_cli = Path(sys.executable).with_name("ray")
     port = _free_port()
     temp = Path(f"/tmp/smearscan-ray-{port}")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT),
-           "RAY_AUTH_MODE": "disabled"}  # fmt: skip
+    env = {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PYTHONPATH": str(ROOT),
+        "RAY_AUTH_MODE": "disabled",
+    }
     address = f"127.0.0.1:{port}"
     try:
-        head = subprocess.run([str(ray_cli), "start", "--head", f"--port={port}",
-                               "--num-cpus=1", "--include-dashboard=false",
-                               "--disable-usage-stats", f"--temp-dir={temp}"],
-                              capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+        head = subprocess.run(
+            [
+                str(ray_cli),
+                "start",
+                "--head",
+                f"--port={port}",
+                "--num-cpus=1",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+                f"--temp-dir={temp}",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         assert head.returncode == 0, head.stderr[-2000:]
-        worker = subprocess.run([str(ray_cli), "start", f"--address={address}", "--num-cpus=1"],
-                                capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+        worker = subprocess.run(
+            [str(ray_cli), "start", f"--address={address}", "--num-cpus=1"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         assert worker.returncode == 0, worker.stderr[-2000:]
         local, clustered = tmp_path / "local.csv", tmp_path / "cluster.csv"
         run(["scan", str(slide_tree), "--out", str(local)])
         done = subprocess.run(
-            [sys.executable, "-m", "smearscan", "scan", str(slide_tree), "--out", str(clustered),
-             "--engine", "ray", "--ray-address", address],
-            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "smearscan",
+                "scan",
+                str(slide_tree),
+                "--out",
+                str(clustered),
+                "--engine",
+                "ray",
+                "--ray-address",
+                address,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         _same_rows(rows(local), rows(clustered))
         summary = json.loads(clustered.with_name("cluster.summary.json").read_text())
@@ -167,9 +217,24 @@ def test_engine_ray_without_ray_says_how_to_install_it(tmp_path, slide_tree):
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('simulated: Ray not installed')\n")
     env = {**os.environ, "PYTHONPATH": f"{blocker.parent}{os.pathsep}{ROOT}"}
-    done = subprocess.run([sys.executable, "-m", "smearscan", "scan", str(slide_tree), "--out",
-                           str(tmp_path / "r.csv"), "--engine", "ray"], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "smearscan",
+            "scan",
+            str(slide_tree),
+            "--out",
+            str(tmp_path / "r.csv"),
+            "--engine",
+            "ray",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert done.returncode == ExitStatus.USAGE, done.stderr
     assert "pip install 'smearscan[ray]'" in done.stderr
     assert not (tmp_path / "r.csv").exists()

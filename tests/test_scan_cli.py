@@ -24,8 +24,16 @@ def test_clean_scan_reports_every_cell(slide_tree, tmp_path):
     result = run(["scan", str(slide_tree), "--out", str(out)])
     table = rows(out)
     assert len(table) == len(image_files(slide_tree)) == 8
-    assert list(table[0]) == ["path", "slide", "label", "p_all", "p_hem", "status", "reason",
-                              "decided_by"]  # fmt: skip
+    assert list(table[0]) == [
+        "path",
+        "slide",
+        "label",
+        "p_all",
+        "p_hem",
+        "status",
+        "reason",
+        "decided_by",
+    ]
     for row in table:
         assert row["status"] == "ok" and row["reason"] == ""
         assert row["label"] in ("all", "hem")
@@ -83,8 +91,13 @@ def test_messy_folder_gets_one_row_per_file_and_keeps_going(messy_tree, tmp_path
     assert by_name["empty.png"]["reason"].startswith("empty file")
     assert by_name["truncated.png"]["status"] == "error"
     assert "not a decodable image" in by_name["notes.jpg"]["reason"]
-    for name in ["deep16.png", "alpha.png", "ünïcødé 細胞.png", 'comma, "quote".png',
-                 "new\\nline.png"]:  # fmt: skip
+    for name in [
+        "deep16.png",
+        "alpha.png",
+        "ünïcødé 細胞.png",
+        'comma, "quote".png',
+        "new\\nline.png",
+    ]:
         assert by_name[name]["status"] == "ok", by_name[name]
     assert by_name["=HYPERLINK(1).png"]["status"] == "ok"
     assert by_name["gray.png"]["status"] == "qc"
@@ -109,8 +122,7 @@ def test_csv_neutralises_formula_cells(tmp_path, slide_tree):
 
 def test_jsonl_is_chosen_by_the_extension_and_keeps_names(tmp_path, messy_tree):
     out = tmp_path / "r.jsonl"
-    run(["scan", str(messy_tree), "--out", str(out), "--no-html"],
-        expect=ExitStatus.SOME_UNUSABLE)  # fmt: skip
+    run(["scan", str(messy_tree), "--out", str(out), "--no-html"], expect=ExitStatus.SOME_UNUSABLE)
     lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert len(lines) == len(image_files(messy_tree))
     assert any(line["path"].endswith("=HYPERLINK(1).png") for line in lines)
@@ -147,8 +159,10 @@ def test_failed_run_leaves_previous_report_untouched(tmp_path, slide_tree):
     out.write_text("previous report\n")
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not onnx")
-    result = run(["scan", str(slide_tree), "--out", str(out), "--model", str(broken)],
-                 expect=ExitStatus.ERROR)  # fmt: skip
+    result = run(
+        ["scan", str(slide_tree), "--out", str(out), "--model", str(broken)],
+        expect=ExitStatus.ERROR,
+    )
     assert "cannot load model" in result.log
     assert result.log.strip().splitlines()[-1].startswith("smearscan failed:")
     assert out.read_text() == "previous report\n"
@@ -167,11 +181,13 @@ def test_usage_errors_exit_2(tmp_path, slide_tree):
     run(["scan", "--out", str(tmp_path / "r.csv")], expect=usage)
     run(["scan", str(tmp_path / "nope"), "--out", str(tmp_path / "r.csv")], expect=usage)
     run(["scan", str(tmp_path)], expect=usage)  # no --out
-    run(["scan", str(slide_tree), "--out", str(tmp_path / "r.csv"), "--device", "tpu"],
-        expect=usage)  # fmt: skip
+    run(
+        ["scan", str(slide_tree), "--out", str(tmp_path / "r.csv"), "--device", "tpu"], expect=usage
+    )
     for extra in (["--min-age", "5"], ["--new-only"], ["--wait", "1"], ["--verify", "content"]):
-        result = run(["scan", str(slide_tree), "--out", str(tmp_path / "r.csv"), *extra],
-                     expect=usage)  # fmt: skip
+        result = run(
+            ["scan", str(slide_tree), "--out", str(tmp_path / "r.csv"), *extra], expect=usage
+        )
         assert "need --state" in result.output
 
 
@@ -180,8 +196,10 @@ def test_cuda_request_fails_loudly_without_cuda(tmp_path, slide_tree):
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this machine has CUDA")
-    result = run(["scan", str(slide_tree), "--out", str(tmp_path / "r.csv"), "--device", "cuda"],
-                 expect=ExitStatus.ERROR)  # fmt: skip
+    result = run(
+        ["scan", str(slide_tree), "--out", str(tmp_path / "r.csv"), "--device", "cuda"],
+        expect=ExitStatus.ERROR,
+    )
     assert "CUDA was requested" in result.log
     auto = run(["scan", str(slide_tree), "--out", str(tmp_path / "r.csv"), "--device", "auto"])
     assert "CUDA not available; running on CPU" in auto.log
@@ -192,8 +210,11 @@ def test_files_from_stdin_reports_missing_files(tmp_path, slide_tree):
     listed = [str(p) for p in sorted(image_files(slide_tree))[:3]]
     listed.append(str(tmp_path / "gone.png"))
     out = tmp_path / "r.csv"
-    run(["scan", "--files-from", "-", "--out", str(out)], stdin="\n".join(listed),
-        expect=ExitStatus.SOME_UNUSABLE)  # fmt: skip
+    run(
+        ["scan", "--files-from", "-", "--out", str(out)],
+        stdin="\n".join(listed),
+        expect=ExitStatus.SOME_UNUSABLE,
+    )
     table = rows(out)
     assert [r["path"] for r in table] == listed
     assert table[-1]["reason"] == "file not found"
@@ -228,8 +249,15 @@ def test_three_class_model_columns_come_from_metadata(tmp_path, slide_tree):
 
 def test_model_info_is_readable_and_json_is_complete():
     text = run(["model", "info"]).output
-    for phrase in ("research use only", "cell rule", "slide rule", "quality", "sensitivity",
-                   "missed blasts", "false alarms"):  # fmt: skip
+    for phrase in (
+        "research use only",
+        "cell rule",
+        "slide rule",
+        "quality",
+        "sensitivity",
+        "missed blasts",
+        "false alarms",
+    ):
         assert phrase in text, phrase
     as_json = json.loads(run(["model", "info", "--json"]).output)
     assert as_json["metadata"]["smearscan.labels"] == ["all", "hem"]
@@ -267,8 +295,12 @@ def test_padded_batches_give_the_same_probabilities(slide_tree):
     from smearscan.preprocess import load_and_preprocess
 
     classifier = load_classifier(device="cpu")
-    batch = np.stack([load_and_preprocess(p, classifier.info.recipe)
-                      for p in sorted(image_files(slide_tree))[:3]])  # fmt: skip
+    batch = np.stack(
+        [
+            load_and_preprocess(p, classifier.info.recipe)
+            for p in sorted(image_files(slide_tree))[:3]
+        ]
+    )
     plain = classifier.predict(batch)
     padded = classifier.predict(batch, pad_to=8)
     assert padded.shape == (3, 2) and np.allclose(plain, padded, atol=1e-6)
@@ -284,8 +316,9 @@ def test_discovery_is_lazy(tmp_path, monkeypatch):
         (folder / "cell.webp").write_bytes(source)
     listed = []
     real_scandir = os.scandir
-    monkeypatch.setattr(discover_module.os, "scandir",
-                        lambda path: listed.append(path) or real_scandir(path))  # fmt: skip
+    monkeypatch.setattr(
+        discover_module.os, "scandir", lambda path: listed.append(path) or real_scandir(path)
+    )
     first = next(discover_module.discover([tmp_path]))
     assert first.rel == "slide_00/cell.webp"
     assert len(listed) <= 2  # the root and the first slide, not all 31 folders
@@ -335,8 +368,9 @@ def test_parallel_batches_keep_order_and_match_one_big_batch(
     results = list(engine.run(found))
     assert [r.path for r in results] == [f.rel for f in found]
     good = [f for f in found if not f.rel.endswith("broken.png")]
-    reference = classifier.predict(np.stack([load_and_preprocess(f.path, classifier.info.recipe)
-                                             for f in good]))  # fmt: skip
+    reference = classifier.predict(
+        np.stack([load_and_preprocess(f.path, classifier.info.recipe) for f in good])
+    )
     by_path = {r.path: r for r in results}
     assert by_path["patient_A/broken.png"].status == "error"
     for item, expected in zip(good, reference, strict=True):
@@ -346,8 +380,21 @@ def test_parallel_batches_keep_order_and_match_one_big_batch(
 def test_thread_options_do_not_change_results(slide_tree, tmp_path):
     default, tuned = tmp_path / "default.csv", tmp_path / "tuned.csv"
     run(["scan", str(slide_tree), "--out", str(default), "--no-html"])
-    run(["scan", str(slide_tree), "--out", str(tuned), "--no-html", "--workers", "3",
-         "--threads", "2", "--batch-size", "3"])  # fmt: skip
+    run(
+        [
+            "scan",
+            str(slide_tree),
+            "--out",
+            str(tuned),
+            "--no-html",
+            "--workers",
+            "3",
+            "--threads",
+            "2",
+            "--batch-size",
+            "3",
+        ]
+    )
     for a, b in zip(rows(default), rows(tuned), strict=True):
         assert a["path"] == b["path"] and a["label"] == b["label"]
         assert abs(float(a["p_all"]) - float(b["p_all"])) < 1e-5
@@ -393,8 +440,9 @@ def test_python_api_as_the_readme_shows(tmp_path):
     from smearscan import ScanRequest, load_classifier, run_scan
 
     classifier = load_classifier()
-    outcome = run_scan(ScanRequest(inputs=[ROOT / "examples" / "slides"],
-                                   out=tmp_path / "r.csv"), classifier)  # fmt: skip
+    outcome = run_scan(
+        ScanRequest(inputs=[ROOT / "examples" / "slides"], out=tmp_path / "r.csv"), classifier
+    )
     assert outcome.files == 24 and outcome.status == ExitStatus.SUCCESS
 
 

@@ -23,13 +23,18 @@ from smearscan.exitstatus import ExitStatus  # noqa: E402
 from smearscan.inference import load_classifier  # noqa: E402
 from smearscan.preprocess import Recipe, load_and_preprocess  # noqa: E402
 
-TINY = ["--width", "0.0625", "--folds", "3", "--batch-size", "8", "--quiet",
-        "--per-patient", "8"]  # fmt: skip
+TINY = ["--width", "0.0625", "--folds", "3", "--batch-size", "8", "--quiet", "--per-patient", "8"]
 
 
 def test_training_writes_the_run_folder(tiny_run):
-    for name in ["model.keras", "config.json", "history.csv", "curves.png", "metrics.json",
-                 "val_predictions.csv"]:  # fmt: skip
+    for name in [
+        "model.keras",
+        "config.json",
+        "history.csv",
+        "curves.png",
+        "metrics.json",
+        "val_predictions.csv",
+    ]:
         assert (tiny_run / name).stat().st_size > 0, name
     config = json.loads((tiny_run / "config.json").read_text())
     split = config["split"]
@@ -41,15 +46,37 @@ def test_training_writes_the_run_folder(tiny_run):
     assert len(history) == 3 and history[0].startswith("epoch,loss,accuracy,val_loss")
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert metrics["best_epoch"] == 2 and metrics["selection"] == "last epoch"
-    for key in ["sensitivity", "specificity", "accuracy", "weighted_f1", "roc_auc",
-                "confusion_matrix"]:  # fmt: skip
+    for key in [
+        "sensitivity",
+        "specificity",
+        "accuracy",
+        "weighted_f1",
+        "roc_auc",
+        "confusion_matrix",
+    ]:
         assert key in metrics["validation"]
 
 
 def test_training_is_deterministic_for_a_seed(tiny_run, tmp_path):
     again = tmp_path / "again"
-    assert train.main(["--data", str(CNMC), "--out", str(again), "--epochs", "2", "--seed", "3",
-                       *TINY, "--cache-dir", str(tiny_run.parent / "cache")]) == 0  # fmt: skip
+    assert (
+        train.main(
+            [
+                "--data",
+                str(CNMC),
+                "--out",
+                str(again),
+                "--epochs",
+                "2",
+                "--seed",
+                "3",
+                *TINY,
+                "--cache-dir",
+                str(tiny_run.parent / "cache"),
+            ]
+        )
+        == 0
+    )
     first = (tiny_run / "val_predictions.csv").read_text()
     assert (again / "val_predictions.csv").read_text() == first
 
@@ -106,12 +133,15 @@ def test_export_parity_metadata_and_scan(tiny_run, tmp_path, slide_tree):
     import keras
 
     model = keras.models.load_model(tiny_run / "model.keras")
-    images = np.stack([load_and_preprocess(p, info.recipe) for p in sorted(CNMC.rglob("*"))
-                       if p.is_file()][:5])  # fmt: skip
+    images = np.stack(
+        [load_and_preprocess(p, info.recipe) for p in sorted(CNMC.rglob("*")) if p.is_file()][:5]
+    )
     assert np.abs(classifier.predict_raw(images) - model.predict(images, verbose=0)).max() < 1e-4
     out = tmp_path / "r.csv"
-    run(["scan", str(slide_tree), "--out", str(out), "--model", str(model_path)],
-        expect=(0, ExitStatus.SOME_UNUSABLE))  # fmt: skip
+    run(
+        ["scan", str(slide_tree), "--out", str(out), "--model", str(model_path)],
+        expect=(0, ExitStatus.SOME_UNUSABLE),
+    )
     assert len(rows(out)) == 8
 
 
@@ -124,20 +154,25 @@ def test_int8_gate_judges_the_labels_the_scanner_would_give(tiny_run, tmp_path):
     model_path = tmp_path / "model.onnx"
     assert to_onnx.main([str(tiny_run), "--out", str(model_path), "--parity-images", "4"]) == 0
     fp32 = load_classifier(model_path, device="cpu")
-    nodes = [helper.make_node("Shape", ["image"], ["shape"]),
-             helper.make_node("Slice", ["shape", "zero", "one"], ["batch"]),
-             helper.make_node("Concat", ["batch", "two"], ["out_shape"], axis=0),
-             helper.make_node("Expand", ["constant", "out_shape"], ["probabilities"])]  # fmt: skip
-    initializers = [helper.make_tensor("zero", TensorProto.INT64, [1], [0]),
-                    helper.make_tensor("one", TensorProto.INT64, [1], [1]),
-                    helper.make_tensor("two", TensorProto.INT64, [1], [2]),
-                    helper.make_tensor("constant", TensorProto.FLOAT, [2], [0.6, 0.4])]  # fmt: skip
+    nodes = [
+        helper.make_node("Shape", ["image"], ["shape"]),
+        helper.make_node("Slice", ["shape", "zero", "one"], ["batch"]),
+        helper.make_node("Concat", ["batch", "two"], ["out_shape"], axis=0),
+        helper.make_node("Expand", ["constant", "out_shape"], ["probabilities"]),
+    ]
+    initializers = [
+        helper.make_tensor("zero", TensorProto.INT64, [1], [0]),
+        helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+        helper.make_tensor("two", TensorProto.INT64, [1], [2]),
+        helper.make_tensor("constant", TensorProto.FLOAT, [2], [0.6, 0.4]),
+    ]
     graph = helper.make_graph(
-        nodes, "constant",
+        nodes,
+        "constant",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 128, 128, 3])],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2])],
         initializers,
-    )  # fmt: skip
+    )
     constant = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     for entry in onnx.load(str(model_path)).metadata_props:
         constant.metadata_props.add(key=entry.key, value=entry.value)
@@ -151,8 +186,20 @@ def test_int8_gate_judges_the_labels_the_scanner_would_give(tiny_run, tmp_path):
     assert report["label_agreement_min"] < 0.995 and report["max_abs_prob_diff"] > 0
     assert set(report["label_agreement_per_class"]) == {"all", "hem"}
     gated = tmp_path / "gated.onnx"
-    code = to_onnx.main([str(tiny_run), "--out", str(gated), "--int8", "--parity-images", "4",
-                         "--calibration-images", "8", "--int8-min-agreement", "1.01"])  # fmt: skip
+    code = to_onnx.main(
+        [
+            str(tiny_run),
+            "--out",
+            str(gated),
+            "--int8",
+            "--parity-images",
+            "4",
+            "--calibration-images",
+            "8",
+            "--int8-min-agreement",
+            "1.01",
+        ]
+    )
     assert code == 0
     assert gated.exists() and not gated.with_suffix(".int8.onnx").exists()
 
@@ -179,26 +226,61 @@ def test_export_refuses_a_model_that_breaks_parity(tiny_run, tmp_path, monkeypat
 
 def test_three_classes_from_folder_names_and_a_chosen_positive(tmp_path, slide_tree):
     data = tmp_path / "three"
-    layout = {"all": ["UID_1_", "UID_3_"], "hem": ["UID_H6_", "UID_H7_"],
-              "aml": ["UID_19_", "UID_H8_"]}  # fmt: skip
+    layout = {
+        "all": ["UID_1_", "UID_3_"],
+        "hem": ["UID_H6_", "UID_H7_"],
+        "aml": ["UID_19_", "UID_H8_"],
+    }
     for label, prefixes in layout.items():
         (data / label).mkdir(parents=True)
         for source in sorted(CNMC.rglob("*.webp")):
             if source.name.startswith(tuple(prefixes)):
                 shutil.copy(source, data / label / source.name)
     out = tmp_path / "run"
-    assert train.main(["--data", str(data), "--out", str(out), "--epochs", "1", "--folds", "2",
-                       "--width", "0.0625", "--batch-size", "8", "--quiet",
-                       "--cache-dir", str(tmp_path / "cache")]) == 0  # fmt: skip
+    assert (
+        train.main(
+            [
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--folds",
+                "2",
+                "--width",
+                "0.0625",
+                "--batch-size",
+                "8",
+                "--quiet",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "config.json").read_text())["labels"] == ["all", "aml", "hem"]
     model = tmp_path / "three.onnx"
-    assert to_onnx.main([str(out), "--out", str(model), "--parity-images", "4",
-                         "--positive", "aml"]) == 0  # fmt: skip
+    assert (
+        to_onnx.main([str(out), "--out", str(model), "--parity-images", "4", "--positive", "aml"])
+        == 0
+    )
     classifier = load_classifier(model, device="cpu")
     assert classifier.labels == ["all", "aml", "hem"] and classifier.info.positive_class == "aml"
     assert classifier.info.json_field("smearscan.decision")["cell"]["rule"] == "argmax"
-    result = run(["scan", str(slide_tree), "--out", str(tmp_path / "r.csv"), "--model",
-                  str(model), "--threshold", "0.4"], expect=ExitStatus.USAGE)  # fmt: skip
+    result = run(
+        [
+            "scan",
+            str(slide_tree),
+            "--out",
+            str(tmp_path / "r.csv"),
+            "--model",
+            str(model),
+            "--threshold",
+            "0.4",
+        ],
+        expect=ExitStatus.USAGE,
+    )
     assert "applies only to a two-class model" in result.log
     assert to_onnx.main([str(out), "--out", str(model), "--positive", "blast"]) == 1
 
@@ -213,11 +295,24 @@ def test_training_refuses_bad_input_clearly(tmp_path):
 
 
 def test_help_shows_defaults_and_runs_from_the_repository_root():
-    for module in ("export.train", "export.cv", "export.to_onnx", "export.shift",
-                   "export.summarize_runs", "export.finetune_probe", "export.promote",
-                   "export.table1", "export.align"):  # fmt: skip
-        done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
-                              text=True, cwd=ROOT, timeout=120)  # fmt: skip
+    for module in (
+        "export.train",
+        "export.cv",
+        "export.to_onnx",
+        "export.shift",
+        "export.summarize_runs",
+        "export.finetune_probe",
+        "export.promote",
+        "export.table1",
+        "export.align",
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", module, "--help"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stderr
         assert "(default:" in done.stdout, module
 
@@ -242,8 +337,22 @@ def test_vgg_architecture_follows_the_paper():
 @pytest.fixture(scope="module")
 def tiny_cv(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cv") / "cv-tiny"
-    assert cv.main(["--data", str(CNMC), "--out", str(out), "--epochs", "1", *TINY,
-                    "--cache-dir", str(out.parent / "cache")]) == 0  # fmt: skip
+    assert (
+        cv.main(
+            [
+                "--data",
+                str(CNMC),
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                *TINY,
+                "--cache-dir",
+                str(out.parent / "cache"),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -289,8 +398,18 @@ def test_an_interrupted_cv_resumes_with_the_same_recipe_only(tiny_cv, tmp_path, 
     shutil.copytree(tiny_cv, again)
     shutil.rmtree(again / "fold_2")
     before = (again / "fold_0" / "model.keras").stat().st_mtime_ns
-    base = ["--data", str(CNMC), "--out", str(again), "--epochs", "1", *TINY, "--no-shift",
-            "--cache-dir", str(tiny_cv.parent / "cache")]  # fmt: skip
+    base = [
+        "--data",
+        str(CNMC),
+        "--out",
+        str(again),
+        "--epochs",
+        "1",
+        *TINY,
+        "--no-shift",
+        "--cache-dir",
+        str(tiny_cv.parent / "cache"),
+    ]
     with caplog.at_level("INFO", logger="export.cv"):
         assert cv.main(base) == 0
     assert "fold 0: reusing" in caplog.text and "fold 1: reusing" in caplog.text
@@ -345,7 +464,8 @@ def test_a_promoted_cv_folder_exports_as_one_ensemble_graph(tiny_cv, tmp_path, s
         weights = kept / fold / "model.keras"
         assert 0 < weights.stat().st_size <= (tiny_cv / fold / "model.keras").stat().st_size
     assert (kept / "oof_predictions.csv").read_bytes() == (
-        tiny_cv / "oof_predictions.csv").read_bytes()  # fmt: skip
+        tiny_cv / "oof_predictions.csv"
+    ).read_bytes()
     model = tmp_path / "ensemble.onnx"
     assert to_onnx.main([str(kept), "--out", str(model), "--parity-images", "6"]) == 0
     classifier = load_classifier(model, device="cpu")
@@ -359,8 +479,10 @@ def test_a_promoted_cv_folder_exports_as_one_ensemble_graph(tiny_cv, tmp_path, s
     assert "out_of_fold" in metrics and "cross-validation" in metrics["evaluated_on"]
     assert classifier.info.json_field("smearscan.qc")["crops"] == 24  # every donor's crops
     out = tmp_path / "r.csv"
-    run(["scan", str(slide_tree), "--out", str(out), "--model", str(model)],
-        expect=(0, ExitStatus.SOME_UNUSABLE))  # fmt: skip
+    run(
+        ["scan", str(slide_tree), "--out", str(out), "--model", str(model)],
+        expect=(0, ExitStatus.SOME_UNUSABLE),
+    )
     summary = json.loads(out.with_name("r.summary.json").read_text())
     assert summary["decision"]["slide_rule"] == report["slide_rule"]
 
@@ -369,10 +491,32 @@ def test_fine_tuning_starts_from_the_parent_and_records_it(tiny_run, tmp_path):
     """With a vanishing learning rate the fine-tuned model is its parent; the parent is
     recorded in the run and in the exported file."""
     child = tmp_path / "child"
-    assert train.main(["--data", str(CNMC), "--out", str(child), "--epochs", "1", "--seed", "3",
-                       *TINY, "--init-from", str(tiny_run), "--lr", "1e-12", "--ema", "0",
-                       "--bn-recalibrate", "0",
-                       "--cache-dir", str(tiny_run.parent / "cache")]) == 0  # fmt: skip
+    assert (
+        train.main(
+            [
+                "--data",
+                str(CNMC),
+                "--out",
+                str(child),
+                "--epochs",
+                "1",
+                "--seed",
+                "3",
+                *TINY,
+                "--init-from",
+                str(tiny_run),
+                "--lr",
+                "1e-12",
+                "--ema",
+                "0",
+                "--bn-recalibrate",
+                "0",
+                "--cache-dir",
+                str(tiny_run.parent / "cache"),
+            ]
+        )
+        == 0
+    )
     config = json.loads((child / "config.json").read_text())
     assert config["parent"]["path"].endswith("model.keras") and config["parent"]["name"] == "tiny"
     parent_rows = rows(tiny_run / "val_predictions.csv")
@@ -386,8 +530,11 @@ def test_fine_tuning_starts_from_the_parent_and_records_it(tiny_run, tmp_path):
     # the learned weights are the parent's, matched by name: freezing batch norm changes
     # which weights are trainable, and moving statistics move with any training
     def learned(model) -> dict[str, np.ndarray]:
-        return {w.path: np.asarray(w) for w in model.weights
-                if not w.path.endswith(("moving_mean", "moving_variance"))}  # fmt: skip
+        return {
+            w.path: np.asarray(w)
+            for w in model.weights
+            if not w.path.endswith(("moving_mean", "moving_variance"))
+        }
 
     mine, theirs = learned(child_model), learned(parent_model)
     assert mine.keys() == theirs.keys() and len(mine) > 10
@@ -398,18 +545,56 @@ def test_fine_tuning_starts_from_the_parent_and_records_it(tiny_run, tmp_path):
     parent = load_classifier(model, device="cpu").info.json_field("smearscan.parent")
     assert parent["name"] == "tiny"
     other = tmp_path / "other"
-    assert train.main(["--data", str(CNMC), "--out", str(other), "--epochs", "1", *TINY,
-                       "--init-from", str(tiny_run), "--crop", "full",
-                       "--cache-dir", str(tiny_run.parent / "cache")]) == 2  # fmt: skip
+    assert (
+        train.main(
+            [
+                "--data",
+                str(CNMC),
+                "--out",
+                str(other),
+                "--epochs",
+                "1",
+                *TINY,
+                "--init-from",
+                str(tiny_run),
+                "--crop",
+                "full",
+                "--cache-dir",
+                str(tiny_run.parent / "cache"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_fine_tuning_a_cv_folder_starts_from_its_averaged_folds(tiny_cv, tmp_path):
     """``--init-from default`` names a CV folder like this one: the child starts from the
     fold models averaged in one graph (what ships) and exports as an ensemble."""
     child = tmp_path / "child"
-    assert train.main(["--data", str(CNMC), "--out", str(child), "--epochs", "1", "--seed", "3",
-                       *TINY, "--init-from", str(tiny_cv), "--lr", "1e-12", "--ema", "0",
-                       "--cache-dir", str(tiny_cv / "fold_0" / "cache")]) == 0  # fmt: skip
+    assert (
+        train.main(
+            [
+                "--data",
+                str(CNMC),
+                "--out",
+                str(child),
+                "--epochs",
+                "1",
+                "--seed",
+                "3",
+                *TINY,
+                "--init-from",
+                str(tiny_cv),
+                "--lr",
+                "1e-12",
+                "--ema",
+                "0",
+                "--cache-dir",
+                str(tiny_cv / "fold_0" / "cache"),
+            ]
+        )
+        == 0
+    )
     config = json.loads((child / "config.json").read_text())
     assert config["parent"]["name"] == "cv-tiny" and config["parent"]["path"] == str(tiny_cv)
     import keras
@@ -418,8 +603,11 @@ def test_fine_tuning_a_cv_folder_starts_from_its_averaged_folds(tiny_cv, tmp_pat
 
     child_model = keras.models.load_model(child / "model.keras")
     assert child_model.name == "ensemble_of_3"
-    norms = [layer for layer in all_layers(child_model)
-             if isinstance(layer, keras.layers.BatchNormalization)]  # fmt: skip
+    norms = [
+        layer
+        for layer in all_layers(child_model)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
     assert norms and not any(layer.trainable for layer in norms)  # frozen by default
     fold_model = keras.models.load_model(tiny_cv / "fold_1" / "model.keras")
     member = child_model.get_layer("member_1")
@@ -437,9 +625,24 @@ def test_table1_quick_path(tmp_path):
 
     out = tmp_path / "table1.md"
     work = tmp_path / "work"
-    args = ["--data", str(CNMC), "--out", str(out), "--work", str(work), "--width", "0.0625",
-            "--epochs", "1", "--folds", "3", "--per-patient", "4",
-            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    args = [
+        "--data",
+        str(CNMC),
+        "--out",
+        str(out),
+        "--work",
+        str(work),
+        "--width",
+        "0.0625",
+        "--epochs",
+        "1",
+        "--folds",
+        "3",
+        "--per-patient",
+        "4",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     assert table1.main([*args, "--only", "KNN,SVM,VGG16"]) == 0
     text = out.read_text()
     for name in ["KNN", "SVM", "VGG16"]:
@@ -461,15 +664,26 @@ def test_a_student_learns_from_the_teacher_that_never_saw_its_donors(tiny_cv, tm
     import logging
 
     caplog.set_level(logging.INFO)
-    base = ["--data", str(CNMC), "--epochs", "1", *TINY, "--distill-from", str(tiny_cv),
-            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    base = [
+        "--data",
+        str(CNMC),
+        "--epochs",
+        "1",
+        *TINY,
+        "--distill-from",
+        str(tiny_cv),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     student = tmp_path / "student"
     assert train.main([*base, "--out", str(student), "--fold", "1"]) == 0
     config = json.loads((student / "config.json").read_text())
     assert config["args"]["distill_from"] == str(tiny_cv)
     assert f"distilling from {tiny_cv / 'fold_1'}" in caplog.text
-    assert train.main([*base, "--out", str(tmp_path / "leak"), "--fold", "1",
-                       "--split-seed", "7"]) == 2  # fmt: skip
+    assert (
+        train.main([*base, "--out", str(tmp_path / "leak"), "--fold", "1", "--split-seed", "7"])
+        == 2
+    )
     assert "of this fold's validation donors" in caplog.text
     assert train.main([*base, "--out", str(tmp_path / "all"), "--fold", "-1"]) == 0
     assert "distilling from " + str(tiny_cv) + " " in caplog.text

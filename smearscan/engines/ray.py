@@ -46,8 +46,13 @@ def import_ray():
 
 
 def _found(row: dict, index: int) -> Found:
-    return Found(str(row["path"][index]), str(row["rel"][index]), str(row["slide"][index]),
-                 str(row["problem"][index]), str(row["root"][index]) or None)  # fmt: skip
+    return Found(
+        str(row["path"][index]),
+        str(row["rel"][index]),
+        str(row["slide"][index]),
+        str(row["problem"][index]),
+        str(row["root"][index]) or None,
+    )
 
 
 def prepare_batch(batch: dict, config: StageConfig) -> dict:
@@ -65,9 +70,14 @@ def prepare_batch(batch: dict, config: StageConfig) -> dict:
         file_size[i], mtime[i] = result.size, result.mtime_ns
         if model_input is not None:
             inputs[i] = model_input
-    return {**batch, "input": inputs, "status": np.array(status, dtype=object),
-            "reason": np.array(reason, dtype=object), "size": file_size,
-            "mtime_ns": mtime}  # fmt: skip
+    return {
+        **batch,
+        "input": inputs,
+        "status": np.array(status, dtype=object),
+        "reason": np.array(reason, dtype=object),
+        "size": file_size,
+        "mtime_ns": mtime,
+    }
 
 
 class RayPredictor:
@@ -77,14 +87,17 @@ class RayPredictor:
     def __init__(self, model_path: str, tta: bool, pad_to: int, use_gpu: bool) -> None:
         from smearscan.inference import BatchPredictor
 
-        self.predictor = BatchPredictor(model_path, device="cuda" if use_gpu else "cpu",
-                                        tta=tta, pad_to=pad_to)  # fmt: skip
+        self.predictor = BatchPredictor(
+            model_path, device="cuda" if use_gpu else "cpu", tta=tta, pad_to=pad_to
+        )
         self.classes = len(self.predictor.classifier.labels)
 
     def __call__(self, batch: dict) -> dict:
         count = len(batch["index"])
-        results = [CellResult("", "", str(s), str(r)) for s, r in
-                   zip(batch["status"], batch["reason"], strict=True)]  # fmt: skip
+        results = [
+            CellResult("", "", str(s), str(r))
+            for s, r in zip(batch["status"], batch["reason"], strict=True)
+        ]
         usable = [i for i, r in enumerate(results) if r.status == STATUS_OK]
         if usable:
             answers = self.predictor(np.stack([batch["input"][i] for i in usable]))
@@ -130,8 +143,14 @@ class RayEngine:
 
     name = "ray"
 
-    def __init__(self, config: StageConfig, classifier, batch_size: int = 32,
-                 tta: bool = False, address: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        config: StageConfig,
+        classifier,
+        batch_size: int = 32,
+        tta: bool = False,
+        address: str | None = None,
+    ) -> None:
         self.ray = import_ray()
         self.config, self.batch_size, self.tta = config, max(1, batch_size), tta
         self.model_path = str(classifier.info.path)
@@ -145,11 +164,17 @@ class RayEngine:
         if not self.ray.is_initialized():
             reachable_or_fail(address)
             try:
-                self.ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                              ignore_reinit_error=True, logging_level=logging.WARNING)  # fmt: skip
+                self.ray.init(
+                    address=address,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    ignore_reinit_error=True,
+                    logging_level=logging.WARNING,
+                )
             except Exception as exc:  # noqa: BLE001  (ray raises many kinds)
-                raise EngineError(f"cannot start or join Ray at {address or 'local'}: {exc}") \
-                    from None  # fmt: skip
+                raise EngineError(
+                    f"cannot start or join Ray at {address or 'local'}: {exc}"
+                ) from None
         resources = self.ray.cluster_resources()
         self.cpus = int(resources.get("CPU", 1))
         self.gpus = int(resources.get("GPU", 0))
@@ -197,22 +222,36 @@ class RayEngine:
         context.execution_options.preserve_order = True
         context.enable_progress_bars = False
         context.print_on_execution_start = False
-        rows = [{"index": i, **{f: getattr(item, f) or "" for f in FIELDS}}
-                for i, item in enumerate(items)]  # fmt: skip
+        rows = [
+            {"index": i, **{f: getattr(item, f) or "" for f in FIELDS}}
+            for i, item in enumerate(items)
+        ]
         blocks = max(1, min(len(rows) // ITEMS_PER_BLOCK, 4 * self.cpus))
         actors, actor_cpus = self._actors()
         return (
             self.ray.data.from_items(rows, override_num_blocks=blocks)
-            .map_batches(prepare_batch, fn_kwargs={"config": self.config},
-                         batch_size=self.batch_size, batch_format="numpy", num_cpus=1)
-            .map_batches(RayPredictor,
-                         fn_constructor_kwargs={"model_path": self.model_path, "tta": self.tta,
-                                                "pad_to": self.batch_size,
-                                                "use_gpu": bool(self.gpus)},
-                         compute=ActorPoolStrategy(size=actors), batch_size=self.batch_size,
-                         batch_format="numpy", num_cpus=actor_cpus,
-                         num_gpus=1 if self.gpus else 0)
-        )  # fmt: skip
+            .map_batches(
+                prepare_batch,
+                fn_kwargs={"config": self.config},
+                batch_size=self.batch_size,
+                batch_format="numpy",
+                num_cpus=1,
+            )
+            .map_batches(
+                RayPredictor,
+                fn_constructor_kwargs={
+                    "model_path": self.model_path,
+                    "tta": self.tta,
+                    "pad_to": self.batch_size,
+                    "use_gpu": bool(self.gpus),
+                },
+                compute=ActorPoolStrategy(size=actors),
+                batch_size=self.batch_size,
+                batch_format="numpy",
+                num_cpus=actor_cpus,
+                num_gpus=1 if self.gpus else 0,
+            )
+        )
 
     def run(
         self, items: Iterable[Found], stop: threading.Event | None = None
@@ -229,8 +268,7 @@ class RayEngine:
             attempts += 1
             missing = [i for i in range(next_index, len(work)) if i not in done]
             subset = [work[i] for i in missing]
-            for batch in self._dataset(subset).iter_batches(batch_size=None,
-                                                            batch_format="numpy"):  # fmt: skip
+            for batch in self._dataset(subset).iter_batches(batch_size=None, batch_format="numpy"):
                 for row, local in enumerate(batch["index"]):
                     index = missing[int(local)]
                     if index in done:
@@ -259,7 +297,12 @@ class RayEngine:
         status = str(batch["status"][row])
         probabilities = batch["probabilities"][row]
         return CellResult(
-            item.rel, item.slide, status, str(batch["reason"][row]),
+            item.rel,
+            item.slide,
+            status,
+            str(batch["reason"][row]),
             [float(p) for p in probabilities] if status == STATUS_OK else [],
-            int(batch["size"][row]), int(batch["mtime_ns"][row]), item.path,
-        )  # fmt: skip
+            int(batch["size"][row]),
+            int(batch["mtime_ns"][row]),
+            item.path,
+        )

@@ -53,8 +53,9 @@ def thumbnail_data_uri(
 
     try:
         bgr = read_image(file, order="bgr", inside=inside)
-        framed = cv2.resize(frame_cell(bgr, recipe, "bgr"), (size, size),
-                            interpolation=cv2.INTER_AREA)  # fmt: skip
+        framed = cv2.resize(
+            frame_cell(bgr, recipe, "bgr"), (size, size), interpolation=cv2.INTER_AREA
+        )
     except (ImageDecodeError, cv2.error, ValueError):
         return None
     ok, encoded = cv2.imencode(".jpg", framed, [cv2.IMWRITE_JPEG_QUALITY, 80])
@@ -133,16 +134,23 @@ def write_html(
     thumbnails = []
     for name, stats in sorted(builder.slides.items())[:THUMBNAIL_SLIDES]:
         if stats.suspicious:
-            thumbnails.append({
-                "name": name,
-                "cells": [{"score": score, "path": rel, "uri": thumbnail(file)}
-                          for score, rel, file in sorted(stats.suspicious, reverse=True)],
-            })  # fmt: skip
+            thumbnails.append(
+                {
+                    "name": name,
+                    "cells": [
+                        {"score": score, "path": rel, "uri": thumbnail(file)}
+                        for score, rel, file in sorted(stats.suspicious, reverse=True)
+                    ],
+                }
+            )
     qc_groups = [
-        {"reason": reason, "count": builder.qc_reasons.get(reason, 0),
-         "cells": [{"path": rel, "uri": thumbnail(file)} for rel, file in examples]}
+        {
+            "reason": reason,
+            "count": builder.qc_reasons.get(reason, 0),
+            "cells": [{"path": rel, "uri": thumbnail(file)} for rel, file in examples],
+        }
         for reason, examples in sorted(builder.qc_examples.items())
-    ]  # fmt: skip
+    ]
     model = summary["model"]
     engine = summary.get("engine") or {}
     details = [
@@ -151,32 +159,39 @@ def write_html(
         ("cell rule", summary["decision"]["cell_rule_text"]),
         ("slide rule", summary["decision"]["slide_rule_text"] or "no slide call"),
         ("quality control", qc_text),
-        ("execution provider", summary["execution_provider"]
-         + (f" ({summary['device_note']})" if summary.get("device_note") else "")),
+        (
+            "execution provider",
+            summary["execution_provider"]
+            + (f" ({summary['device_note']})" if summary.get("device_note") else ""),
+        ),
         ("engine", ", ".join(f"{k} {v}" for k, v in engine.items()) if engine else "local"),
         ("duration", f"{summary['seconds']} s ({summary.get('files_per_second')} files/s)"),
         ("smearscan", summary["smearscan_version"]),
         ("started", summary.get("started", "")),
-    ]  # fmt: skip
-    page = environment().get_template("report.html.j2").render(
-        summary=summary,
-        overall=summary["overall"],
-        decision=summary["decision"],
-        slides=summary["slides"],
-        labels=builder.labels,
-        positive=positive,
-        histogram=histogram_svg(
-            summary["histogram"]["counts"], f"P({positive})", builder.policy.threshold
+    ]
+    page = (
+        environment()
+        .get_template("report.html.j2")
+        .render(
+            summary=summary,
+            overall=summary["overall"],
+            decision=summary["decision"],
+            slides=summary["slides"],
+            labels=builder.labels,
+            positive=positive,
+            histogram=histogram_svg(
+                summary["histogram"]["counts"], f"P({positive})", builder.policy.threshold
+            )
+            if positive
+            else "",
+            thumbnails=thumbnails,
+            thumbnails_truncated=len(builder.slides) > THUMBNAIL_SLIDES,
+            qc_groups=qc_groups,
+            errors=[p for p in builder.problems if p["status"] == "error"],
+            details=details,
+            qc_text=qc_text,
+            row_class=_row_class,
         )
-        if positive
-        else "",
-        thumbnails=thumbnails,
-        thumbnails_truncated=len(builder.slides) > THUMBNAIL_SLIDES,
-        qc_groups=qc_groups,
-        errors=[p for p in builder.problems if p["status"] == "error"],
-        details=details,
-        qc_text=qc_text,
-        row_class=_row_class,
-    )  # fmt: skip
+    )
     with reports.write(path) if reports is not None else atomic_write(path) as handle:
         handle.write(page)

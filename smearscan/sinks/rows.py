@@ -26,8 +26,15 @@ def neutralize(value: str) -> str:
 
 
 def row_fields(labels: list[str]) -> list[str]:
-    return ["path", "slide", "label", *[f"p_{label}" for label in labels], "status", "reason",
-            "decided_by"]  # fmt: skip
+    return [
+        "path",
+        "slide",
+        "label",
+        *[f"p_{label}" for label in labels],
+        "status",
+        "reason",
+        "decided_by",
+    ]
 
 
 class RowWriter:
@@ -59,7 +66,17 @@ class RowWriter:
             self.handle.write(json.dumps(values, ensure_ascii=False) + "\n")
             return
         self.writer.writerow(
-            [neutralize(result.path), neutralize(result.slide), neutralize(result.label),
-             *([f"{p:.6f}" for p in probabilities] if probabilities else self.empty_probabilities),
-             result.status, neutralize(reason), neutralize(decided_by)]
-        )  # fmt: skip
+            [
+                neutralize(result.path),
+                neutralize(result.slide),
+                neutralize(result.label),
+                *(
+                    [f"{p:.6f}" for p in probabilities]
+                    if probabilities
+                    else self.empty_probabilities
+                ),
+                result.status,
+                neutralize(reason),
+                neutralize(decided_by),
+            ]
+        )

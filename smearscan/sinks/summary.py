@@ -83,8 +83,9 @@ class SlideStats:
             self.counts[label] = self.counts.get(label, 0) + count
         if other.probability_sums:
             sums = self.probability_sums or [0.0] * len(other.probability_sums)
-            self.probability_sums = [a + b for a, b in zip(sums, other.probability_sums,
-                                                            strict=True)]  # fmt: skip
+            self.probability_sums = [
+                a + b for a, b in zip(sums, other.probability_sums, strict=True)
+            ]
         self.positives += other.positives
         self.positive_sum += other.positive_sum
         for item in other.suspicious:
@@ -107,10 +108,11 @@ class SlideStats:
             },
             "mean_probability": {
                 label: round(self.probability_sums[i] / cells, 4)
-                if cells and self.probability_sums else None
+                if cells and self.probability_sums
+                else None
                 for i, label in enumerate(labels)
             },
-        }  # fmt: skip
+        }
         if with_call and policy.positive is not None:
             score = policy.slide_score(cells, self.positives, self.positive_sum)
             out["score"] = None if score is None else round(score, 4)
@@ -173,8 +175,9 @@ class SummaryBuilder:
                 if len(examples) < QC_EXAMPLES_PER_REASON:
                     examples.append((result.path, result.file))
         if len(self.problems) < LISTED_PROBLEMS:
-            self.problems.append({"path": result.path, "status": result.status,
-                                  "reason": result.reason})  # fmt: skip
+            self.problems.append(
+                {"path": result.path, "status": result.status, "reason": result.reason}
+            )
 
     def merge(self, other: SummaryBuilder) -> None:
         """Add another builder's statistics (another part or node of the same run)."""
@@ -182,8 +185,10 @@ class SummaryBuilder:
             self.slides.setdefault(name, SlideStats()).merge(stats)
         self.histogram = [a + b for a, b in zip(self.histogram, other.histogram, strict=True)]
         self.jpeg_files += other.jpeg_files
-        for mine, theirs in ((self.error_reasons, other.error_reasons),
-                             (self.qc_reasons, other.qc_reasons)):  # fmt: skip
+        for mine, theirs in (
+            (self.error_reasons, other.error_reasons),
+            (self.qc_reasons, other.qc_reasons),
+        ):
             for key, count in theirs.items():
                 mine[key] = mine.get(key, 0) + count
         for key, examples in other.qc_examples.items():
