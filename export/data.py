@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from smearscan.preprocess import ImageDecodeError, Recipe, is_image_path, load_and_preprocess
+from smearscan.names import is_image_path
+from smearscan.preprocess import ImageDecodeError, Recipe, load_and_preprocess
 
 log = logging.getLogger(__name__)
 

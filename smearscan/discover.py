@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import IO, NamedTuple
 
 from smearscan.files import is_inside
-from smearscan.names import display_name
-from smearscan.preprocess import is_image_name, is_image_path
+from smearscan.names import display_name, is_image_name, is_image_path
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +314,24 @@ def explicit_files(paths: Iterable[str | os.PathLike]) -> Iterator[Found]:
     for raw, path in named:
         slide = slides.get(path.parent) or path.parent.name or "."
         yield Found(str(path), display_name(raw), display_name(slide), _problem_of(path))
+
+
+def file_key(path: str) -> str:
+    """One spelling per file: absolute, as named (the state's row key, and what makes a file
+    named twice one file). Absolute names are taken as they are: this runs once per file of
+    a share."""
+    return path if path[:1] == os.sep else os.path.abspath(path)
+
+
+def unique_files(items: Iterable[Found]) -> Iterator[Found]:
+    """Each file once, however often it was named (twice in a list, or as a file and inside a
+    listed folder): one file, one row, with or without ``--state``."""
+    seen: set[str] = set()
+    for item in items:
+        key = file_key(item.path)
+        if key not in seen:
+            seen.add(key)
+            yield item
 
 
 def read_file_list(stream: Iterable[str] | IO[str], nul_separated: bool = False) -> Iterator[str]:

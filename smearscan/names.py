@@ -21,6 +21,10 @@ from __future__ import annotations
 import os
 import re
 
+#: What discovery takes for an image, by extension (case-insensitive). Kept here, with the
+#: other name rules, so that walking a share never imports the image libraries.
+IMAGE_SUFFIXES = frozenset({".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"})
+
 _SIMPLE = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
 _UNSAFE = re.compile(
     r"[\x00-\x1f\x7f-\x9f\\\udc80-\udcff\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
@@ -68,3 +72,16 @@ def unescape_name(text: str) -> str:
         position = match.end()
     out.append(text[position:].encode("utf-8", "surrogateescape"))
     return os.fsdecode(b"".join(out))
+
+
+def is_image_name(name: str) -> bool:
+    """By the extension of a bare file name, case-insensitive (called for every file of a
+    share, so plain string work; leading dots are part of the name, as for ``splitext``)."""
+    stripped = name.lstrip(".")
+    dot = stripped.rfind(".")
+    return dot >= 0 and stripped[dot:].lower() in IMAGE_SUFFIXES
+
+
+def is_image_path(path: str | os.PathLike) -> bool:
+    """:func:`is_image_name` of the path's last component."""
+    return is_image_name(os.path.basename(os.fspath(path)))

@@ -41,8 +41,6 @@ def _opencv_pixel_limit() -> int | None:
 #: refuses an oversized header itself, before any allocation (a decompression bomb).
 OPENCV_PIXEL_LIMIT = _opencv_pixel_limit()
 
-IMAGE_SUFFIXES = frozenset({".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"})
-
 RECIPE_VERSION = 1
 CROP_MODES = ("full", "bbox", "window")
 INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}
@@ -369,16 +367,3 @@ def load_and_preprocess(
 ) -> np.ndarray:
     """Read a file and preprocess it; raises :class:`ImageDecodeError` for unusable files."""
     return preprocess(read_image(path, max_pixels=max_pixels, order="bgr"), recipe, order="bgr")
-
-
-def is_image_name(name: str) -> bool:
-    """By the extension of a bare file name, case-insensitive (called for every file of a
-    share, so plain string work; leading dots are part of the name, as for ``splitext``)."""
-    stripped = name.lstrip(".")
-    dot = stripped.rfind(".")
-    return dot >= 0 and stripped[dot:].lower() in IMAGE_SUFFIXES
-
-
-def is_image_path(path: str | os.PathLike) -> bool:
-    """:func:`is_image_name` of the path's last component."""
-    return is_image_name(os.path.basename(os.fspath(path)))

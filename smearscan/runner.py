@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
-from smearscan.discover import Found, Skipped, discover, explicit_files
+from smearscan.discover import Found, Skipped, discover, explicit_files, unique_files
 from smearscan.exitstatus import ExitStatus
 from smearscan.files import ReportSet, TargetError, check_target, remove_dead_temporaries
 from smearscan.inference import CUDA, BatchPredictor, Classifier
@@ -190,7 +190,7 @@ class ScanRequest:
             items = _chain(items, explicit_files(self.files))
         if self.num_parts > 1:
             items = (item for item in items if in_part(item.rel, self.num_parts, self.part_id))
-        return iter(items)
+        return unique_files(items)
 
 
 def _chain(*parts: Iterable[Found]) -> Iterator[Found]:

@@ -28,7 +28,7 @@ from typing import IO
 
 import filelock
 
-from smearscan.discover import Found
+from smearscan.discover import Found, file_key
 
 try:
     import fcntl
@@ -281,10 +281,9 @@ class StateStore:
             for row in self.db.execute("SELECT file, size, mtime_ns FROM observed")
         }
         sightings: list[tuple] = []
-        seen: set[str] = set()
         now_ns = time.time_ns()
         min_age_ns = int(min_age * 1e9)
-        stat, abspath = os.stat, os.path.abspath
+        stat = os.stat
         verify = self.verify == "content"
         # plain locals in this per-file loop (a no-op rerun over 50,000 files is this loop)
         discovered = pending = reused = to_scan = 0
@@ -292,10 +291,7 @@ class StateStore:
             for item in found:
                 discovered += 1
                 path = item.path
-                key = display_name(path if path[:1] == os.sep else abspath(path))
-                if key in seen:  # named twice (overlapping inputs): scanned, reported once
-                    continue
-                seen.add(key)
+                key = display_name(file_key(path))  # the request has named each file once
                 try:
                     st = stat(path)
                     size, mtime_ns = st.st_size, st.st_mtime_ns
@@ -384,7 +380,7 @@ class StateStore:
     def record(self, result: CellResult) -> None:
         """Queue a fresh result; :meth:`commit` writes queued results in one transaction."""
         order = self._orders.pop(result.file, self._order)
-        file = display_name(os.path.abspath(result.file))
+        file = display_name(file_key(result.file))
         self._pending_rows.append(
             (
                 file,

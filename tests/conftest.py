@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from smearscan.cli import Environment, cli
-from smearscan.preprocess import IMAGE_SUFFIXES
+from smearscan.names import IMAGE_SUFFIXES
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CNMC = FIXTURES / "cnmc"

@@ -933,6 +933,18 @@ def test_each_bad_name_in_a_file_list_is_one_error_row_not_a_failed_run(tmp_path
     assert table[2]["reason"]  # file not found, or the name is too long: a reason either way
 
 
+@pytest.mark.parametrize("with_state", [False, True])
+def test_a_file_named_twice_is_one_row_with_or_without_state(tmp_path, slide_tree, with_state):
+    """Issue 23: a file listed twice gave 2 rows without --state and 1 with it."""
+    first, second = sorted(str(p) for p in image_files(slide_tree))[:2]
+    relative = os.path.relpath(first)  # the same file, spelled another way
+    listing = "\n".join([first, second, first, relative]) + "\n"
+    out = tmp_path / "r.csv"
+    state = ["--state", str(tmp_path / "state.db"), "--min-age", "0"] if with_state else []
+    run(["scan", "--files-from", "-", "--out", str(out), *state], stdin=listing)
+    assert [r["path"] for r in read_rows(out)] == [first, second]
+
+
 def test_a_nul_separated_list_carries_names_with_newlines(tmp_path, slide_tree):
     source = sorted(image_files(slide_tree))[0]
     odd = slide_tree / "patient_A" / f"two\nlines{source.suffix}"
@@ -1092,3 +1104,17 @@ def test_a_full_disk_leaves_the_previous_report_set_whole(tmp_path, slide_tree):
         assert {p.name: p.read_bytes() for p in disk.iterdir()} == before  # no temp either
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_walking_a_share_never_imports_the_image_libraries():
+    """Discovery decides by name alone: a fresh interpreter that imports it has neither
+    OpenCV nor numpy loaded (the suffix list lives with the other name rules)."""
+    code = (
+        "import sys, smearscan.discover as d\n"
+        "assert d.is_image_name('a.WEBP') and not d.is_image_name('.bmp')\n"
+        "print(sorted(m for m in ('cv2', 'numpy', 'PIL') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]"
