@@ -300,21 +300,21 @@ def export(args: argparse.Namespace) -> dict:
     qc_metadata = qc.fit(
         qc_features(qc_samples, recipe, args.workers), f"{len(qc_samples)} training crops"
     )
-    decision = {
-        "cell": {"rule": "threshold", "threshold": round(rules.threshold, 4)}
-        if rules.threshold is not None and len(labels) == 2
-        else {"rule": "argmax"},
-        "slide": {
-            "rule": rules.slide_rule,
-            "cutoff": round(rules.slide_cutoff, 4),
-            "min_cells": args.min_cells,
-        },
-        "fitted_on": fitted_on,
-        "operating_point": (source.report or {}).get("operating_point", args.operating_point),
-    }
+    policy = DecisionPolicy(
+        tuple(labels),
+        positive,
+        rules.threshold if len(labels) == 2 else None,
+        rules.slide_rule,
+        rules.slide_cutoff,
+        args.min_cells,
+    )
+    decision_text = policy.to_metadata(
+        fitted_on=fitted_on,
+        operating_point=(source.report or {}).get("operating_point", args.operating_point),
+    )
+    decision = json.loads(decision_text)
+    # the temperature only: the threshold is part of the decision rule, stored once there
     calibration_info = {"temperature": round(rules.temperature, 4), "fitted_on": fitted_on}
-    if rules.threshold is not None:
-        calibration_info["threshold"] = round(rules.threshold, 4)
 
     proto = convert(model, recipe.input_size)
     description = args.description or (
@@ -340,7 +340,7 @@ def export(args: argparse.Namespace) -> dict:
         mf.KEY_TRAINING_DATA: json.dumps(training),
         mf.KEY_METRICS: json.dumps(metrics),
         mf.KEY_CALIBRATION: json.dumps(calibration_info),
-        mf.KEY_DECISION: json.dumps(decision),
+        mf.KEY_DECISION: decision_text,
         mf.KEY_QC: json.dumps(qc_metadata),
         mf.KEY_CREATED: datetime.now(timezone.utc).isoformat(timespec="seconds"),
         mf.KEY_VERSION: __version__,

@@ -187,14 +187,7 @@ def merge_reports(parts: list[Path], out: Path, html: bool = True) -> MergeOutco
         raise MergeError(f"--out {out}: the merged report is CSV or JSONL")
     decision = first["decision"]
     try:
-        policy = DecisionPolicy(
-            tuple(decision["labels"]),
-            decision["positive_class"],
-            decision["threshold"],
-            decision["slide_rule"] or "fraction",
-            decision["slide_cutoff"] or 0.5,
-            decision["min_cells"] or 1,
-        )
+        policy = DecisionPolicy.from_summary(decision)
     except (KeyError, TypeError, ValueError) as exc:
         raise MergeError(f"{parts[0]}: its summary's decision rule is unusable ({exc!r})") from None
     labels = list(policy.labels)

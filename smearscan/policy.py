@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +21,9 @@ SLIDE_RULES = ("mean", "fraction")
 #: A slide with fewer usable cells than this gets the call "insufficient": a handful of
 #: cells is too few to call a patient either way (C-NMC's smallest donor has 9 crops).
 DEFAULT_MIN_CELLS = 10
+#: Version of the rule as a model file stores it (``smearscan.decision``; see
+#: docs/model-file.md). Files without a version are version 1, the same shape.
+DECISION_VERSION = 1
 INSUFFICIENT = "insufficient"
 #: Below the cut-off. Not "negative": the model misses some ALL donors, so a slide it does
 #: not flag is not ruled out, only not flagged for review (reports before 2026-12-04 said
@@ -151,6 +155,73 @@ class DecisionPolicy:
             f"{self.min_cells} usable cells"
         )
 
+    # ------------------------------------------------------------------ metadata
+
+    def to_metadata(self, **provenance: str) -> str:
+        """The model file's ``smearscan.decision`` entry. The cell threshold is stored here
+        and only here (the calibration holds the temperature). ``provenance`` (where the
+        rule was fitted, the operating point) travels along for people to read."""
+        cell: dict = (
+            {"rule": "argmax"}
+            if self.threshold is None
+            else {"rule": "threshold", "threshold": round(self.threshold, 4)}
+        )
+        slide = {
+            "rule": self.slide_rule,
+            "cutoff": round(self.slide_cutoff, 4),
+            "min_cells": self.min_cells,
+        }
+        return json.dumps({"version": DECISION_VERSION, "cell": cell, "slide": slide, **provenance})
+
+    @classmethod
+    def from_metadata(
+        cls, labels: Sequence[str], positive: str | None, metadata: Mapping[str, str]
+    ) -> DecisionPolicy:
+        """The rule a model file states; files from before ``smearscan.decision`` existed
+        give their calibration's threshold and the fraction rule at 0.5. A threshold applies
+        only to a two-class model with a positive class; otherwise the most probable class."""
+        from smearscan.modelfile import KEY_CALIBRATION, KEY_DECISION
+
+        text = metadata.get(KEY_DECISION)
+        if text:
+            decision = json.loads(text)
+            version = decision.get("version", 1)
+            if version > DECISION_VERSION:
+                raise PolicyError(
+                    f"the decision rule is version {version}; this smearscan reads up to "
+                    f"{DECISION_VERSION}: upgrade smearscan"
+                )
+            cell, slide = decision.get("cell", {}), decision.get("slide", {})
+            threshold = cell.get("threshold") if cell.get("rule") == "threshold" else None
+        else:  # legacy: the threshold in the calibration, the fraction rule
+            threshold = json.loads(metadata.get(KEY_CALIBRATION) or "{}").get("threshold")
+            slide = {"rule": "fraction", "cutoff": 0.5}
+        if len(labels) != 2 or not positive:
+            threshold = None
+        return cls(
+            labels=tuple(labels),
+            positive=positive,
+            threshold=None if threshold is None else float(threshold),
+            slide_rule=slide.get("rule", "fraction"),
+            slide_cutoff=float(slide.get("cutoff", 0.5)),
+            min_cells=int(slide.get("min_cells", DEFAULT_MIN_CELLS)),
+        )
+
+    @classmethod
+    def from_summary(cls, decision: Mapping) -> DecisionPolicy:
+        """The rule of a run, from its summary's ``decision`` (:meth:`to_dict`); what a model
+        without a positive class leaves empty takes the defaults (no slide calls anyway)."""
+        return cls(
+            labels=tuple(decision["labels"]),
+            positive=decision["positive_class"],
+            threshold=decision["threshold"],
+            slide_rule=decision["slide_rule"] or cls.slide_rule,
+            slide_cutoff=cls.slide_cutoff
+            if decision["slide_cutoff"] is None
+            else decision["slide_cutoff"],
+            min_cells=decision["min_cells"] or cls.min_cells,
+        )
+
     def to_dict(self) -> dict:
         return {
             "labels": list(self.labels),
@@ -165,23 +236,6 @@ class DecisionPolicy:
         }
 
 
-def model_decision(metadata: Mapping[str, str]) -> dict:
-    """The decision rule a model file states (``smearscan.decision``), falling back to the
-    older ``smearscan.calibration`` threshold and the fraction rule at 0.5."""
-    from smearscan.modelfile import KEY_CALIBRATION, KEY_DECISION
-
-    text = metadata.get(KEY_DECISION)
-    if text:
-        return json.loads(text)
-    calibration = json.loads(metadata.get(KEY_CALIBRATION) or "{}")
-    decision: dict = {"slide": {"rule": "fraction", "cutoff": 0.5}}
-    if calibration.get("threshold") is not None:
-        decision["cell"] = {"rule": "threshold", "threshold": calibration["threshold"]}
-    else:
-        decision["cell"] = {"rule": "argmax"}
-    return decision
-
-
 def policy_for_model(
     labels: Sequence[str],
     positive: str | None,
@@ -194,17 +248,13 @@ def policy_for_model(
 ) -> DecisionPolicy:
     """The model's own rule, with any of its numbers overridden by the caller (the command
     line). Raises :class:`PolicyError` for an override that cannot apply."""
-    decision = model_decision(metadata)
-    cell, slide = decision.get("cell", {}), decision.get("slide", {})
-    if threshold is None and cell.get("rule") == "threshold" and len(labels) == 2 and positive:
-        threshold = float(cell["threshold"])
-    return DecisionPolicy(
-        labels=tuple(labels),
-        positive=positive,
-        threshold=threshold,
-        slide_rule=slide_rule or slide.get("rule", "fraction"),
-        slide_cutoff=float(slide.get("cutoff", 0.5) if slide_cutoff is None else slide_cutoff),
-        min_cells=int(
-            slide.get("min_cells", DEFAULT_MIN_CELLS) if min_cells is None else min_cells
-        ),
+    overrides: dict[str, Any] = {
+        "threshold": threshold,
+        "slide_rule": slide_rule,
+        "slide_cutoff": slide_cutoff,
+        "min_cells": min_cells,
+    }
+    return replace(
+        DecisionPolicy.from_metadata(labels, positive, metadata),
+        **{name: value for name, value in overrides.items() if value is not None},
     )

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
 from conftest import ROOT, rows
 
+from smearscan import modelfile
 from smearscan.inference import apply_temperature, load_classifier
 from smearscan.metrics import roc_auc
 from smearscan.modelfile import (
@@ -40,6 +42,23 @@ def test_default_model_describes_itself():
     qc = json.loads(info.metadata[KEY_QC])
     assert qc["crops"] > 1000 and set(qc["limits"]) == {"default", "strict"}
     assert model.temperature > 0
+
+
+def documented_keys() -> set[str]:
+    """The keys of docs/model-file.md's table (the contract a lab's tools may rely on)."""
+    text = (ROOT / "docs" / "model-file.md").read_text(encoding="utf-8")
+    return set(re.findall(r"^\| `(smearscan\.[a-z_]+)` \|", text, flags=re.MULTILINE))
+
+
+def defined_keys() -> set[str]:
+    return {value for name, value in vars(modelfile).items() if name.startswith("KEY_")}
+
+
+def test_the_model_file_contract_lists_every_key_and_nothing_else():
+    assert documented_keys() == defined_keys()
+    assert len(defined_keys()) == 16
+    shipped = set(load_classifier(default_model_path(), device="cpu").info.metadata)
+    assert shipped <= documented_keys(), shipped - documented_keys()
 
 
 KEPT = ROOT / "export" / "default_model"

@@ -79,3 +79,37 @@ def test_model_rule_with_overrides_and_older_files():
     text = policy.to_dict()
     assert text["cell_rule_text"] == "a cell is 'all' when P(all) >= 0.37, else 'hem'"
     assert "mean P(all)" in text["slide_rule_text"] and "fewer than 12" in text["slide_rule_text"]
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        DecisionPolicy(LABELS, "all", 0.5745, "mean", 0.5717, 10),
+        DecisionPolicy(LABELS, "all", None, "fraction", 0.0, 1),
+        DecisionPolicy(("all", "aml", "hem"), "all", None, "mean", 0.3, 25),
+        DecisionPolicy(("all", "aml", "hem"), None),
+    ],
+)
+def test_a_policy_writes_and_reads_itself_through_model_metadata_and_a_summary(policy):
+    """One home for the rule's stored form: what the export writes, a scan reads back, and
+    what a summary says, merge rebuilds (a cut-off of 0 stays 0)."""
+    text = policy.to_metadata(fitted_on="somewhere")
+    stored = json.loads(text)
+    assert stored["version"] == 1 and stored["fitted_on"] == "somewhere"
+    assert (
+        DecisionPolicy.from_metadata(policy.labels, policy.positive, {KEY_DECISION: text}) == policy
+    )
+    assert DecisionPolicy.from_summary(policy.to_dict()) == replace_defaults(policy)
+
+
+def replace_defaults(policy: DecisionPolicy) -> DecisionPolicy:
+    """A summary of a model without a positive class leaves the slide rule empty."""
+    if policy.positive is not None:
+        return policy
+    return DecisionPolicy(policy.labels, None, policy.threshold)
+
+
+def test_a_newer_decision_rule_is_refused_not_guessed():
+    text = json.dumps({"version": 2, "cell": {"rule": "argmax"}, "slide": {}})
+    with pytest.raises(PolicyError, match="version 2"):
+        DecisionPolicy.from_metadata(LABELS, "all", {KEY_DECISION: text})

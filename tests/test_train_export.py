@@ -125,6 +125,11 @@ def test_export_parity_metadata_and_scan(tiny_run, tmp_path, slide_tree):
     assert "weighted_f1" in info.json_field("smearscan.metrics")["validation"]
     decision = info.json_field("smearscan.decision")
     assert decision["cell"]["rule"] == "threshold" and decision["slide"]["rule"] == "mean"
+    assert decision["version"] == 1
+    # the threshold is stored once, in the rule; the calibration holds the temperature
+    assert set(info.json_field("smearscan.calibration")) == {"temperature", "fitted_on"}
+    documented = (ROOT / "docs" / "model-file.md").read_text(encoding="utf-8")
+    assert all(f"| `{key}` |" in documented for key in info.metadata)
     qc = info.json_field("smearscan.qc")
     assert qc["crops"] == len(config["split"]["train_patients"]) * 4  # every training crop
     assert info.metadata["smearscan.intended_use"].startswith("research use only")
