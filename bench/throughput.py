@@ -104,7 +104,7 @@ import sys, time, os
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 sys.path.insert(0, sys.argv[3])
 import tensorflow as tf
-from export.train import load_parent, resolve_parent
+from export.parents import load_parent, resolve_parent
 model = load_parent(resolve_parent(sys.argv[2]))  # a CV folder: its folds averaged, as shipped
 started = time.perf_counter()
 ds = tf.keras.utils.image_dataset_from_directory(

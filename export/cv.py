@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from export import train as training
+from export.config import TrainConfig, config_from_options
 from export.donors import (
     Predictions,
     cross_fitted,
@@ -43,18 +44,6 @@ log = logging.getLogger("export.cv")
 #: px. Specificity on these donors is where a model that reads size as malignancy fails.
 LARGE_CELL_AREA = 29_000
 
-#: Training options that do not change the model (a fold trained with other values of
-#: these is still reusable).
-NEUTRAL_OPTIONS = {"out", "fold", "quiet", "workers", "cache_dir"}
-#: What runs made before an option existed did, for the reuse check.
-LEGACY_DEFAULTS = {
-    "scale_at": "input",
-    "augment_strength": 1.0,
-    "freeze_batch_norm": None,
-    "distill_from": None,
-    "distill_weight": 0.5,
-    "split": "donors",
-}
 DEFAULT_OPERATING_POINT = "balanced"
 
 
@@ -90,60 +79,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def fold_args(args: argparse.Namespace, fold: int) -> argparse.Namespace:
-    values = dict(vars(args))
-    for name in ("operating_point", "slide_rule", "shift", "average_of"):
-        values.pop(name)
-    values.update(fold=fold, out=args.out / f"fold_{fold}", quiet=True)
-    return argparse.Namespace(**values)
+def fold_config(config: TrainConfig, out: Path, fold: int) -> TrainConfig:
+    return config.for_fold(fold, out / f"fold_{fold}")
 
 
-def resolved(options: dict) -> dict:
-    """Options with their automatic values filled in as training resolves them."""
-    if options.get("freeze_batch_norm") is None:
-        return {**options, "freeze_batch_norm": bool(options.get("init_from"))}
-    return options
-
-
-def recipe_signature(args: argparse.Namespace) -> dict:
-    """The options that define a fold's model, as stored in its config.json."""
-    return {
-        k: v
-        for k, v in json.loads(json.dumps(vars(args), default=_jsonable)).items()
-        if k not in NEUTRAL_OPTIONS
-    }
-
-
-def _jsonable(value):
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, tuple):
-        return list(value)
-    raise TypeError(type(value))
-
-
-def train_fold(args: argparse.Namespace) -> None:
-    """Train one fold unless a finished run with the same recipe is already there."""
-    done = args.out / "metrics.json"
-    if done.exists():
-        stored = resolved(
-            {**LEGACY_DEFAULTS, **json.loads((args.out / "config.json").read_text())["args"]}
-        )
-        stored["augment"] = list(training.augment_groups(stored["augment"]))
-        wanted = resolved(recipe_signature(args))
-        differing = sorted(k for k in wanted if stored.get(k) != wanted[k])
+def train_fold(config: TrainConfig) -> None:
+    """Train one fold unless a finished run that trains the same model is already there."""
+    if (config.out / "metrics.json").exists():
+        differing = TrainConfig.of_run(config.out).differences(config)
         if differing:
             raise ValueError(
-                f"{args.out} was trained with other options ({', '.join(differing)}); "
+                f"{config.out} was trained with other options ({', '.join(differing)}); "
                 "use a new --out"
             )
-        log.info("fold %d: reusing %s", args.fold, args.out)
+        log.info("fold %d: reusing %s", config.split.fold, config.out)
         return
     import keras
 
     keras.backend.clear_session()
-    log.info("fold %d: training into %s", args.fold, args.out)
-    training.train(args)
+    log.info("fold %d: training into %s", config.split.fold, config.out)
+    training.train(config)
 
 
 def pooled_predictions(out: Path, folds: int, labels: list[str] | None = None) -> Predictions:
@@ -318,23 +273,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        training.resolve_preprocessing(args)
+        config = config_from_options(args)
         parse_operating_point(args.operating_point)
         started = time.time()
         if args.average_of:
-            config = json.loads((args.average_of[0] / "fold_0" / "config.json").read_text())
+            stored = json.loads((args.average_of[0] / "fold_0" / "config.json").read_text())
             predictions = averaged_predictions(args.average_of)
             args.out.mkdir(parents=True, exist_ok=True)
         else:
             for fold in range(args.folds):
-                train_fold(fold_args(args, fold))
-            config = json.loads((args.out / "fold_0" / "config.json").read_text())
-            predictions = pooled_predictions(args.out, args.folds, config["labels"])
+                train_fold(fold_config(config, args.out, fold))
+            stored = json.loads((args.out / "fold_0" / "config.json").read_text())
+            predictions = pooled_predictions(args.out, args.folds, stored["labels"])
     except (ValueError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2
     write_predictions(args.out / "oof_predictions.csv", predictions)
-    positive = config["positive_class"]
+    positive = stored["positive_class"]
     report = evaluate_oof(predictions, positive, args.operating_point, args.slide_rule)
     report["donor_folds"] = {
         str(p): int(f) for p, f in zip(predictions.patients, predictions.folds, strict=True)
@@ -345,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     report["recipe"] = (
         {"average_of": [str(p) for p in args.average_of]}
         if args.average_of
-        else recipe_signature(fold_args(args, 0))
+        else fold_config(config, args.out, 0).signature()
     )
     report["train_minutes"] = round(
         sum(

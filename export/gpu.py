@@ -31,23 +31,29 @@ from pathlib import Path
 import numpy as np
 
 from export import train as training
-from export.data import discover_dataset, grouped_folds
+from export.config import TrainConfig, config_from_options
+from export.cv import fold_config
+from export.data import discover_dataset, patient_folds
+from export.keras_utils import save_model
+from export.pipeline import SplitArrays, cached_arrays, load_split
 
 log = logging.getLogger("export.gpu")
 
 
-def pack(args: argparse.Namespace) -> dict:
-    """Write the pack; returns its metadata."""
+def pack(args: argparse.Namespace, config: TrainConfig) -> dict:
+    """Write the pack (``args``: where and how; ``config``: the crops' preprocessing and the
+    split); returns its metadata."""
     import cv2
 
     from smearscan.preprocess import cell_box, read_image
 
-    recipe = training.recipe_from_args(args)
-    samples = discover_dataset(args.data)
-    x, kept = training.cached_arrays(samples, recipe, args.cache_dir, args.workers)
+    recipe = config.recipe
+    samples = discover_dataset(config.data)
+    x, kept = cached_arrays(samples, recipe, config.cache_dir, config.workers)
     samples = [samples[i] for i in kept]
     labels = sorted({s.label for s in samples})
-    folds = grouped_folds(samples, args.folds, args.split_seed)
+    split = config.split
+    folds = patient_folds(samples, split.folds, split.seed, split.method, config.data)
     fold_of = np.array([next(k for k, f in enumerate(folds) if s.patient in f) for s in samples])
 
     def side_of(sample) -> float:
@@ -65,14 +71,15 @@ def pack(args: argparse.Namespace) -> dict:
             raise ValueError("WebP encoding failed")
         return data.tobytes()
 
-    with ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, config.workers)) as pool:
         sides = np.array(list(pool.map(side_of, samples)), np.float32)
         encoded = list(pool.map(encode, x))
     meta = {
-        "data": str(args.data),
+        "data": str(config.data),
         "recipe": json.loads(recipe.to_json()),
-        "folds": args.folds,
-        "split_seed": args.split_seed,
+        "folds": split.folds,
+        "split_seed": split.seed,
+        "split": split.method,
         "webp_quality": args.quality,
         "crops": len(samples),
     }
@@ -105,7 +112,7 @@ def pack(args: argparse.Namespace) -> dict:
     meta["files"] = [str(f) for f in files]
     meta["bytes"] = sum(f.stat().st_size for f in files)
     meta["boxes_below_input_at_min_scale"] = int(
-        (sides * args.scale_range[0] < recipe.input_size).sum()
+        (sides * config.augmentation.scale_range[0] < recipe.input_size).sum()
     )
     log.info(
         "packed %d crops into %d file(s): %.1f MB, mean |error| %.2f grey levels",
@@ -159,26 +166,21 @@ def load_weights(model, paths: list[Path]) -> None:
         variable.assign(value.astype(np.float32))
 
 
-def write_fold_config(
-    args: argparse.Namespace, split: training.SplitArrays, params: int, origin: dict
-) -> None:
+def write_fold_config(config: TrainConfig, split: SplitArrays, params: int, origin: dict) -> None:
     """The fold's config.json as ``export.train`` writes it, plus where the model came from."""
-    architecture = training.architecture_of(args, f"vgg{args.depth}_w{args.width:g}", params)
-    recipe = training.recipe_from_args(args)
-    config = training.run_config(
-        args, split.labels, recipe, architecture, None, split.train_samples, split.val_samples
+    network = config.network
+    architecture = network.describe(f"vgg{network.depth}_w{network.width:g}", params)
+    stored = training.run_config(
+        config, split.labels, architecture, None, split.train_samples, split.val_samples
     )
-    config["trained_by"] = origin
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "config.json").write_text(json.dumps(config, indent=2))
+    stored["trained_by"] = origin
+    config.out.mkdir(parents=True, exist_ok=True)
+    (config.out / "config.json").write_text(json.dumps(stored, indent=2))
 
 
-def import_run(args: argparse.Namespace) -> None:
+def import_run(args: argparse.Namespace, config: TrainConfig) -> None:
     """Turn an ``export.train_jax`` output folder into the folds of a CV folder."""
     import keras
-
-    from export.cv import fold_args
-    from export.vgg import build_vgg
 
     summary = json.loads((args.source / "summary.json").read_text())[args.name]
     gpu_predictions: dict[int, list[list[str]]] = {}
@@ -188,30 +190,11 @@ def import_run(args: argparse.Namespace) -> None:
         for row in reader:
             if row[0] == args.name:
                 gpu_predictions.setdefault(int(row[1]), []).append(row[2:])
-    cv_args = argparse.Namespace(
-        **{
-            **vars(args),
-            "operating_point": None,
-            "slide_rule": None,
-            "shift": None,
-            "average_of": None,
-        }
-    )
-    for fold in range(args.folds):
-        fold_arguments = fold_args(cv_args, fold)
-        for name in ("source", "name", "command"):
-            delattr(fold_arguments, name)
+    for fold in range(config.split.folds):
+        fold_arguments = fold_config(config, config.out, fold)
         record = summary["folds"][str(fold)]
         weights = weight_files(args.source, args.name, fold)
-        split = training.load_split(
-            args.data,
-            training.recipe_from_args(fold_arguments),
-            args.folds,
-            fold,
-            args.split_seed,
-            args.cache_dir,
-            args.workers,
-        )
+        split = load_split(fold_arguments)
         out = fold_arguments.out
         origin = {
             "trainer": "export.train_jax (Keras 3, JAX backend)",
@@ -220,19 +203,10 @@ def import_run(args: argparse.Namespace) -> None:
         }
         if weights:
             keras.backend.clear_session()
-            model = build_vgg(
-                len(split.labels),
-                depth=args.depth,
-                width=args.width,
-                pooling=args.pooling,
-                dropout=args.dropout,
-                dense_units=tuple(int(u) for u in args.dense.split(",") if u),
-                batch_norm=args.batch_norm,
-                initializer=args.init,
-            )
+            model = config.network.build(len(split.labels), config.recipe.input_size)
             load_weights(model, weights)
             out.mkdir(parents=True, exist_ok=True)
-            training.save_model(model, out / "model.keras")
+            save_model(model, out / "model.keras")
             probabilities = model.predict(
                 split.x_val.astype(np.float32) / 255.0, batch_size=64, verbose=0
             )
@@ -306,11 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        training.resolve_preprocessing(args)
+        config = config_from_options(args)
         if args.command == "pack":
-            print(json.dumps(pack(args), indent=2))
+            print(json.dumps(pack(args, config), indent=2))
         else:
-            import_run(args)
+            import_run(args, config)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         log.error("%s", exc)
         return 2

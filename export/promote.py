@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.train import cv_folds
+from export.parents import cv_folds
 
 log = logging.getLogger("export.promote")
 

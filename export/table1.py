@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.train import load_split
+from export.config import Split, TrainConfig
+from export.pipeline import load_split
 from smearscan.metrics import classification_metrics
 from smearscan.preprocess import Recipe, log_enhance
 
@@ -249,7 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     wanted = args.only.split(",") if args.only else ORDER
 
     arrays = load_split(
-        args.data, TABLE1_RECIPE, args.folds, args.fold, args.seed, args.cache_dir, 2
+        TrainConfig(
+            data=args.data,
+            out=args.work,
+            recipe=TABLE1_RECIPE,
+            split=Split(folds=args.folds, fold=args.fold, seed=args.seed),
+            workers=2,
+            cache_dir=args.cache_dir,
+        )
     )
     labels = arrays.labels
     x_train, y_train, x_val, y_val = arrays.x_train, arrays.y_train, arrays.x_val, arrays.y_val

@@ -30,9 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
+from export.config import default_positive
 from export.data import Sample, discover_dataset, load_arrays
 from export.donors import Rules, fit_rules, parse_operating_point, read_predictions
-from export.train import cv_folds, default_positive
+from export.parents import cv_folds
 from smearscan import __version__, qc
 from smearscan import modelfile as mf
 from smearscan.inference import apply_temperature, load_classifier

@@ -32,17 +32,22 @@ from pathlib import Path
 
 import numpy as np
 
+from export.config import Augmentation, TrainConfig, config_from_options, default_positive
+from export.sampling import epoch_indices
+from smearscan.preprocess import Recipe
+
 log = logging.getLogger("export.train_jax")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from export import train as training
+    from export.config import add_training_options
 
-    parser = training.build_parser(prog="python -m export.train_jax")
-    parser.description = __doc__.split("\n")[0]
-    for action in parser._actions:  # the pack replaces the data folder
-        if action.dest == "data":
-            action.required = False
+    parser = argparse.ArgumentParser(
+        prog="python -m export.train_jax",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_training_options(parser, data_required=False)  # the pack replaces the data folder
     parser.add_argument(
         "--pack",
         required=True,
@@ -184,7 +189,7 @@ class Pack:
             self.x = np.stack(list(pool.map(decode, chunks)))
 
 
-def make_augment(groups: tuple[str, ...], strength: float, scale_range, scale_at: str, size: int):
+def make_augment(augmentation: Augmentation, size: int):
     """A jittable function (key, uint8 batch, box sides) -> float32 batch in [0, 1]: the
     groups of ``export.augment.make_augmenter``, per crop (vmapped), in JAX."""
     import jax
@@ -192,7 +197,12 @@ def make_augment(groups: tuple[str, ...], strength: float, scale_range, scale_at
 
     from export.augment import BACKGROUND, HED_FROM_RGB, RGB_FROM_HED
 
-    k = float(strength)
+    groups, scale_range, scale_at = (
+        augmentation.groups,
+        augmentation.scale_range,
+        augmentation.scale_at,
+    )
+    k = float(augmentation.strength)
     log_low, log_high = float(np.log(scale_range[0])), float(np.log(scale_range[1]))
     hed_from_rgb, rgb_from_hed = jnp.asarray(HED_FROM_RGB), jnp.asarray(RGB_FROM_HED)
 
@@ -319,27 +329,17 @@ def zoom(image, factor, size: int):
 class FoldTrainer:
     """One fold's training state and its jitted steps."""
 
-    def __init__(self, args: argparse.Namespace, num_classes: int, steps_per_epoch: int) -> None:
+    def __init__(self, config: TrainConfig, num_classes: int, steps_per_epoch: int) -> None:
         import jax
         import keras
 
-        from export.vgg import build_vgg
-
-        keras.utils.set_random_seed(args.seed)
-        self.args = args
-        self.model = build_vgg(
-            num_classes,
-            depth=args.depth,
-            width=args.width,
-            input_size=128,
-            pooling=args.pooling,
-            dense_units=tuple(int(u) for u in args.dense.split(",") if u),
-            batch_norm=args.batch_norm,
-            dropout=args.dropout,
-            initializer=args.init,
-        )
+        keras.utils.set_random_seed(config.seed)
+        self.config = config
+        self.model = config.network.build(num_classes, 128)
         schedule = keras.optimizers.schedules.CosineDecay(
-            args.lr, decay_steps=steps_per_epoch * args.epochs, alpha=0.05
+            config.schedule.lr,
+            decay_steps=steps_per_epoch * config.schedule.epochs,
+            alpha=0.05,
         )
         self.optimizer = keras.optimizers.Adam(schedule)
         self.optimizer.build(self.model.trainable_variables)
@@ -374,9 +374,10 @@ class FoldTrainer:
         import keras
 
         trainable, non_trainable, optimizer_state, average = state
-        if self.args.mixup > 0:  # one share per batch, as the CPU trainer's mixup
+        mixup = self.config.augmentation.mixup
+        if mixup > 0:  # one share per batch, as the CPU trainer's mixup
             first, second = jax.random.split(key)
-            share = jax.random.beta(first, self.args.mixup, self.args.mixup)
+            share = jax.random.beta(first, mixup, mixup)
             order = jax.random.permutation(second, images.shape[0])
             images = share * images + (1 - share) * images[order]
             onehot = share * onehot + (1 - share) * onehot[order]
@@ -394,7 +395,7 @@ class FoldTrainer:
         trainable, optimizer_state = self.optimizer.stateless_apply(
             optimizer_state, grads, trainable
         )
-        decay = jnp.minimum(self.args.ema, (1.0 + step) / (10.0 + step))
+        decay = jnp.minimum(self.config.schedule.ema, (1.0 + step) / (10.0 + step))
         average = [decay * a + (1.0 - decay) * t for a, t in zip(average, trainable, strict=True)]
         accuracy = jnp.mean(jnp.argmax(predicted, -1) == jnp.argmax(onehot, -1))
         return (trainable, non_trainable, optimizer_state, average), loss, accuracy
@@ -422,10 +423,10 @@ class FoldTrainer:
 
     def evaluated_state(self, recalibration: np.ndarray, batch: int = 64):
         """The weights as they are kept: the average, batch norm re-estimated on clean
-        crops (a cumulative mean over batches, as ``export.train.recalibrate_batch_norm``)."""
+        crops (a cumulative mean over batches, as ``export.keras_utils.recalibrate_batch_norm``)."""
         import jax.numpy as jnp
 
-        trainable = self.average if self.args.ema > 0 else self.trainable
+        trainable = self.average if self.config.schedule.ema > 0 else self.trainable
         non_trainable = self.non_trainable
         if self.batch_norms and len(recalibration):
             usable = len(recalibration) // batch * batch
@@ -460,19 +461,17 @@ class FoldTrainer:
         return {variable.path: np.asarray(variable.value) for variable in self.model.weights}
 
 
-def steps_per_epoch(pack: Pack, args: argparse.Namespace, fold: int) -> int:
-    from export.train import epoch_indices
-
+def steps_per_epoch(pack: Pack, config: TrainConfig, fold: int) -> int:
     train_index = np.flatnonzero(pack.fold_of != fold)
     drawn = epoch_indices(
-        pack.patients[train_index], pack.y[train_index], args, np.random.default_rng(0)
+        pack.patients[train_index], pack.y[train_index], config.sampling, np.random.default_rng(0)
     )
-    return len(drawn) // args.batch_size
+    return len(drawn) // config.schedule.batch_size
 
 
 def train_fold(
     pack: Pack,
-    args: argparse.Namespace,
+    config: TrainConfig,
     fold: int,
     rng: np.random.Generator,
     trainer: FoldTrainer,
@@ -482,29 +481,30 @@ def train_fold(
     import jax
     import jax.numpy as jnp
 
-    from export.train import default_positive, epoch_indices
     from smearscan.metrics import classification_metrics
 
+    schedule, sampling = config.schedule, config.sampling
     train_index = np.flatnonzero(pack.fold_of != fold)
     val_index = np.flatnonzero(pack.fold_of == fold)
     patients, y = pack.patients[train_index], pack.y[train_index]
-    steps = steps_per_epoch(pack, args, fold)
+    steps = steps_per_epoch(pack, config, fold)
     trainer.reset()
     images = jnp.asarray(pack.x[train_index])
     sides = jnp.asarray(pack.side[train_index])
     onehot = jnp.asarray(np.eye(len(pack.labels), dtype=np.float32)[y])
-    drawn = epoch_indices(patients, y, args, np.random.default_rng(1))
-    recalibration = pack.x[train_index][drawn[: max(0, args.bn_recalibrate)]]
-    key = jax.random.PRNGKey(args.seed)
+    drawn = epoch_indices(patients, y, sampling, np.random.default_rng(1))
+    recalibration = pack.x[train_index][drawn[: max(0, schedule.bn_recalibrate)]]
+    key = jax.random.PRNGKey(config.seed)
     positive = default_positive(pack.labels)
     history = []
     state = None
-    for epoch in range(1, args.epochs + 1):
+    for epoch in range(1, schedule.epochs + 1):
         tick = time.time()
-        order = epoch_indices(patients, y, args, rng)
+        order = epoch_indices(patients, y, sampling, rng)
         losses, accuracies = [], []
-        for start in range(0, steps * args.batch_size, args.batch_size):
-            batch = jnp.asarray(order[start : start + args.batch_size])
+        size = schedule.batch_size
+        for start in range(0, steps * size, size):
+            batch = jnp.asarray(order[start : start + size])
             key, sub, mix = jax.random.split(key, 3)
             inputs = augment(sub, images[batch], sides[batch])
             loss, accuracy = trainer.train_step(inputs, onehot[batch], mix)
@@ -536,35 +536,45 @@ def train_fold(
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     os.environ.setdefault("KERAS_BACKEND", "jax")
-    args = build_parser().parse_args(argv)  # (it refuses --init-from: recipe defaults apply)
+    args = build_parser().parse_args(argv)
     import jax
     import keras
 
     if keras.backend.backend() != "jax":
         log.error("set KERAS_BACKEND=jax (this is %s)", keras.backend.backend())
         return 2
-    if "jpeg" in args.augment:
-        log.error("--augment jpeg acts on the raw crops, which a pack does not carry")
-        return 2
-    if args.init_from or args.balance != "donors":
-        log.error("the JAX trainer supports neither --init-from nor --balance other than donors")
-        return 2
     started = time.time()
     pack = Pack(args.pack, args.workers)
-    recipe = pack.meta["recipe"]
-    if (recipe["crop"], recipe["margin"], recipe["window"]) != (
-        args.crop,
-        args.margin,
-        args.window,
-    ):
+    args.data = args.data or Path(pack.meta["data"])
+    try:
+        config = config_from_options(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    augmentation = config.augmentation
+    if "jpeg" in augmentation.groups:
+        log.error("--augment jpeg acts on the raw crops, which a pack does not carry")
+        return 2
+    if config.init_from or config.sampling.balance != "donors":
+        log.error("the JAX trainer supports neither --init-from nor --balance other than donors")
+        return 2
+    if config.schedule.ema <= 0:
+        log.error("the JAX trainer keeps the weight average: --ema must be above 0")
+        return 2
+    packed = Recipe.from_json(json.dumps(pack.meta["recipe"]))
+    if packed != config.recipe:
         log.error(
-            "the pack was made with crop %s; pass the same --crop/--margin/--window", recipe["crop"]
+            "the pack was made with crop %s, margin %s, window %s; pass the same "
+            "--crop/--margin/--window/--interpolation/--log-enhance",
+            packed.crop,
+            packed.margin,
+            packed.window,
         )
         return 2
     folds = fold_selection(args.fold_list, pack.meta["folds"])
     saved = fold_selection(args.save_weights, pack.meta["folds"])
-    name = args.name or f"w{args.width:g}"
-    args.out.mkdir(parents=True, exist_ok=True)
+    name = args.name or f"w{config.network.width:g}"
+    config.out.mkdir(parents=True, exist_ok=True)
     log.info(
         "%d crops, %d donors; %s on %s",
         len(pack.paths),
@@ -572,31 +582,20 @@ def main(argv: list[str] | None = None) -> int:
         name,
         jax.devices(),
     )
-    if args.ema <= 0:
-        log.error("the JAX trainer keeps the weight average: --ema must be above 0")
-        return 2
-    rng = np.random.default_rng(args.seed)
-    steps = {steps_per_epoch(pack, args, fold) for fold in folds}
+    rng = np.random.default_rng(config.seed)
+    steps = {steps_per_epoch(pack, config, fold) for fold in folds}
     if len(steps) != 1:
         log.error("folds differ in steps per epoch %s; train them one at a time", steps)
         return 2
-    trainer = FoldTrainer(args, len(pack.labels), steps.pop())
-    augment = jax.jit(
-        make_augment(
-            tuple(args.augment),
-            args.augment_strength,
-            args.scale_range,
-            args.scale_at,
-            pack.x.shape[1],
-        )
-    )
+    trainer = FoldTrainer(config, len(pack.labels), steps.pop())
+    augment = jax.jit(make_augment(augmentation, pack.x.shape[1]))
     for fold in folds:
         tick = time.time()
-        weights, probabilities, history = train_fold(pack, args, fold, rng, trainer, augment)
+        weights, probabilities, history = train_fold(pack, config, fold, rng, trainer, augment)
         seconds = round(time.time() - tick, 1)
         val_index = np.flatnonzero(pack.fold_of == fold)
         write_fold(
-            args.out,
+            config.out,
             name,
             fold,
             pack,
@@ -607,14 +606,11 @@ def main(argv: list[str] | None = None) -> int:
                 "history": history,
                 "params": int(sum(v.size for v in weights.values())),
             },
-            {
-                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                "device": str(jax.devices()[0]),
-            },
+            {"args": config.to_record(), "device": str(jax.devices()[0])},
         )
         if fold in saved:
             save_weights(
-                weights, args.out / f"{name}-fold{fold}", args.weights_dtype, args.max_file_mb
+                weights, config.out / f"{name}-fold{fold}", args.weights_dtype, args.max_file_mb
             )
         log.info("fold %d done in %.0f s", fold, seconds)
     log.info("%s: %d fold(s) in %.0f s", name, len(folds), time.time() - started)

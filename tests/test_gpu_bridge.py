@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from conftest import CNMC, require_training_stack
 
-from export import cv, gpu, train_jax
-from export import train as training
+from export import cv, gpu, train, train_jax
+from export.config import config_from_options
 from export.data import discover_dataset, grouped_folds
+from export.pipeline import cached_arrays
 
 RECIPE = ["--crop", "bbox", "--margin", "0.08", "--folds", "3", "--workers", "2"]
 NETWORK = ["--width", "0.0625", "--epochs", "2"]
@@ -36,7 +37,7 @@ def packed(tmp_path_factory):
             *RECIPE,
         ]
     )
-    meta = gpu.pack(args)
+    meta = gpu.pack(args, config_from_options(args))
     return out, meta
 
 
@@ -54,10 +55,8 @@ def test_the_pack_keeps_the_protocols_folds_labels_and_crops(packed):
         assert sample.patient in folds[fold]
     assert pack.labels == ["all", "hem"]
     assert [pack.labels[k] for k in pack.y] == [s.label for s in samples]
-    recipe = training.recipe_from_args(
-        training.build_parser().parse_args(["--data", "x", "--out", "y", *RECIPE])
-    )
-    real, _ = training.cached_arrays(samples, recipe, out / "cache", 2)
+    recipe = train.parse_config(["--data", "x", "--out", "y", *RECIPE]).recipe
+    real, _ = cached_arrays(samples, recipe, out / "cache", 2)
     assert pack.x.shape == real.shape == (24, 128, 128, 3)
     assert np.array_equal(pack.x, real) and meta["mean_abs_error"] == 0  # lossless by default
     assert (pack.side > 50).all() and meta["crops"] == 24

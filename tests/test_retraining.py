@@ -19,6 +19,7 @@ require_training_stack()
 pytestmark = pytest.mark.train
 
 from export import cv, train  # noqa: E402
+from export.config import TrainConfig  # noqa: E402
 from smearscan.inference import load_classifier  # noqa: E402
 from smearscan.preprocess import Recipe  # noqa: E402
 
@@ -96,23 +97,16 @@ def test_the_readme_retraining_commands_work_on_a_lab_layout(tmp_path):
 def test_the_training_defaults_are_the_shipped_recipe():
     """export.cv's defaults and the shipped model's recipe cannot drift apart."""
     shipped = json.loads((ROOT / "export" / "default_model" / "fold_0" / "config.json").read_text())
-    args = train.parse_args(["--data", "DATA", "--out", "runs/x"])
-    defaults = cv.recipe_signature(args)
-    defaults["augment"] = ",".join(defaults["augment"]) or "none"  # as config.json writes it
-    stored = {**cv.LEGACY_DEFAULTS, **shipped["args"]}  # options added since, as resume sees them
-    differing = {
-        name: (value, stored.get(name))
-        for name, value in defaults.items()
-        if name != "data" and value != stored.get(name)
-    }
-    assert not differing
-    assert train.recipe_from_args(args) == Recipe.from_json(json.dumps(shipped["recipe"]))
+    defaults = train.parse_config(["--data", shipped["args"]["data"], "--out", "runs/x"])
+    stored = TrainConfig.of_run(ROOT / "export" / "default_model" / "fold_0")
+    assert stored.differences(defaults) == []
+    assert defaults.recipe == Recipe.from_json(json.dumps(shipped["recipe"]))
 
 
 def test_init_from_takes_the_parents_preprocessing_and_refuses_a_conflicting_one(tmp_path, caplog):
     caplog.set_level(logging.INFO)
-    args = train.parse_args(["--data", "DATA", "--out", "runs/x", "--init-from", "default"])
-    assert train.recipe_from_args(args) == load_classifier(device="cpu").info.recipe
+    config = train.parse_config(["--data", "DATA", "--out", "runs/x", "--init-from", "default"])
+    assert config.recipe == load_classifier(device="cpu").info.recipe
     assert "preprocessing taken from the parent" in caplog.text
     data = lab_layout(tmp_path, donors_per_class=2, crops=4)
     code = cv.main(

@@ -82,12 +82,12 @@ def test_training_is_deterministic_for_a_seed(tiny_run, tmp_path):
 
 
 def test_donor_balanced_epochs_give_every_donor_the_same_draws():
-    import argparse
+    from export.config import Sampling
+    from export.sampling import epoch_indices
 
     patients = np.array(["a"] * 3 + ["b"] * 300 + ["c"] * 50 + ["d"] * 10)
     y = np.array([0] * 303 + [1] * 60)
-    args = argparse.Namespace(balance="donors", per_patient=20)
-    indices = train.epoch_indices(patients, y, args, np.random.default_rng(0))
+    indices = epoch_indices(patients, y, Sampling("donors", 20), np.random.default_rng(0))
     drawn = {p: int((patients[indices] == p).sum()) for p in "abcd"}
     assert drawn == {"a": 20, "b": 20, "c": 20, "d": 20}  # small donors drawn with replacement
     assert (y[indices] == 0).sum() == (y[indices] == 1).sum()
@@ -104,8 +104,10 @@ def test_jpeg_augmentation_is_asked_for_by_name_and_recompresses_raw_crops():
     with pytest.raises(ValueError, match="unknown"):
         parse_groups("full,jpg")
     samples = discover_dataset(CNMC)[:1]
-    plain = train.RawRescaler(samples, Recipe(), (1, 1))
-    lossy = train.RawRescaler(samples, Recipe(), (1, 1), jpeg=True)
+    from export.pipeline import RawRescaler
+
+    plain = RawRescaler(samples, Recipe(), (1, 1))
+    lossy = RawRescaler(samples, Recipe(), (1, 1), jpeg=True)
     changed = [not np.array_equal(plain(0, seed), lossy(0, seed)) for seed in range(20)]
     assert 3 <= sum(changed) <= 17  # about half the draws are recompressed
     first = next(seed for seed, c in enumerate(changed) if c)
@@ -295,8 +297,11 @@ def test_training_refuses_bad_input_clearly(tmp_path):
     shutil.copy(next(CNMC.rglob("*.webp")), tmp_path / "all")
     assert train.main(["--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     with pytest.raises(SystemExit) as exit_info:
-        train.parse_args(["--data", str(CNMC), "--out", str(tmp_path / "o"), "--epochs", "0"])
+        train.parse_config(["--data", str(CNMC), "--out", str(tmp_path / "o"), "--epochs", "0"])
     assert exit_info.value.code == 2
+    # a value of the right type that no trainer can use: refused by the typed config
+    assert train.main(["--data", str(CNMC), "--out", str(tmp_path / "o"), "--ema", "1.5"]) == 2
+    assert not (tmp_path / "o").exists()
 
 
 def test_help_shows_defaults_and_runs_from_the_repository_root():
@@ -604,7 +609,7 @@ def test_fine_tuning_a_cv_folder_starts_from_its_averaged_folds(tiny_cv, tmp_pat
     assert config["parent"]["name"] == "cv-tiny" and config["parent"]["path"] == str(tiny_cv)
     import keras
 
-    from export.train import all_layers
+    from export.keras_utils import all_layers
 
     child_model = keras.models.load_model(child / "model.keras")
     assert child_model.name == "ensemble_of_3"

@@ -1,0 +1,111 @@
+"""Keras helpers of the TensorFlow trainer: the weight average, batch-norm re-estimation,
+saving without the optimizer, and the training curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """Training and validation loss and accuracy per epoch (the paper's Fig. 5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [h["loss"] for h in history], label="train")
+    ax_acc.plot(epochs, [h["accuracy"] for h in history], label="train")
+    if history and history[0].get("val_loss") is not None:
+        ax_loss.plot(epochs, [h["val_loss"] for h in history], label="validation")
+        ax_acc.plot(epochs, [h["val_accuracy"] for h in history], label="validation")
+        ax_acc.plot(epochs, [h["val_weighted_f1"] for h in history], label="validation weighted F1")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy", ylim=(0, 1))
+    for ax in (ax_loss, ax_acc):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class WeightAverage:
+    """Exponential moving average of the trainable weights, updated after every step.
+
+    The averaged weights are what gets evaluated and saved: they swing far less from epoch
+    to epoch than the raw weights under strong augmentation. Early steps use a smaller
+    decay (as TensorFlow's ExponentialMovingAverage with num_updates) so that the average
+    is not dominated by the initialisation.
+    """
+
+    def __init__(self, model, decay: float) -> None:
+        self.model, self.decay, self.steps = model, decay, 0
+        self.shadow = [np.array(v.numpy()) for v in model.trainable_weights]
+
+    def callback(self):
+        import keras
+
+        average = self
+
+        class Update(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                average.update()
+
+        return Update()
+
+    def update(self) -> None:
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for shadow, variable in zip(self.shadow, self.model.trainable_weights, strict=True):
+            shadow *= decay
+            shadow += (1 - decay) * variable.numpy()
+
+    def apply(self) -> None:
+        for shadow, variable in zip(self.shadow, self.model.trainable_weights, strict=True):
+            variable.assign(shadow)
+
+
+def recalibrate_batch_norm(model, images: np.ndarray, batch_size: int = 64) -> None:
+    """Replace every batch-norm layer's moving statistics by their average over ``images``
+    (un-augmented training crops, uint8): a cumulative mean, batch by batch."""
+    import keras
+
+    layers = [
+        layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    if not layers or len(images) == 0:
+        return
+    momenta = [layer.momentum for layer in layers]
+    try:
+        for index, start in enumerate(range(0, len(images), batch_size)):
+            for layer in layers:
+                layer.momentum = index / (index + 1)
+            batch = images[start : start + batch_size].astype(np.float32) / np.float32(255.0)
+            model(batch, training=True)
+    finally:
+        for layer, momentum in zip(layers, momenta, strict=True):
+            layer.momentum = momentum
+
+
+def all_layers(model) -> list:
+    """Every layer, inside nested models too (an ensemble holds its members as layers)."""
+    found = []
+    for layer in model.layers:
+        found.append(layer)
+        if hasattr(layer, "layers"):
+            found.extend(all_layers(layer))
+    return found
+
+
+def save_model(model, path: Path) -> None:
+    """The weights and architecture without the optimizer state (a third of the size), so
+    runs can be kept in the repository and fine-tuned from."""
+    import keras
+
+    bare = keras.models.clone_model(model)
+    bare.set_weights(model.get_weights())
+    bare.save(path)

@@ -1,0 +1,176 @@
+"""Training data as arrays and tf.data pipelines: the patient split preprocessed once (and
+cached), crops decoded again for raw-crop augmentation, and the batches a trainer sees."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from export.augment import make_augmenter
+from export.config import TrainConfig
+from export.data import Sample, discover_dataset, load_arrays, split_by_patient
+from smearscan.preprocess import Recipe
+
+
+def cached_arrays(
+    samples: list[Sample], recipe: Recipe, cache_dir: Path, workers: int
+) -> tuple[np.ndarray, list[int]]:
+    """Preprocess once per (file list, recipe) and keep the uint8 arrays on disk."""
+    key = hashlib.sha256(
+        (
+            recipe.to_json() + "\n".join(f"{s.path}:{s.path.stat().st_size}" for s in samples)
+        ).encode()
+    ).hexdigest()[:20]
+    path = cache_dir / f"{key}.npz"
+    if path.exists():
+        with np.load(path) as cached:
+            return cached["x"], cached["kept"].tolist()
+    x, kept = load_arrays(samples, recipe, workers=workers)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, x=x, kept=np.asarray(kept, np.int64))
+    os.replace(tmp, path)
+    return x, kept
+
+
+@dataclass
+class SplitArrays:
+    """A patient-disjoint split, preprocessed; unreadable images are already dropped."""
+
+    labels: list[str]
+    samples: list[Sample]
+    train_samples: list[Sample]
+    val_samples: list[Sample]
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+
+def load_split(config: TrainConfig) -> SplitArrays:
+    """Discover, split by patient and preprocess (cached) a training folder; fold -1 puts
+    every patient in training."""
+    data, split, recipe = config.data, config.split, config.recipe
+    cache_dir, workers = config.cache_dir, config.workers
+    samples = discover_dataset(data)
+    labels = sorted({s.label for s in samples})
+    if split.fold == -1:
+        train_samples, val_samples = list(samples), []
+    else:
+        train_samples, val_samples = split_by_patient(
+            samples, split.folds, split.fold, split.seed, split.method, data
+        )
+    x_train, kept_train = cached_arrays(train_samples, recipe, cache_dir, workers)
+    x_val, kept_val = cached_arrays(val_samples, recipe, cache_dir, workers)
+    train_samples = [train_samples[i] for i in kept_train]
+    val_samples = [val_samples[i] for i in kept_val]
+    return SplitArrays(
+        labels,
+        samples,
+        train_samples,
+        val_samples,
+        x_train,
+        np.array([labels.index(s.label) for s in train_samples], dtype=np.int64),
+        x_val,
+        np.array([labels.index(s.label) for s in val_samples], dtype=np.int64),
+    )
+
+
+class RawRescaler:
+    """Training crops decoded again at every draw, rescaled by a random factor around the
+    frame centre and then preprocessed by the scanner's own function: the scale
+    augmentation acts where a different magnification would. With ``jpeg``, half the draws
+    are also saved as JPEG (quality drawn from ``augment.JPEG_QUALITY``) and read back
+    first, as a lab's export would. The encoded bytes stay in memory (about 25 kB a crop)."""
+
+    def __init__(
+        self, samples: list[Sample], recipe: Recipe, scale_range, jpeg: bool = False
+    ) -> None:
+        self.data = [sample.path.read_bytes() for sample in samples]
+        self.recipe = recipe
+        self.low, self.high = np.log(scale_range[0]), np.log(scale_range[1])
+        self.jpeg = jpeg
+
+    def __call__(self, index, seed) -> np.ndarray:
+        from export.augment import JPEG_QUALITY, jpeg_roundtrip, rescale
+        from smearscan.preprocess import decode_image, preprocess
+
+        rng = np.random.default_rng(int(seed))
+        image = decode_image(self.data[int(index)], order="bgr")
+        factor = float(np.exp(rng.uniform(self.low, self.high)))
+        if self.jpeg and rng.random() < 0.5:
+            image = jpeg_roundtrip(image, int(rng.integers(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1)))
+        model_input = preprocess(rescale(image, factor), self.recipe, order="bgr")
+        return np.round(model_input * 255.0).astype(np.uint8)
+
+
+def make_dataset(
+    tf,
+    x,
+    y,
+    num_classes: int,
+    config: TrainConfig,
+    training: bool,
+    rng: np.random.Generator,
+    rescaler: RawRescaler | None = None,
+    indices: np.ndarray | None = None,
+    teacher=None,
+):
+    """tf.data pipeline: uint8 -> float in [0, 1] exactly as ``preprocess`` scales, then
+    augmentation and mixup (training only). Labels are one-hot (mixup blends them). With a
+    ``rescaler``, the crops at ``indices`` are decoded, rescaled and preprocessed afresh
+    instead of taken from ``x``. With a ``teacher`` (distillation), each target becomes
+    ``(1 - w) * label + w * teacher(image)`` on the very image the student sees."""
+    autotune = tf.data.AUTOTUNE
+    size = x.shape[1]
+    augmentation = config.augmentation
+    groups = augmentation.on_input  # jpeg, and scale at "raw", act on the raw crop
+    augment = make_augmenter(tf, groups, augmentation.scale_range, size, augmentation.strength)
+
+    def scale(image, label):
+        return tf.cast(image, tf.float32) * (1.0 / 255.0), tf.one_hot(label, num_classes)
+
+    if rescaler is not None and indices is not None:
+        seeds = rng.integers(1 << 31, size=len(indices))
+        ds = tf.data.Dataset.from_tensor_slices((indices, seeds, y))
+
+        def load(index, seed, label):
+            image = tf.numpy_function(rescaler, [index, seed], tf.uint8, stateful=False)
+            image.set_shape([size, size, 3])
+            return image, label
+
+        ds = ds.map(load, num_parallel_calls=autotune)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if training:
+        ds = ds.shuffle(len(y), seed=int(rng.integers(1 << 31)), reshuffle_each_iteration=True)
+    ds = ds.map(scale, num_parallel_calls=autotune)
+    if training and groups:
+        ds = ds.map(lambda image, label: (augment(image), label), num_parallel_calls=autotune)
+    ds = ds.batch(config.schedule.batch_size)
+    if training and augmentation.mixup > 0:
+        alpha = float(augmentation.mixup)
+
+        def mixup(images, labels):
+            first = tf.random.gamma([], alpha)
+            second = tf.random.gamma([], alpha)
+            share = first / (first + second)
+            order = tf.random.shuffle(tf.range(tf.shape(images)[0]))
+            return (
+                share * images + (1 - share) * tf.gather(images, order),
+                share * labels + (1 - share) * tf.gather(labels, order),
+            )
+
+        ds = ds.map(mixup, num_parallel_calls=autotune)
+    if training and teacher is not None:
+        share = float(config.distill_weight)
+
+        def soften(images, labels):
+            return images, (1.0 - share) * labels + share * teacher(images, training=False)
+
+        ds = ds.map(soften)
+    return ds.prefetch(autotune)

@@ -1,0 +1,48 @@
+"""Which crops each training epoch draws (both trainers, the TF and the JAX one)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from export.config import Sampling
+
+
+def epoch_indices(
+    patients: np.ndarray, y: np.ndarray, sampling: Sampling, rng: np.random.Generator
+) -> np.ndarray:
+    """Indices for one training epoch.
+
+    ``donors``: every class gets the same number of draws and each of its donors the same
+    share of them, drawn with replacement where a donor has fewer crops, so a donor with
+    20 crops weighs as much as one with 400 and the classes are even. Otherwise up to
+    ``per_patient`` crops per patient without replacement, then ``oversample`` evens the
+    classes if asked.
+    """
+    indices = np.arange(len(y))
+    if sampling.balance == "donors":
+        donors = sorted(set(zip(patients.tolist(), y.tolist(), strict=True)))
+        classes = sorted({label for _, label in donors})
+        per_patient = sampling.per_patient or max(1, len(y) // max(len(donors), 1))
+        per_class = per_patient * len({p for p, _ in donors}) // len(classes)
+        chosen = []
+        for label in classes:
+            members_of_class = [p for p, c in donors if c == label]
+            per_donor = max(1, int(np.ceil(per_class / len(members_of_class))))
+            for patient in members_of_class:
+                members = indices[(patients == patient) & (y == label)]
+                replace = len(members) < per_donor
+                chosen.append(rng.choice(members, size=per_donor, replace=replace))
+        return rng.permutation(np.concatenate(chosen))
+    if sampling.per_patient:
+        chosen = []
+        for patient in np.unique(patients):
+            members = indices[patients == patient]
+            take = min(len(members), sampling.per_patient)
+            chosen.append(rng.choice(members, size=take, replace=False))
+        indices = np.concatenate(chosen)
+    if sampling.balance == "oversample":
+        classes, counts = np.unique(y[indices], return_counts=True)
+        target = counts.max()
+        parts = [rng.choice(indices[y[indices] == c], size=target, replace=True) for c in classes]
+        indices = np.concatenate(parts)
+    return rng.permutation(indices)

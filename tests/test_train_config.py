@@ -1,0 +1,80 @@
+"""The typed training config: one value from the command line to the stored run and back."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from export import train
+from export.config import LEGACY_DEFAULTS, ConfigError, Schedule, TrainConfig
+
+
+def test_a_config_survives_its_stored_record():
+    config = train.parse_config(
+        ["--data", "d", "--out", "o", "--width", "0.25", "--augment", "full,jpeg", "--seed", "3"]
+    )
+    back = TrainConfig.from_record(json.loads(json.dumps(config.to_record())))
+    assert back == config
+    assert back.augmentation.groups[-1] == "jpeg" and back.network.width == 0.25
+
+
+def test_every_committed_run_reads_back_and_the_shipped_one_is_the_default():
+    runs = sorted((ROOT / "export").glob("**/config.json"))
+    assert len(runs) >= 8
+    read = 0
+    for path in runs:
+        record = json.loads(path.read_text())["args"]
+        if {"ema", "select"} <= set(record):  # runs older than the EMA have no known legacy value
+            TrainConfig.from_record(record)
+            read += 1
+        else:
+            with pytest.raises(ConfigError, match="predates"):
+                TrainConfig.from_record(record)
+    assert read >= 4
+    shipped = TrainConfig.of_run(ROOT / "export" / "default_model" / "fold_0")
+    assert (
+        shipped.differences(train.parse_config(["--data", str(shipped.data), "--out", "x"])) == []
+    )
+
+
+def test_options_added_since_take_what_older_runs_did():
+    record = TrainConfig(Path("d"), Path("o")).to_record()
+    for name in LEGACY_DEFAULTS:
+        record.pop(name)
+    older = TrainConfig.from_record(record)
+    assert older.augmentation.scale_at == "input" and older.split.method == "donors"
+
+
+def test_differences_ignore_where_a_run_happens_and_name_what_it_trains():
+    base = TrainConfig(Path("d"), Path("runs/a"))
+    moved = replace(base, out=Path("elsewhere"), workers=7, quiet=True, cache_dir=Path("c"))
+    assert base.differences(moved) == []
+    assert base.differences(base.for_fold(2, Path("runs/a/fold_2"))) == []
+    longer = replace(base, schedule=replace(base.schedule, epochs=30))
+    assert base.differences(longer) == ["epochs"]
+    # a fine-tuned run freezes batch norm unless told otherwise: None and True agree then
+    tuned = replace(base, init_from="default")
+    assert tuned.differences(replace(tuned, freeze_batch_norm=True)) == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"epochs": 0},
+        {"ema": 1.0},
+        {"lr": float("nan")},
+        {"select": "first"},
+    ],
+)
+def test_unusable_values_are_refused_by_the_type(change):
+    with pytest.raises(ConfigError):
+        Schedule(**change)
+
+
+def test_a_newer_stored_config_is_refused():
+    with pytest.raises(ConfigError, match="version 2"):
+        TrainConfig.from_record(TrainConfig(Path("d"), Path("o")).to_record(), version=2)
