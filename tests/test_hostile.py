@@ -709,6 +709,35 @@ def test_a_second_signal_exits_at_once_without_a_report(tmp_path):
     assert out.read_text() == "previous\n"
 
 
+def test_sigterm_while_the_page_is_written_leaves_complete_reports_that_say_so(
+    tmp_path, slide_tree, monkeypatch
+):
+    """Issue 22.7: a SIGTERM that lands once every file was read (here: while the HTML page is
+    being written) leaves complete reports; the summary, the final line and the exit code
+    must all say so, with the same run time."""
+    import smearscan.runner
+
+    real_write_html = smearscan.runner.write_html
+
+    def signalled_while_writing(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the real handler of the run's SignalGuard
+        return real_write_html(*args, **kwargs)
+
+    monkeypatch.setattr(smearscan.runner, "write_html", signalled_while_writing)
+    out = tmp_path / "r.csv"
+    result = run(["scan", str(slide_tree), "--out", str(out)], expect=None)
+    summary = json.loads(out.with_name("r.summary.json").read_text())
+    final = last_line(result.log)
+    assert "signal" in result.log.lower()  # the guard did receive it
+    assert summary["partial"] is False
+    assert "incomplete" not in {s["call"] for s in summary["slides"].values()}
+    assert final.startswith("smearscan done:"), final
+    assert result.exit_code == ExitStatus.SUCCESS and "exit 0" in final
+    assert f"in {summary['seconds']:.1f} s" in final
+    assert "interrupted" not in out.with_name("r.html").read_text()
+    assert len(read_rows(out)) == len(image_files(slide_tree))
+
+
 def test_sigterm_while_waiting_for_the_lock_ends_the_wait_without_a_report(tmp_path, slide_tree):
     from smearscan.state import RunLock
 
