@@ -561,7 +561,8 @@ def add_training_options(p: argparse.ArgumentParser, data_required: bool = True)
         "--distill-from",
         help="learn from a teacher's soft labels too: 'default' (the shipped fold models) or "
         "a cross-validation folder (with --fold k its fold-k model, which never saw fold k's "
-        "donors; with --fold -1 its fold models averaged), or a run folder or .keras file",
+        "donors; with --fold -1 its fold models averaged), or a run folder or .keras file; "
+        "several, comma-separated (for example two seeds' folders), are averaged",
     )
     p.add_argument(
         "--distill-weight",

@@ -57,10 +57,28 @@ def load_parent(parent: Path):
 
 
 def load_teacher(spec: str, fold: int, val_patients: set[str], recipe: Recipe):
-    """The teacher of a distillation, and what it is: for a cross-validation folder and a
-    validating fold k, only its fold-k model, after checking that this model never saw
-    the donors this training validates on (the out-of-fold estimate stays honest); for
-    ``--fold -1`` the fold models averaged, as shipped. Raises ValueError otherwise."""
+    """The teacher of a distillation, and what it is. ``spec`` names one teacher or several,
+    comma-separated (for example two seeds' cross-validation folders), averaged in one graph.
+    For a cross-validation folder and a validating fold k, only its fold-k model, after
+    checking that this model never saw the donors this training validates on (the
+    out-of-fold estimate stays honest); for ``--fold -1`` its fold models averaged, as
+    shipped. Raises ValueError otherwise."""
+    from export.to_onnx import ensemble_model
+
+    members: list = []
+    sources: list[str] = []
+    for one in spec.split(","):
+        models, source = _teacher_members(one.strip(), fold, val_patients, recipe)
+        members.extend(models)
+        sources.append(source)
+    if len(members) == 1:
+        return members[0], {"teacher": sources[0], "members": 1}
+    teacher = ensemble_model(members, members[0].input_shape[1])
+    return teacher, {"teacher": ",".join(sources), "members": len(members)}
+
+
+def _teacher_members(spec: str, fold: int, val_patients: set[str], recipe: Recipe):
+    """The Keras models one teacher spec contributes, and where they came from."""
     import keras
 
     path = resolve_parent(spec)
@@ -74,9 +92,10 @@ def load_teacher(spec: str, fold: int, val_patients: set[str], recipe: Recipe):
                 "fold's validation donors",
                 spec,
             )
-        return keras.models.load_model(path, compile=False), {"teacher": str(path)}
+        return [keras.models.load_model(path, compile=False)], str(path)
     if fold < 0:
-        return load_parent(path), {"teacher": str(path), "members": len(cv_folds(path))}
+        folds = cv_folds(path)
+        return [keras.models.load_model(f / "model.keras", compile=False) for f in folds], str(path)
     member = path / f"fold_{fold}"
     seen = set(json.loads((member / "config.json").read_text())["split"]["train_patients"])
     if seen & val_patients:
@@ -85,5 +104,4 @@ def load_teacher(spec: str, fold: int, val_patients: set[str], recipe: Recipe):
             f"--distill-from {spec}: its fold {fold} model saw {overlap} of this fold's "
             "validation donors"
         )
-    model = keras.models.load_model(member / "model.keras", compile=False)
-    return model, {"teacher": str(member), "members": 1}
+    return [keras.models.load_model(member / "model.keras", compile=False)], str(member)

@@ -697,3 +697,12 @@ def test_a_student_learns_from_the_teacher_that_never_saw_its_donors(tiny_cv, tm
     assert "of this fold's validation donors" in caplog.text
     assert train.main([*base, "--out", str(tmp_path / "all"), "--fold", "-1"]) == 0
     assert "distilling from " + str(tiny_cv) + " " in caplog.text
+    two = [*base[:-4], "--distill-from", f"{tiny_cv},{tiny_cv}", *base[-2:]]
+    assert train.main([*two, "--out", str(tmp_path / "two"), "--fold", "1"]) == 0
+    assert f"distilling from {tiny_cv / 'fold_1'},{tiny_cv / 'fold_1'} " in caplog.text
+    caplog.clear()
+    leaky = [*base[:-4], "--distill-from", f"{tiny_cv},{tiny_cv}", *base[-2:]]
+    assert (
+        train.main([*leaky, "--out", str(tmp_path / "l2"), "--fold", "1", "--split-seed", "7"]) == 2
+    )
+    assert "of this fold's validation donors" in caplog.text
