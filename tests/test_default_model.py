@@ -78,14 +78,8 @@ def test_the_shipped_weights_are_the_kept_fold_models():
     assert ensemble["member_sha256"] == kept
 
 
-def test_recorded_out_of_fold_metrics_follow_from_the_kept_predictions():
-    """Recompute the model card's headline numbers from the committed out-of-fold
-    predictions with the cross-fitted rules: every donor judged by a model and a
-    threshold that never saw it."""
-    predictions, report = _out_of_fold()
-    recorded = load_classifier(device="cpu").info.json_field(KEY_METRICS)["out_of_fold"]
-    assert len({r["patient"] for r in predictions}) == 48 and len(predictions) == 7529
-    truth = np.array([r["label"] == "all" for r in predictions])
+def _cross_fitted(predictions: list[dict[str, str]], report: dict):
+    """Each cell's calibrated P(all) and call under the rules of the fold that never saw it."""
     p_all = np.array([float(r["p_all"]) for r in predictions])
     calibrated = np.zeros(len(predictions))
     called = np.zeros(len(predictions), dtype=bool)
@@ -94,11 +88,59 @@ def test_recorded_out_of_fold_metrics_follow_from_the_kept_predictions():
         probabilities = np.stack([p_all[mine], 1 - p_all[mine]], axis=1)
         calibrated[mine] = apply_temperature(probabilities, rules["temperature"])[:, 0]
         called[mine] = calibrated[mine] >= rules["threshold"]
-    assert roc_auc(truth, calibrated) == pytest.approx(recorded["roc_auc"], abs=1e-6)
-    assert (called == truth).mean() == pytest.approx(recorded["accuracy"], abs=1e-6)
+    return calibrated, called
+
+
+def _donor_specificity(predictions: list[dict[str, str]], called: np.ndarray) -> list[float]:
     donors = sorted({r["patient"] for r in predictions if r["label"] == "hem"})
     patients = np.array([r["patient"] for r in predictions])
-    specificity = [1 - called[patients == d].mean() for d in donors]
-    assert len(donors) == 16
+    return [1 - called[patients == d].mean() for d in donors]
+
+
+def test_recorded_out_of_fold_metrics_follow_from_the_kept_predictions():
+    """Recompute the model card's headline numbers from the committed out-of-fold
+    predictions with the cross-fitted rules: every donor judged by a model and a
+    threshold that never saw it."""
+    predictions, report = _out_of_fold()
+    recorded = load_classifier(device="cpu").info.json_field(KEY_METRICS)["out_of_fold"]
+    assert len({r["patient"] for r in predictions}) == 48 and len(predictions) == 7529
+    truth = np.array([r["label"] == "all" for r in predictions])
+    calibrated, called = _cross_fitted(predictions, report)
+    assert roc_auc(truth, calibrated) == pytest.approx(recorded["roc_auc"], abs=1e-6)
+    assert (called == truth).mean() == pytest.approx(recorded["accuracy"], abs=1e-6)
+    specificity = _donor_specificity(predictions, called)
+    assert len(specificity) == 16
     assert np.mean(specificity) == pytest.approx(recorded["macro_specificity"], abs=1e-3)
     assert min(specificity) == pytest.approx(recorded["worst_specificity"], abs=1e-3)
+
+
+RUNS = sorted(p.parent for p in (ROOT / "export" / "ablation_runs").glob("*/oof_predictions.csv"))
+
+
+@pytest.mark.parametrize("run", RUNS, ids=[run.name for run in RUNS])
+def test_every_committed_run_reports_what_its_predictions_say(run):
+    """Issue 26.6: the figures docs/ablation.md cites come from each run's cv.json; they
+    must follow from the out-of-fold predictions committed beside it."""
+    predictions = rows(run / "oof_predictions.csv")
+    recorded = json.loads((run / "cv.json").read_text())["cross_fitted"]
+    assert len(predictions) == recorded["cells"] == 7529
+    truth = np.array([r["label"] == "all" for r in predictions])
+    calibrated, called = _cross_fitted(predictions, json.loads((run / "cv.json").read_text()))
+    assert roc_auc(truth, calibrated) == pytest.approx(recorded["pooled"]["roc_auc"], abs=1e-6)
+    assert (called == truth).mean() == pytest.approx(recorded["pooled"]["accuracy"], abs=1e-6)
+    specificity = _donor_specificity(predictions, called)
+    assert np.mean(specificity) == pytest.approx(recorded["macro_specificity"], abs=1e-3)
+
+
+def test_the_two_seed_average_is_the_mean_of_the_two_seeds_predictions():
+    """The averaging verdict in docs/ablation.md compares an average with its members: the
+    committed average must be exactly theirs, cell by cell, on the same folds."""
+    runs = ROOT / "export" / "ablation_runs"
+    seed0 = {r["path"]: r for r in rows(KEPT / "oof_predictions.csv")}
+    seed1 = {r["path"]: r for r in rows(runs / "cv-bbox-hue-seed1" / "oof_predictions.csv")}
+    averaged = rows(runs / "cv-seeds-averaged" / "oof_predictions.csv")
+    assert len(averaged) == len(seed0) == len(seed1) == 7529
+    for row in averaged:
+        assert row["fold"] == seed0[row["path"]]["fold"] == seed1[row["path"]]["fold"]
+        mean = (float(seed0[row["path"]]["p_all"]) + float(seed1[row["path"]]["p_all"])) / 2
+        assert float(row["p_all"]) == pytest.approx(mean, abs=2e-6)
