@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import click
 
@@ -168,7 +168,7 @@ class SignalGuard:
         getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
     )
 
-    def __init__(self, env: Environment, on_abort: Callable[[ExitStatus], None]) -> None:
+    def __init__(self, env: Environment, on_abort: Callable[[ExitStatus, str], None]) -> None:
         self.env, self.on_abort = env, on_abort
         self.stop = threading.Event()
         self.received: list[int] = []
@@ -185,15 +185,19 @@ class SignalGuard:
     def _handle(self, signum, _frame) -> None:
         self.received.append(signum)
         if len(self.received) > 1:
-            status = self.status()
-            self.on_abort(status)
-            os._exit(int(status))
+            self.abort(self.status(), "aborted (second signal; no report written)")
         self.stop.set()
         log.warning(
             "signal %d: finishing the batches in flight, then writing a partial report "
             "(signal again to stop at once)",
             signum,
         )
+
+    def abort(self, status: ExitStatus, state: str) -> NoReturn:
+        """End the process now, from any thread: the final line, then ``status``; nothing
+        more is written (a second signal; a cluster that vanished under the run)."""
+        self.on_abort(status, state)
+        os._exit(int(status))
 
     def status(self) -> ExitStatus:
         if not self.received:
@@ -711,7 +715,13 @@ def _do_scan(
     classifier = _load(model, device, threads)
     engine = None
     if engine_name == "ray":
-        engine = make_engine("ray", plan(request, classifier), classifier, request, ray_address)
+
+        def lost(reason: str) -> None:
+            log.error("%s; no report written (rows already in --state are kept)", reason)
+            guard.abort(ExitStatus.ERROR, "failed (cluster lost; no report written)")
+
+        run_plan = plan(request, classifier)
+        engine = make_engine("ray", run_plan, classifier, request, ray_address, on_lost=lost)
     progress.total_from(request.found)
     outcome = run_scan(
         request,
@@ -760,15 +770,9 @@ def _run_command(env: Environment, name: str, quiet: bool, log_interval: float, 
     started = time.time()
     progress = _Progress(env, quiet, log_interval)
 
-    def aborted(status: ExitStatus) -> None:
+    def aborted(status: ExitStatus, state: str) -> None:
         progress.close()
-        _final_line(
-            env,
-            "aborted (second signal; no report written)",
-            status,
-            progress.done,
-            seconds=time.time() - started,
-        )
+        _final_line(env, state, status, progress.done, seconds=time.time() - started)
 
     def fail(state: str, status: ExitStatus, message: str) -> None:
         progress.close()
@@ -1070,10 +1074,8 @@ def merge(env: Environment, parts, out, no_html, quiet) -> None:
 
     started = time.time()
 
-    def aborted(status: ExitStatus) -> None:
-        _final_line(
-            env, "aborted (second signal; no report written)", status, seconds=time.time() - started
-        )
+    def aborted(status: ExitStatus, state: str) -> None:
+        _final_line(env, state, status, seconds=time.time() - started)
 
     # the scan's signal contract: a first signal lets the merge finish writing its reports
     # (each is written whole or not at all), then exits 128 + the signal; a second exits

@@ -311,13 +311,19 @@ def make_engine(
     classifier: Classifier,
     request: ScanRequest,
     ray_address: str | None = None,
+    on_lost: Callable[[str], None] | None = None,
 ):
+    """The engine that runs the stages; ``on_lost(reason)`` ends the run when a cluster
+    vanishes under it in a way no exception reports (the Ray engine's local raylet)."""
     options = request.options
     batch_size = batch_size_for(options, classifier, name)
     if name == "ray":
         from smearscan.engines.ray import RayEngine
 
-        return RayEngine(plan_.config, classifier, batch_size, options.tta, address=ray_address)
+        lost = {"on_lost": on_lost} if on_lost is not None else {}
+        return RayEngine(
+            plan_.config, classifier, batch_size, options.tta, address=ray_address, **lost
+        )
     from smearscan.engines.local import LocalEngine
 
     predictor = BatchPredictor(classifier=classifier, tta=options.tta, pad_to=batch_size)

@@ -142,7 +142,11 @@ def _stop_cluster(marker: str) -> None:
                 os.kill(int(entry.name), signal.SIGKILL)
 
 
-def test_a_two_raylet_cluster_gives_the_local_report(tmp_path, slide_tree):
+@contextlib.contextmanager
+def _cluster(worker_nodes: int = 0):
+    """A Ray cluster of its own (a head of one CPU, and ``worker_nodes`` raylets of one CPU
+    each), started with ``ray start`` as a lab would; yields its address, the environment
+    its clients need, and its temp folder (which names its processes)."""
     ray_cli = Path(sys.executable).with_name("ray")
     port = _free_port()
     temp = Path(f"/tmp/smearscan-ray-{port}")  # short: Ray's socket paths have a length limit
@@ -153,6 +157,7 @@ def test_a_two_raylet_cluster_gives_the_local_report(tmp_path, slide_tree):
         "RAY_AUTH_MODE": "disabled",
     }
     address = f"127.0.0.1:{port}"
+    head_cpus = 1 if worker_nodes else 2
     try:
         head = subprocess.run(
             [
@@ -160,7 +165,7 @@ def test_a_two_raylet_cluster_gives_the_local_report(tmp_path, slide_tree):
                 "start",
                 "--head",
                 f"--port={port}",
-                "--num-cpus=1",
+                f"--num-cpus={head_cpus}",
                 "--include-dashboard=false",
                 "--disable-usage-stats",
                 f"--temp-dir={temp}",
@@ -171,30 +176,45 @@ def test_a_two_raylet_cluster_gives_the_local_report(tmp_path, slide_tree):
             timeout=120,
         )
         assert head.returncode == 0, head.stderr[-2000:]
-        worker = subprocess.run(
-            [str(ray_cli), "start", f"--address={address}", "--num-cpus=1"],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
-        )
-        assert worker.returncode == 0, worker.stderr[-2000:]
+        for _ in range(worker_nodes):
+            worker = subprocess.run(
+                [str(ray_cli), "start", f"--address={address}", "--num-cpus=1"],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=120,
+            )
+            assert worker.returncode == 0, worker.stderr[-2000:]
+        yield address, env, temp
+    finally:
+        _stop_cluster(str(temp))
+        _stop_cluster(f"--gcs-address={address}")
+        _stop_cluster(f"--address={address}")
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _scan_on(address: str, root: Path, out: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "smearscan",
+        "scan",
+        str(root),
+        "--out",
+        str(out),
+        "--engine",
+        "ray",
+        "--ray-address",
+        address,
+    ]
+
+
+def test_a_two_raylet_cluster_gives_the_local_report(tmp_path, slide_tree):
+    with _cluster(worker_nodes=1) as (address, env, _):
         local, clustered = tmp_path / "local.csv", tmp_path / "cluster.csv"
         run(["scan", str(slide_tree), "--out", str(local)])
         done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "smearscan",
-                "scan",
-                str(slide_tree),
-                "--out",
-                str(clustered),
-                "--engine",
-                "ray",
-                "--ray-address",
-                address,
-            ],
+            _scan_on(address, slide_tree, clustered),
             capture_output=True,
             text=True,
             env=env,
@@ -205,11 +225,63 @@ def test_a_two_raylet_cluster_gives_the_local_report(tmp_path, slide_tree):
         _same_rows(rows(local), rows(clustered))
         summary = json.loads(clustered.with_name("cluster.summary.json").read_text())
         assert summary["engine"]["nodes"] == 2 and summary["engine"]["cpus"] == 2
-    finally:
-        _stop_cluster(str(temp))
-        _stop_cluster(f"--gcs-address={address}")
-        _stop_cluster(f"--address={address}")
-        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _raylets(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            arguments = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if arguments[0].endswith(b"raylet") and any(marker.encode() in a for a in arguments):
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_raylet_killed_mid_run_ends_the_scan_with_a_reason(tmp_path):
+    """Issue 22.4: a raylet killed mid-run made the scan exit 1 with no message (Ray ends
+    the driver from C++). Now: the reason, the final line, exit 1, and no report."""
+    root = tmp_path / "share"
+    for i in range(48):
+        folder = root / f"slide_{i:02d}"
+        folder.mkdir(parents=True)
+        for source in fixture_images():
+            shutil.copy(source, folder / source.name)
+    out = tmp_path / "r.csv"
+    with _cluster() as (address, env, temp):
+        process = subprocess.Popen(
+            [*_scan_on(address, root, out), "--log-interval", "0"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        try:
+            seen = ""
+            deadline = time.monotonic() + 120
+            while "progress:" not in seen and time.monotonic() < deadline:
+                line = process.stderr.readline()
+                if not line:
+                    break
+                seen += line
+            assert "progress:" in seen, seen[-2000:]
+            raylets = _raylets(str(temp))
+            assert len(raylets) == 1
+            os.kill(raylets[0], signal.SIGKILL)
+            _, rest = process.communicate(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    stderr = seen + rest
+    assert process.returncode == ExitStatus.ERROR, stderr[-3000:]
+    assert f"raylet (pid {raylets[0]}) died" in stderr
+    final = stderr.strip().splitlines()[-1]
+    assert final.startswith("smearscan failed (cluster lost; no report written)"), final
+    assert not out.exists() and not out.with_name("r.summary.json").exists()
 
 
 def test_engine_ray_without_ray_says_how_to_install_it(tmp_path, slide_tree):

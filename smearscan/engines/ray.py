@@ -11,7 +11,9 @@ shared filesystem); the engine checks that a worker can read the first file befo
 starts. Ray Data retries tasks and restarts actors whose worker dies (its defaults for
 actors: unlimited restarts and task retries); the driver keeps the first result per item and
 runs any item the cluster lost once more, so a dead worker neither loses nor duplicates a
-row.
+row. When the raylet of the driver's own node dies, Ray ends the driver process at once
+(exit 1, nothing said); a watcher notices first and hands the reason to ``on_lost``, which
+ends the run with a message and the final line.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 
@@ -138,6 +141,71 @@ def reachable_or_fail(address: str | None, timeout: float = CONNECT_TIMEOUT) -> 
         ) from None
 
 
+#: How often the watcher looks at the local raylet, in seconds (Ray itself gives up on a
+#: dead raylet after a few seconds of retries).
+RAYLET_POLL_SECONDS = 0.2
+
+
+def local_raylet_pid(socket_name: str, proc: Path = Path("/proc")) -> int | None:
+    """The pid of the raylet that serves this driver, found by its socket name among the
+    processes' command lines (Linux); ``None`` where there is no /proc or no such process."""
+    flag = f"--raylet_socket_name={socket_name}".encode()
+    if not proc.is_dir():
+        return None
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            arguments = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if arguments[0].endswith(b"raylet") and flag in arguments:
+            return int(entry.name)
+    return None
+
+
+def process_alive(pid: int, proc: Path = Path("/proc")) -> bool:
+    """Whether ``pid`` runs: a zombie (a killed child not yet reaped) counts as dead."""
+    try:
+        stat = (proc / str(pid) / "stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def _exit_lost(reason: str) -> None:
+    log.error("%s; no report written", reason)
+    os._exit(1)
+
+
+class RayletWatch:
+    """A daemon thread that calls ``on_lost(reason)`` once the raylet ``pid`` is gone.
+
+    Ray ends the driver with ``_exit(1)`` a few seconds after its local raylet dies, from
+    C++, so no exception ever reaches the scan; ``on_lost`` must end the run itself."""
+
+    def __init__(self, pid: int, on_lost: Callable[[str], None], interval: float) -> None:
+        self.pid, self.on_lost, self.interval = pid, on_lost, interval
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="raylet-watch", daemon=True)
+
+    def __enter__(self) -> RayletWatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+
+    def _watch(self) -> None:
+        while not self.done.wait(self.interval):
+            if not process_alive(self.pid):
+                self.on_lost(
+                    f"the Ray cluster was lost mid-run: this node's raylet (pid {self.pid}) "
+                    "died, and Ray ends the driver with it"
+                )
+                return
+
+
 class RayEngine:
     """Ray Data over a cluster (or a local Ray instance when no address is given)."""
 
@@ -150,8 +218,10 @@ class RayEngine:
         batch_size: int = 32,
         tta: bool = False,
         address: str | None = None,
+        on_lost: Callable[[str], None] = _exit_lost,
     ) -> None:
         self.ray = import_ray()
+        self.on_lost = on_lost
         self.config, self.batch_size, self.tta = config, max(1, batch_size), tta
         self.model_path = str(classifier.info.path)
         self.unfinished_slides: set[str] = set()
@@ -179,6 +249,11 @@ class RayEngine:
         self.cpus = int(resources.get("CPU", 1))
         self.gpus = int(resources.get("GPU", 0))
         self.nodes = len([n for n in self.ray.nodes() if n.get("Alive")])
+        from ray._private import worker as ray_worker
+
+        node = getattr(ray_worker.global_worker, "node", None)  # None for a ray:// client
+        socket_name = getattr(node, "raylet_socket_name", None)
+        self.raylet_pid = local_raylet_pid(socket_name) if socket_name else None
 
     def describe(self) -> dict:
         return {"engine": self.name, "nodes": self.nodes, "cpus": self.cpus, "gpus": self.gpus}
@@ -261,6 +336,13 @@ class RayEngine:
         if not work:
             return
         self.check_access(work[0])
+        if self.raylet_pid is None:  # a Ray client (ray://) or no /proc: errors raise instead
+            yield from self._run(work, stop)
+            return
+        with RayletWatch(self.raylet_pid, self.on_lost, RAYLET_POLL_SECONDS):
+            yield from self._run(work, stop)
+
+    def _run(self, work: list[Found], stop: threading.Event | None) -> Iterator[CellResult]:
         done: dict[int, CellResult] = {}
         attempts = 0
         next_index = 0
@@ -268,7 +350,7 @@ class RayEngine:
             attempts += 1
             missing = [i for i in range(next_index, len(work)) if i not in done]
             subset = [work[i] for i in missing]
-            for batch in self._dataset(subset).iter_batches(batch_size=None, batch_format="numpy"):
+            for batch in self._batches(subset):
                 for row, local in enumerate(batch["index"]):
                     index = missing[int(local)]
                     if index in done:
@@ -291,6 +373,13 @@ class RayEngine:
                 "not processed by the cluster (worker lost twice); rescanned next run",
                 file=item.path,
             )
+
+    def _batches(self, subset: list[Found]) -> Iterator[dict]:
+        """The dataset's batches; a cluster that fails under them is an error with a reason."""
+        try:
+            yield from self._dataset(subset).iter_batches(batch_size=None, batch_format="numpy")
+        except (self.ray.exceptions.RayError, ConnectionError) as exc:
+            raise EngineError(f"the Ray cluster failed mid-run: {exc}") from None
 
     @staticmethod
     def _result(item: Found, batch: dict, row: int) -> CellResult:
