@@ -10,6 +10,8 @@ not disturbed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 GROUPS = ("flips", "scale", "photometric", "stain", "focus")
@@ -27,6 +29,52 @@ HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED).astype(np.float32)
 #: Pixels darker than this (max channel, [0, 1]) are background, as the scanner's
 #: ``background_threshold`` of 12/255.
 BACKGROUND = 12.0 / 255.0
+
+
+@dataclass(frozen=True)
+class Ranges:
+    """What each group draws at strength 1: the one definition of the recipe's nuisance
+    ranges. The TF trainer (:func:`make_augmenter`), the JAX trainer
+    (``export.train_jax.make_augment``) and the shift suite (its shifts inside the training
+    range are these ranges' ends) all read it."""
+
+    gain: float = 0.15  # exposure: the crop's values times 1 +- gain
+    log_gamma: float = float(np.log(1.25))  # gamma exp(+-log_gamma): 0.8 .. 1.25
+    contrast: float = 0.15  # around the cell's mean value: times 1 +- contrast
+    stain_scale: float = 0.07  # each haematoxylin/eosin/DAB optical density times 1 +- this
+    stain_shift: float = 0.03  # ... plus +- this
+    hue_turn: float = 1 / 30  # the stain's hue turned by +- this share of the circle (12 deg)
+    blur_sigma: tuple[float, float] = (0.4, 1.1)  # the focus kernel's sigma: low + [0, span]
+    focus_amount: tuple[float, float] = (-1.0, 1.5)  # < 0 blurs (-1: the Gaussian), > 0 sharpens
+    focus_chance: float = 0.5  # the share of crops whose focus changes
+
+    def at(self, strength: float) -> Ranges:
+        """These ranges ``strength`` times as wide (the blur's smallest sigma stays)."""
+        k = float(strength)
+        return Ranges(
+            gain=self.gain * k,
+            log_gamma=self.log_gamma * k,
+            contrast=self.contrast * k,
+            stain_scale=self.stain_scale * k,
+            stain_shift=self.stain_shift * k,
+            hue_turn=self.hue_turn * k,
+            blur_sigma=(self.blur_sigma[0], self.blur_sigma[1] * k),
+            focus_amount=(self.focus_amount[0] * k, self.focus_amount[1] * k),
+            focus_chance=self.focus_chance,
+        )
+
+    @property
+    def gamma(self) -> tuple[float, float]:
+        """The gamma's extremes (0.8 and 1.25 at strength 1)."""
+        return float(np.exp(-self.log_gamma)), float(np.exp(self.log_gamma))
+
+    @property
+    def hue_degrees(self) -> float:
+        return 360.0 * self.hue_turn
+
+
+#: The recipe's ranges at strength 1.
+RANGES = Ranges()
 
 
 def rescale(image: np.ndarray, factor: float) -> np.ndarray:
@@ -97,19 +145,39 @@ def gaussian_blur(tf, image, sigma):
     return batch[0]
 
 
+def photometric_tf(tf, image, cell, gain, gamma, contrast):
+    """Exposure, gamma, then contrast around the cell's mean value (one drawn set)."""
+    image = tf.clip_by_value(image * gain, 0.0, 1.0) ** gamma
+    mean = tf.reduce_sum(image * cell) / tf.maximum(tf.reduce_sum(cell) * 3.0, 1.0)
+    return (image - mean) * contrast + mean
+
+
+def stain_tf(tf, image, scales, shifts, turn):
+    """The H/E/D optical densities scaled and shifted, then the whole stain's hue turned by
+    ``turn`` (a share of the circle: another scanner's colour balance)."""
+    density = -tf.math.log(tf.clip_by_value(image, 1.0 / 255.0, 1.0))
+    hed = tf.reshape(density, [-1, 3]) @ tf.constant(HED_FROM_RGB)
+    hed = hed * scales + shifts
+    image = tf.reshape(tf.exp(-(hed @ tf.constant(RGB_FROM_HED))), tf.shape(image))
+    return tf.image.adjust_hue(tf.clip_by_value(image, 0.0, 1.0), turn)
+
+
+def focus_tf(tf, image, sigma, amount):
+    """``amount`` < 0 blurs (-1: the Gaussian itself), > 0 sharpens (unsharp mask)."""
+    return image + amount * (image - gaussian_blur(tf, image, sigma))
+
+
 def make_augmenter(
     tf, groups: tuple[str, ...], scale_range: tuple[float, float], size: int, strength: float = 1.0
 ):
     """A function image -> image (one HWC float32 crop in [0, 1]) applying ``groups``.
 
-    ``strength`` scales every photometric, stain and focus range (1: the ranges below; 0.5:
-    half as wide); the scale range is given separately. ``scale`` here zooms the model input
-    (``--scale-at input``); by default training rescales the raw crop instead
-    (:func:`rescale`)."""
-    k = float(strength)
+    ``strength`` scales every photometric, stain and focus range of :data:`RANGES` (1: as
+    defined; 0.5: half as wide); the scale range is given separately. ``scale`` here zooms
+    the model input (``--scale-at input``); by default training rescales the raw crop
+    instead (:func:`rescale`)."""
+    ranges = RANGES.at(strength)
     low, high = np.log(scale_range[0]), np.log(scale_range[1])
-    hed_from_rgb = tf.constant(HED_FROM_RGB)
-    rgb_from_hed = tf.constant(RGB_FROM_HED)
 
     def uniform(lo, hi, shape=()):
         return tf.random.uniform(shape, lo, hi)
@@ -127,26 +195,20 @@ def make_augmenter(
         return tf.image.resize_with_crop_or_pad(resized, size, size)
 
     def photometric(image, cell):
-        gain = uniform(1 - 0.15 * k, 1 + 0.15 * k)
-        gamma = tf.exp(uniform(-0.223 * k, 0.223 * k))  # 0.8 .. 1.25 at strength 1
-        contrast = uniform(1 - 0.15 * k, 1 + 0.15 * k)
-        image = tf.clip_by_value(image * gain, 0.0, 1.0) ** gamma
-        mean = tf.reduce_sum(image * cell) / tf.maximum(tf.reduce_sum(cell) * 3.0, 1.0)
-        return (image - mean) * contrast + mean
+        gain = uniform(1 - ranges.gain, 1 + ranges.gain)
+        gamma = tf.exp(uniform(-ranges.log_gamma, ranges.log_gamma))
+        contrast = uniform(1 - ranges.contrast, 1 + ranges.contrast)
+        return photometric_tf(tf, image, cell, gain, gamma, contrast)
 
     def stain(image):
-        density = -tf.math.log(tf.clip_by_value(image, 1.0 / 255.0, 1.0))
-        hed = tf.reshape(density, [-1, 3]) @ hed_from_rgb
-        hed = hed * uniform(1 - 0.07 * k, 1 + 0.07 * k, [3]) + uniform(-0.03 * k, 0.03 * k, [3])
-        image = tf.reshape(tf.exp(-(hed @ rgb_from_hed)), tf.shape(image))
-        # and the hue of the whole stain (another scanner's colour balance): up to +-12 deg
-        return tf.image.adjust_hue(tf.clip_by_value(image, 0.0, 1.0), uniform(-k / 30, k / 30))
+        scales = uniform(1 - ranges.stain_scale, 1 + ranges.stain_scale, [3])
+        shifts = uniform(-ranges.stain_shift, ranges.stain_shift, [3])
+        return stain_tf(tf, image, scales, shifts, uniform(-ranges.hue_turn, ranges.hue_turn))
 
     def focus(image):
-        # a < 0 blurs (a = -1: the Gaussian itself), a > 0 sharpens (unsharp mask)
-        sigma = uniform(0.4, 0.4 + 1.1 * k)
-        amount = uniform(-1.0 * k, 1.5 * k)
-        return image + amount * (image - gaussian_blur(tf, image, sigma))
+        low_sigma, span = ranges.blur_sigma
+        sigma = uniform(low_sigma, low_sigma + span)
+        return focus_tf(tf, image, sigma, uniform(*ranges.focus_amount))
 
     def augment(image):
         if "flips" in groups:
@@ -160,7 +222,9 @@ def make_augmenter(
             image = stain(image)
         image = tf.clip_by_value(image, 0.0, 1.0) * cell
         if "focus" in groups:
-            image = tf.cond(tf.random.uniform([]) < 0.5, lambda: focus(image), lambda: image)
+            image = tf.cond(
+                tf.random.uniform([]) < ranges.focus_chance, lambda: focus(image), lambda: image
+            )
         image = tf.clip_by_value(image, 0.0, 1.0)
         image.set_shape([size, size, 3])
         return image

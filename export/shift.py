@@ -32,7 +32,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from export.augment import HED_FROM_RGB, RGB_FROM_HED, jpeg_roundtrip, rescale
+from export.augment import HED_FROM_RGB, RANGES, RGB_FROM_HED, jpeg_roundtrip, rescale
 from export.data import discover_dataset
 from export.donors import Predictions, donor_rows, number, summary_of
 from smearscan.inference import apply_temperature
@@ -124,10 +124,18 @@ def colour_swap_targets(
     return targets
 
 
+#: A hue turn inside the training range (``RANGES.hue_degrees``, 12 at strength 1).
+HUE_SHIFT_DEGREES = 8
+
+
 def shifts(seed: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     """Name -> function on a decoded BGR crop; ``seed`` makes the stain jitter repeatable
-    per image."""
+    per image. Brightness and gamma are the ends of the training ranges
+    (:data:`export.augment.RANGES`), the hue turn lies inside them; blur, JPEG, the larger
+    scales and the stain jitter go beyond them."""
     rng = np.random.default_rng(seed)
+    brighter, darker = 1 + RANGES.gain, 1 - RANGES.gain
+    low_gamma, high_gamma = RANGES.gamma
     return {
         "none": lambda im: im,
         "scale 0.8x": lambda im: rescale(im, 0.8),
@@ -136,12 +144,12 @@ def shifts(seed: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
         "blur sigma 1": lambda im: cv2.GaussianBlur(im, (0, 0), 1.0),
         "blur sigma 2": lambda im: cv2.GaussianBlur(im, (0, 0), 2.0),
         "unsharp mask": unsharp,
-        "brightness +15%": lambda im: photometric(im, gain=1.15),
-        "brightness -15%": lambda im: photometric(im, gain=0.85),
-        "gamma 0.8": lambda im: photometric(im, gamma=0.8),
-        "gamma 1.25": lambda im: photometric(im, gamma=1.25),
+        f"brightness +{RANGES.gain:.0%}": lambda im: photometric(im, gain=brighter),
+        f"brightness -{RANGES.gain:.0%}": lambda im: photometric(im, gain=darker),
+        f"gamma {low_gamma:.3g}": lambda im: photometric(im, gamma=low_gamma),
+        f"gamma {high_gamma:.3g}": lambda im: photometric(im, gamma=high_gamma),
         "stain jitter": lambda im: stain_jitter(im, rng),
-        "hue +8 degrees": lambda im: hue_shift(im, 8),
+        f"hue +{HUE_SHIFT_DEGREES} degrees": lambda im: hue_shift(im, HUE_SHIFT_DEGREES),
         "jpeg quality 75": lambda im: jpeg_roundtrip(im, 75),
     }
 

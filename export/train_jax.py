@@ -189,31 +189,62 @@ class Pack:
             self.x = np.stack(list(pool.map(decode, chunks)))
 
 
+def photometric_jax(image, cell, gain, gamma, contrast):
+    """:func:`export.augment.photometric_tf` in JAX."""
+    import jax.numpy as jnp
+
+    image = jnp.clip(image * gain, 0.0, 1.0) ** gamma
+    mean = (image * cell).sum() / jnp.maximum(cell.sum() * 3.0, 1.0)
+    return (image - mean) * contrast + mean
+
+
+def stain_jax(image, scales, shifts, turn):
+    """:func:`export.augment.stain_tf` in JAX."""
+    import jax.numpy as jnp
+
+    from export.augment import HED_FROM_RGB, RGB_FROM_HED
+
+    density = -jnp.log(jnp.clip(image, 1.0 / 255.0, 1.0))
+    hed = density.reshape(-1, 3) @ jnp.asarray(HED_FROM_RGB)
+    hed = hed * scales + shifts
+    image = jnp.exp(-(hed @ jnp.asarray(RGB_FROM_HED))).reshape(image.shape)
+    return adjust_hue(jnp.clip(image, 0.0, 1.0), turn)
+
+
+def blur_jax(image, sigma):
+    """:func:`export.augment.gaussian_blur` in JAX (radius 5, edges reflected)."""
+    import jax.numpy as jnp
+
+    radius, height, width = 5, image.shape[0], image.shape[1]
+    taps = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+    kernel = jnp.exp(-(taps**2) / (2.0 * sigma**2))
+    kernel = kernel / kernel.sum()
+    padded = jnp.pad(image, ((radius, radius), (radius, radius), (0, 0)), mode="reflect")
+    rows = sum(kernel[i] * padded[:, i : i + width] for i in range(2 * radius + 1))
+    return sum(kernel[i] * rows[i : i + height] for i in range(2 * radius + 1))
+
+
+def focus_jax(image, sigma, amount):
+    """:func:`export.augment.focus_tf` in JAX."""
+    return image + amount * (image - blur_jax(image, sigma))
+
+
 def make_augment(augmentation: Augmentation, size: int):
     """A jittable function (key, uint8 batch, box sides) -> float32 batch in [0, 1]: the
-    groups of ``export.augment.make_augmenter``, per crop (vmapped), in JAX."""
+    groups of ``export.augment.make_augmenter``, per crop (vmapped), in JAX, drawing from
+    the same :data:`export.augment.RANGES`."""
     import jax
     import jax.numpy as jnp
 
-    from export.augment import BACKGROUND, HED_FROM_RGB, RGB_FROM_HED
+    from export.augment import BACKGROUND, RANGES
 
     groups, scale_range, scale_at = (
         augmentation.groups,
         augmentation.scale_range,
         augmentation.scale_at,
     )
-    k = float(augmentation.strength)
+    ranges = RANGES.at(augmentation.strength)
     log_low, log_high = float(np.log(scale_range[0])), float(np.log(scale_range[1]))
-    hed_from_rgb, rgb_from_hed = jnp.asarray(HED_FROM_RGB), jnp.asarray(RGB_FROM_HED)
-
-    def blur(image, sigma):
-        radius = 5
-        taps = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
-        kernel = jnp.exp(-(taps**2) / (2.0 * sigma**2))
-        kernel = kernel / kernel.sum()
-        padded = jnp.pad(image, ((radius, radius), (radius, radius), (0, 0)), mode="reflect")
-        rows = sum(kernel[i] * padded[:, i : i + size] for i in range(2 * radius + 1))
-        return sum(kernel[i] * rows[i : i + size] for i in range(2 * radius + 1))
 
     def one(key, image, side):
         keys = iter(jax.random.split(key, 16))
@@ -235,26 +266,21 @@ def make_augment(augmentation: Augmentation, size: int):
                 image = zoom(image, factor, size)
         cell = (image.max(axis=-1, keepdims=True) > BACKGROUND).astype(jnp.float32)
         if "photometric" in groups:
-            gain = uniform(1 - 0.15 * k, 1 + 0.15 * k)
-            gamma = jnp.exp(uniform(-0.223 * k, 0.223 * k))
-            contrast = uniform(1 - 0.15 * k, 1 + 0.15 * k)
-            image = jnp.clip(image * gain, 0.0, 1.0) ** gamma
-            mean = (image * cell).sum() / jnp.maximum(cell.sum() * 3.0, 1.0)
-            image = (image - mean) * contrast + mean
+            gain = uniform(1 - ranges.gain, 1 + ranges.gain)
+            gamma = jnp.exp(uniform(-ranges.log_gamma, ranges.log_gamma))
+            contrast = uniform(1 - ranges.contrast, 1 + ranges.contrast)
+            image = photometric_jax(image, cell, gain, gamma, contrast)
         if "stain" in groups:
-            density = -jnp.log(jnp.clip(image, 1.0 / 255.0, 1.0))
-            hed = density.reshape(-1, 3) @ hed_from_rgb
-            hed = hed * uniform(1 - 0.07 * k, 1 + 0.07 * k, (3,)) + uniform(
-                -0.03 * k, 0.03 * k, (3,)
-            )
-            image = jnp.exp(-(hed @ rgb_from_hed)).reshape(image.shape)
-            image = adjust_hue(jnp.clip(image, 0.0, 1.0), uniform(-k / 30, k / 30))
+            scales = uniform(1 - ranges.stain_scale, 1 + ranges.stain_scale, (3,))
+            shifts = uniform(-ranges.stain_shift, ranges.stain_shift, (3,))
+            image = stain_jax(image, scales, shifts, uniform(-ranges.hue_turn, ranges.hue_turn))
         image = jnp.clip(image, 0.0, 1.0) * cell
         if "focus" in groups:
-            sigma = uniform(0.4, 0.4 + 1.1 * k)
-            amount = uniform(-1.0 * k, 1.5 * k)
-            focused = image + amount * (image - blur(image, sigma))
-            image = jnp.where(jax.random.bernoulli(next(keys)), focused, image)
+            low_sigma, span = ranges.blur_sigma
+            sigma = uniform(low_sigma, low_sigma + span)
+            focused = focus_jax(image, sigma, uniform(*ranges.focus_amount))
+            chosen = jax.random.bernoulli(next(keys), ranges.focus_chance)
+            image = jnp.where(chosen, focused, image)
         return jnp.clip(image, 0.0, 1.0)
 
     def augment(key, batch, sides):
