@@ -713,7 +713,7 @@ def _do_scan(
 
     request.validate()  # usage errors before the model loads
     classifier = _load(model, device, threads)
-    engine = None
+    engine, run_plan = None, None
     if engine_name == "ray":
 
         def lost(reason: str) -> None:
@@ -730,6 +730,7 @@ def _do_scan(
         stop_status=guard.status,
         on_result=progress.advance,
         engine=engine,
+        run_plan=run_plan,
     )
     if profile_to is not None:
         progress.close()

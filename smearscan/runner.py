@@ -376,6 +376,7 @@ def run_scan(
     stop_status: Callable[[], ExitStatus] | None = None,
     on_result: Callable[[CellResult], None] | None = None,
     engine=None,
+    run_plan: RunPlan | None = None,
 ) -> ScanOutcome:
     """Scan and write the reports. A set ``stop`` event ends the run early; the reports are
     still written, marked partial, and the status is ``stop_status()``.
@@ -383,11 +384,12 @@ def run_scan(
     Raises :class:`RequestError`, :class:`~smearscan.policy.PolicyError` or
     :class:`~smearscan.qc.QCError` for unusable options,
     :class:`smearscan.state.StateLocked` when another run holds the state lock, and
-    :class:`InterruptedError` when stopped while waiting for it.
+    :class:`InterruptedError` when stopped while waiting for it. ``run_plan`` is the plan
+    an ``engine`` was built from (planned once: its warnings are said once).
     """
     request.validate()
     started = time.time()
-    run_plan = plan(request, classifier)
+    run_plan = run_plan or plan(request, classifier)
     engine = engine or make_engine("local", run_plan, classifier, request)
     remove_dead_temporaries([request.out, request.summary_path(), request.html_path()])
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import IN_CI, ROOT, fixture_images, image_files, rows, run
+from conftest import IN_CI, ROOT, TINY_3CLASS, fixture_images, image_files, rows, run
 
 from smearscan.exitstatus import ExitStatus
 
@@ -71,6 +71,16 @@ def test_the_ray_engine_with_state_sends_only_new_files(ray_instance, tmp_path, 
     summary = json.loads(out.with_name("r.summary.json").read_text())
     assert summary["incremental"]["reused_from_earlier_runs"] == 8
     assert len(rows(out)) == 9
+
+
+def test_the_ray_path_plans_once_and_warns_once(ray_instance, tmp_path, slide_tree):
+    """Issue 23.4: the Ray path planned the run twice (its QC warning printed twice)."""
+    out = tmp_path / "r.csv"
+    result = run(
+        ["scan", str(slide_tree), "--out", str(out), "--model", str(TINY_3CLASS), "--engine", "ray"]
+    )
+    assert result.log.count("quality control is off") == 1, result.log
+    assert len(rows(out)) == len(image_files(slide_tree))
 
 
 def _ray_workers() -> list[int]:
