@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import heapq
+import logging
 import os
 import sqlite3
 import threading
@@ -37,6 +38,8 @@ except ImportError:  # not POSIX (Windows acquisition PCs): filelock's portable 
 from smearscan.files import TargetError, check_private, create_private, open_private
 from smearscan.names import display_name, unescape_name
 from smearscan.results import STATUS_OK, STATUS_PENDING, STATUS_QC, CellResult
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 SCHEMA = """
@@ -130,6 +133,7 @@ class RunLock:
         self.path, self.wait, self.stop = path, wait, stop
         self.handle: IO[str] | None = None
         self.portable: filelock.BaseFileLock | None = None  # where there is no flock
+        self.said_waiting = False
 
     def __enter__(self) -> RunLock:
         if fcntl is None:
@@ -152,6 +156,7 @@ class RunLock:
                     holder = self._holder(handle)
                     handle.close()
                     raise StateLocked(f"another smearscan run holds {self.path}{holder}") from None
+                self._say_waiting(self._holder(handle))
                 if self.stop is not None and self.stop.wait(0.2):
                     handle.close()
                     raise InterruptedError("interrupted while waiting for the state lock") from None
@@ -176,12 +181,24 @@ class RunLock:
             except filelock.Timeout:
                 if deadline is None or time.monotonic() >= deadline:
                     raise StateLocked(f"another smearscan run holds {self.path}") from None
+                self._say_waiting("")
                 if self.stop is not None and self.stop.wait(0.2):
                     raise InterruptedError("interrupted while waiting for the state lock") from None
                 if self.stop is None:
                     time.sleep(0.2)
         self.portable = lock
         return self
+
+    def _say_waiting(self, holder: str) -> None:
+        """Once per run: the log (and cron mail) says why nothing happens yet."""
+        if not self.said_waiting:
+            self.said_waiting = True
+            log.info(
+                "another smearscan run holds %s%s: waiting up to %g s for it",
+                self.path,
+                holder,
+                self.wait,
+            )
 
     @staticmethod
     def _holder(handle) -> str:

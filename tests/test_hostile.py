@@ -748,8 +748,7 @@ def test_sigterm_while_waiting_for_the_lock_ends_the_wait_without_a_report(tmp_p
         process = _start(
             ["scan", str(slide_tree), "--out", str(out), "--state", str(state), "--wait", "600"]
         )
-        _wait_for_progress(process, "execution provider")
-        time.sleep(1)  # now waiting for the lock
+        _wait_for_progress(process, "waiting up to 600 s")  # now waiting for the lock
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=30)
