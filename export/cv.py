@@ -35,6 +35,7 @@ from export.donors import (
     read_predictions,
     write_predictions,
 )
+from smearscan.policy import call_is_right
 
 log = logging.getLogger("export.cv")
 
@@ -257,7 +258,7 @@ def render_markdown(report: dict, title: str) -> str:
     folds = report.get("donor_folds", {})
     areas = report.get("donor_areas", {})
     for row in report["cross_fitted"]["donor_rows"]:
-        right = (row["call"] == f"{positive}-suspect") == (row["truth"] == positive)
+        right = call_is_right(row["call"], row["truth"], positive)
         area = areas.get(row["patient"])
         lines.append(
             f"| {row['patient']} | {row['truth']} | {folds.get(row['patient'], '')} | "

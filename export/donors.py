@@ -19,7 +19,7 @@ import numpy as np
 
 from smearscan.inference import apply_temperature
 from smearscan.metrics import classification_metrics
-from smearscan.policy import DecisionPolicy
+from smearscan.policy import DecisionPolicy, call_is_right
 
 
 @dataclass
@@ -269,7 +269,7 @@ def summary_of(
     def mean(group: list[dict]) -> float | None:
         return float(np.mean([r["cell_accuracy"] for r in group])) if group else None
 
-    calls_right = [(r["call"] == f"{positive}-suspect") == (r["truth"] == positive) for r in rows]
+    calls_right = [call_is_right(r["call"], r["truth"], positive) for r in rows]
     worst_positive, worst_negative = worst(malignant), worst(normal)
     return {
         "cells": len(predictions.y),

@@ -35,7 +35,7 @@ from smearscan.metrics import (
     wilson_interval,
 )
 from smearscan.modelfile import INTENDED_USE
-from smearscan.policy import NEGATIVE, DecisionPolicy
+from smearscan.policy import NEGATIVE, DecisionPolicy, call_is_right
 from smearscan.results import STATUS_OK, CellResult
 from smearscan.runner import ScanOutcome, ScanRequest, run_scan
 from smearscan.sinks.html import environment
@@ -264,8 +264,8 @@ def _slide_table(slides, y_true, probabilities, predicted, policy: DecisionPolic
             f"fraction_called_{positive}": round(positives / cells, 4),
             "score": round(policy.slide_score(cells, positives, positive_sum) or 0.0, 4),
             "call": call,
-            "correct": (call == policy.suspect_call) == (true_label == positive)
-            if called
+            "correct": call_is_right(call, true_label, positive)
+            if called and call is not None
             else None,
         }
     scored = [row["correct"] for row in table.values() if row["correct"] is not None]

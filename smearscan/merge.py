@@ -17,7 +17,7 @@ from pathlib import Path
 
 from smearscan.exitstatus import ExitStatus
 from smearscan.files import ReportSet
-from smearscan.policy import DecisionPolicy
+from smearscan.policy import INCOMPLETE, DecisionPolicy
 from smearscan.results import (
     STATUS_ERROR,
     STATUS_OK,
@@ -237,7 +237,7 @@ def merge_reports(parts: list[Path], out: Path, html: bool = True) -> MergeOutco
             for s in summaries
             if s.get("partial")
             for name, slide in s["slides"].items()
-            if slide.get("call") == "incomplete"
+            if slide.get("call") == INCOMPLETE
         }
         details = {
             key: first[key]

@@ -29,6 +29,24 @@ INSUFFICIENT = "insufficient"
 #: not flag is not ruled out, only not flagged for review (reports before 2026-12-04 said
 #: "negative").
 NEGATIVE = "not-flagged"
+#: A slide some of whose files were not read (an interrupted run, files still being
+#: written): no call until a run reads them.
+INCOMPLETE = "incomplete"
+
+
+def suspect_call(positive: str) -> str:
+    """The call of a slide flagged for the positive class: ``<positive>-suspect``."""
+    return f"{positive}-suspect"
+
+
+def is_suspect(call: str) -> bool:
+    return call.endswith("-suspect")
+
+
+def call_is_right(call: str, truth: str, positive: str) -> bool:
+    """Whether a slide call agrees with a donor's label: flagged if and only if positive
+    (``not-flagged`` and ``insufficient`` both count as not flagged)."""
+    return (call == suspect_call(positive)) == (truth == positive)
 
 
 class PolicyError(ValueError):
@@ -121,7 +139,7 @@ class DecisionPolicy:
 
     @property
     def suspect_call(self) -> str:
-        return f"{self.positive}-suspect"
+        return suspect_call(str(self.positive))
 
     # ------------------------------------------------------------------ text
 

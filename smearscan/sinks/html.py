@@ -13,6 +13,7 @@ import os
 from markupsafe import Markup, escape
 
 from smearscan.files import ReportSet, atomic_write, is_inside
+from smearscan.policy import INCOMPLETE, INSUFFICIENT, is_suspect
 from smearscan.sinks.summary import SummaryBuilder
 
 THUMBNAIL_SLIDES = 200
@@ -104,9 +105,9 @@ def histogram_svg(counts: list[int], label: str, cutoff: float | None = None) ->
 
 def _row_class(stats: dict) -> str:
     call = stats.get("call") or ""
-    if call.endswith("-suspect"):
+    if is_suspect(call):
         return "suspect"
-    return call if call in ("insufficient", "incomplete") else ""
+    return call if call in (INSUFFICIENT, INCOMPLETE) else ""
 
 
 def write_html(

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from smearscan import __version__
 from smearscan.files import ReportSet, atomic_write
 from smearscan.modelfile import INTENDED_USE, default_model_path
-from smearscan.policy import DecisionPolicy
+from smearscan.policy import INCOMPLETE, DecisionPolicy
 from smearscan.results import STATUS_OK, STATUS_PENDING, STATUS_QC, CellResult
 
 HISTOGRAM_BINS = 20
@@ -119,7 +119,7 @@ class SlideStats:
             # how far the score lies from the cut-off: a call by a hair is worth a look
             out["margin"] = None if score is None else round(score - policy.slide_cutoff, 4)
             out["call"] = (
-                "incomplete"
+                INCOMPLETE
                 if incomplete or self.pending
                 else policy.slide_call(cells, self.positives, self.positive_sum)
             )
