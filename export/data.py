@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from smearscan.names import is_image_path
-from smearscan.preprocess import ImageDecodeError, Recipe, load_and_preprocess
+from smearscan.preprocess import ImageDecodeError, Recipe, load_and_preprocess, stored_uint8
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def load_arrays(
         except ImageDecodeError as exc:
             log.warning("skipping %s: %s", sample.path, exc)
             return None
-        return np.round(image * 255.0).astype(np.uint8)
+        return stored_uint8(image)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(one, samples))

@@ -36,6 +36,7 @@ from export.cv import fold_config
 from export.data import discover_dataset, patient_folds
 from export.keras_utils import save_model
 from export.pipeline import SplitArrays, cached_arrays, load_split
+from smearscan.preprocess import unit_range
 
 log = logging.getLogger("export.gpu")
 
@@ -207,9 +208,7 @@ def import_run(args: argparse.Namespace, config: TrainConfig) -> None:
             load_weights(model, weights)
             out.mkdir(parents=True, exist_ok=True)
             save_model(model, out / "model.keras")
-            probabilities = model.predict(
-                split.x_val.astype(np.float32) / 255.0, batch_size=64, verbose=0
-            )
+            probabilities = model.predict(unit_range(split.x_val), batch_size=64, verbose=0)
             rows = [
                 [str(s.path), s.patient, s.label, *[f"{p:.6f}" for p in probs]]
                 for s, probs in zip(split.val_samples, probabilities, strict=True)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from smearscan.preprocess import unit_range
+
 
 def plot_curves(history: list[dict], path: Path) -> None:
     """Training and validation loss and accuracy per epoch (the paper's Fig. 5)."""
@@ -84,7 +86,7 @@ def recalibrate_batch_norm(model, images: np.ndarray, batch_size: int = 64) -> N
         for index, start in enumerate(range(0, len(images), batch_size)):
             for layer in layers:
                 layer.momentum = index / (index + 1)
-            batch = images[start : start + batch_size].astype(np.float32) / np.float32(255.0)
+            batch = unit_range(images[start : start + batch_size])
             model(batch, training=True)
     finally:
         for layer, momentum in zip(layers, momenta, strict=True):

@@ -97,7 +97,7 @@ class RawRescaler:
 
     def __call__(self, index, seed) -> np.ndarray:
         from export.augment import JPEG_QUALITY, jpeg_roundtrip, rescale
-        from smearscan.preprocess import decode_image, preprocess
+        from smearscan.preprocess import decode_image, preprocess, stored_uint8
 
         rng = np.random.default_rng(int(seed))
         image = decode_image(self.data[int(index)], order="bgr")
@@ -105,7 +105,7 @@ class RawRescaler:
         if self.jpeg and rng.random() < 0.5:
             image = jpeg_roundtrip(image, int(rng.integers(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1)))
         model_input = preprocess(rescale(image, factor), self.recipe, order="bgr")
-        return np.round(model_input * 255.0).astype(np.uint8)
+        return stored_uint8(model_input)
 
 
 def make_dataset(
@@ -132,6 +132,7 @@ def make_dataset(
     augment = make_augmenter(tf, groups, augmentation.scale_range, size, augmentation.strength)
 
     def scale(image, label):
+        # smearscan.preprocess.unit_range, in TF
         return tf.cast(image, tf.float32) * (1.0 / 255.0), tf.one_hot(label, num_classes)
 
     if rescaler is not None and indices is not None:

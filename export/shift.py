@@ -37,7 +37,7 @@ from export.data import discover_dataset
 from export.donors import Predictions, donor_rows, number, summary_of
 from smearscan.inference import apply_temperature
 from smearscan.policy import DecisionPolicy
-from smearscan.preprocess import Recipe, preprocess, read_image
+from smearscan.preprocess import Recipe, preprocess, read_image, stored_uint8, unit_range
 
 log = logging.getLogger("export.shift")
 
@@ -171,7 +171,7 @@ def shifted_inputs(
             source, target = swaps[index]
             named[COLOUR_SWAP] = lambda im: colour_swap(im, source, target)
         return {
-            name: np.round(preprocess(shift(image), recipe, order="bgr") * 255).astype(np.uint8)
+            name: stored_uint8(preprocess(shift(image), recipe, order="bgr"))
             for name, shift in named.items()
         }
 
@@ -249,7 +249,7 @@ def run_suite(
         model = keras.models.load_model(run / "model.keras", compile=False)
         rules = cv["per_fold_rules"][fold]
         for name, x in inputs.items():
-            raw = model.predict(x.astype(np.float32) / 255.0, batch_size=128, verbose=0)
+            raw = model.predict(unit_range(x), batch_size=128, verbose=0)
             calibrated = apply_temperature(raw.astype(np.float64), rules["temperature"])
             probabilities.setdefault(name, []).append(calibrated)
         parts.append((members, np.array([labels.index(s.label) for s in members]), fold))

@@ -23,7 +23,7 @@ import numpy as np
 from export.config import Split, TrainConfig
 from export.pipeline import load_split
 from smearscan.metrics import classification_metrics
-from smearscan.preprocess import Recipe, log_enhance
+from smearscan.preprocess import Recipe, log_enhance, unit_range
 
 log = logging.getLogger("export.table1")
 
@@ -70,7 +70,7 @@ def handcrafted_features(x: np.ndarray) -> np.ndarray:
         cv2.resize(log_enhance(image, 1.5, 1.0), (32, 32), interpolation=cv2.INTER_AREA)
         for image in x
     ]
-    return np.stack(features).reshape(len(x), -1).astype(np.float32) / 255.0
+    return unit_range(np.stack(features).reshape(len(x), -1))
 
 
 def sklearn_row(name: str, x_train, y_train, x_val, y_val, labels, seed: int) -> dict:
@@ -170,8 +170,8 @@ def vgg16_rf_row(run: Path, x_train, y_train, x_val, y_val, labels, seed: int) -
 
     model = keras.models.load_model(run / "model.keras")
     extractor = keras.Model(model.input, model.get_layer("block5_pool").output)
-    f_train = extractor.predict(x_train.astype(np.float32) / 255.0, batch_size=128, verbose=0)
-    f_val = extractor.predict(x_val.astype(np.float32) / 255.0, batch_size=128, verbose=0)
+    f_train = extractor.predict(unit_range(x_train), batch_size=128, verbose=0)
+    f_val = extractor.predict(unit_range(x_val), batch_size=128, verbose=0)
     forest = RandomForestClassifier(
         n_estimators=300, class_weight="balanced", n_jobs=-1, random_state=seed
     )

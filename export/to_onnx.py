@@ -39,7 +39,7 @@ from smearscan import modelfile as mf
 from smearscan.inference import apply_temperature, load_classifier
 from smearscan.metrics import classification_metrics
 from smearscan.policy import DecisionPolicy
-from smearscan.preprocess import Recipe, framed_and_resized, gray_of, read_image
+from smearscan.preprocess import Recipe, framed_and_resized, gray_of, read_image, unit_range
 
 log = logging.getLogger("export.to_onnx")
 
@@ -293,7 +293,7 @@ def export(args: argparse.Namespace) -> dict:
         return [pool[i] for i in sorted(order)]
 
     parity_x, _ = load_arrays(pick(samples, args.parity_images), recipe)
-    parity_x = parity_x.astype(np.float32) / np.float32(255.0)
+    parity_x = unit_range(parity_x)
 
     rules, metrics, fitted_on = source.rules_and_metrics(args)
     trained_on = source.training_patients(samples)
@@ -477,7 +477,7 @@ def export_int8(args, recipe, labels, train_samples, val_samples, rng) -> dict:
     calibration_x, _ = load_arrays([pool[i] for i in sorted(order)], recipe)
     if len(calibration_x) == 0:
         raise ExportError("no readable calibration images")
-    calibration_x = calibration_x.astype(np.float32) / np.float32(255.0)
+    calibration_x = unit_range(calibration_x)
     int8_path = args.out.with_suffix(".int8.onnx")
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "int8.onnx"
@@ -488,7 +488,7 @@ def export_int8(args, recipe, labels, train_samples, val_samples, rng) -> dict:
         onnx.save_model(proto, str(raw))
         candidate = load_classifier(raw, device="cpu")
         val_x, kept = load_arrays(val_samples, recipe)
-        val_x = val_x.astype(np.float32) / np.float32(255.0)
+        val_x = unit_range(val_x)
         y_val = np.array([labels.index(val_samples[i].label) for i in kept])
         quant = {
             "format": "static QDQ int8, per-channel weights",

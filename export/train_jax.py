@@ -284,7 +284,7 @@ def make_augment(augmentation: Augmentation, size: int):
         return jnp.clip(image, 0.0, 1.0)
 
     def augment(key, batch, sides):
-        images = batch.astype(jnp.float32) * (1.0 / 255.0)
+        images = batch.astype(jnp.float32) * (1 / 255)  # smearscan.preprocess.unit_range
         keys = jax.random.split(key, images.shape[0])
         return jax.vmap(one)(keys, images, sides)
 
@@ -457,7 +457,8 @@ class FoldTrainer:
         if self.batch_norms and len(recalibration):
             usable = len(recalibration) // batch * batch
             for index, start in enumerate(range(0, usable, batch)):
-                images = jnp.asarray(recalibration[start : start + batch], jnp.float32) / 255.0
+                # smearscan.preprocess.unit_range, on the device (uint8 travels there)
+                images = jnp.asarray(recalibration[start : start + batch], jnp.float32) * (1 / 255)
                 non_trainable = self._recalibrate(
                     trainable, non_trainable, images, jnp.float32(index / (index + 1))
                 )
@@ -465,7 +466,7 @@ class FoldTrainer:
 
     def _predict_impl(self, trainable, non_trainable, images):
         predicted, _ = self.model.stateless_call(
-            trainable, non_trainable, images.astype("float32") / 255.0, training=False
+            trainable, non_trainable, images.astype("float32") * (1 / 255), training=False
         )
         return predicted
 

@@ -344,6 +344,13 @@ def unit_range(pixels: np.ndarray) -> np.ndarray:
     return scaled
 
 
+def stored_uint8(model_input: np.ndarray) -> np.ndarray:
+    """A model input (float32 in [0, 1]) kept as uint8, as training caches and the shift
+    suite keep crops; :func:`unit_range` gives it back exactly (preprocessing's output is
+    a uint8 image scaled to [0, 1])."""
+    return np.round(model_input * 255.0).astype(np.uint8)
+
+
 def to_model_input(resized: np.ndarray, recipe: Recipe) -> np.ndarray:
     """uint8 RGB (S, S, 3) from :func:`framed_and_resized` -> float32 RGB in [0, 1]."""
     return unit_range(model_pixels(resized, recipe))

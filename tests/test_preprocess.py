@@ -238,3 +238,14 @@ if __name__ == "__main__":
         recipe=np.array(shipped.to_json()),
         opencv=np.array(cv2.__version__),
     )
+
+
+def test_a_model_input_kept_as_uint8_comes_back_exactly():
+    """Issue 23.5: one home for the model-input scale; training caches and the shift suite
+    keep inputs as uint8 and must get the scanner's float input back, bit for bit."""
+    from smearscan.preprocess import stored_uint8, unit_range
+
+    every_value = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    assert np.array_equal(stored_uint8(unit_range(every_value)), every_value)
+    assert unit_range(every_value).dtype == np.float32
+    assert unit_range(every_value).max() == np.float32(1.0)
