@@ -21,3 +21,20 @@ class ExitStatus(IntEnum):
     @classmethod
     def for_signal(cls, signum: int) -> ExitStatus:
         return cls(128 + signum)
+
+    @classmethod
+    def for_report(
+        cls, counts: dict[str, int], interrupted: ExitStatus | None, qc_tolerated: bool = False
+    ) -> ExitStatus:
+        """The code of a run that wrote its reports, from its rows' status counts: the
+        signal's code when ``interrupted``, then pending files, then unusable files (failed
+        QC within ``--max-qc-rate`` is tolerated), else success. Scan and merge share it."""
+        if interrupted is not None:
+            return interrupted
+        from smearscan.results import STATUS_ERROR, STATUS_PENDING, STATUS_QC
+
+        if counts.get(STATUS_PENDING):
+            return cls.PENDING
+        if counts.get(STATUS_ERROR) or (counts.get(STATUS_QC) and not qc_tolerated):
+            return cls.SOME_UNUSABLE
+        return cls.SUCCESS

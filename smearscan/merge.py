@@ -21,13 +21,12 @@ from smearscan.policy import INCOMPLETE, DecisionPolicy
 from smearscan.results import (
     STATUS_ERROR,
     STATUS_OK,
-    STATUS_PENDING,
     STATUS_QC,
     STATUSES,
     CellResult,
 )
 from smearscan.sinks.html import write_html
-from smearscan.sinks.rows import CSV_FORMULA_STARTS, RowWriter
+from smearscan.sinks.rows import CSV_FORMULA_STARTS, RowWriter, write_labelled
 from smearscan.sinks.summary import SummaryBuilder, write_json
 
 log = logging.getLogger(__name__)
@@ -224,12 +223,7 @@ def merge_reports(parts: list[Path], out: Path, html: bool = True) -> MergeOutco
     with ReportSet() as reports:  # report, summary and page: all or none
         with reports.write(out) as handle:
             writer = RowWriter(handle, labels, fmt, policy.cell_rule_short())
-            for result in results:
-                if result.status == STATUS_OK:
-                    result.label = policy.cell_label(result.probabilities)
-                writer.write(result)
-                builder.add(result)
-                counts[result.status] += 1
+            write_labelled(writer, results, policy, builder, counts)
         partial = any(s.get("partial") for s in summaries)
         # a slide a partial part left half-read stays incomplete: its other files were never read
         unfinished = {
@@ -276,13 +270,7 @@ def merge_reports(parts: list[Path], out: Path, html: bool = True) -> MergeOutco
                 first.get("quality_control", ""),
                 reports=reports,
             )
-    status = ExitStatus.SUCCESS
-    if partial:
-        status = ExitStatus.INTERRUPTED_INT
-    elif counts[STATUS_PENDING]:
-        status = ExitStatus.PENDING
-    elif counts[STATUS_QC] or counts[STATUS_ERROR]:
-        status = ExitStatus.SOME_UNUSABLE
+    status = ExitStatus.for_report(counts, ExitStatus.INTERRUPTED_INT if partial else None)
     return MergeOutcome(
         sum(counts.values()),
         counts[STATUS_OK],

@@ -32,13 +32,12 @@ from smearscan.qc import QC_VERSION, QualityControl
 from smearscan.results import (
     STATUS_ERROR,
     STATUS_OK,
-    STATUS_PENDING,
     STATUS_QC,
     STATUSES,
     CellResult,
 )
 from smearscan.sinks.html import write_html
-from smearscan.sinks.rows import FORMATS, RowWriter
+from smearscan.sinks.rows import FORMATS, RowWriter, write_labelled
 from smearscan.sinks.summary import SummaryBuilder, run_details, write_json
 from smearscan.stages import StageConfig
 
@@ -488,14 +487,7 @@ def _report(
         try:
             with reports.write(request.out) as handle:
                 writer = RowWriter(handle, list(policy.labels), request.format(), rule)
-                for result in results:
-                    if result.status == STATUS_OK:
-                        result.label = policy.cell_label(result.probabilities)
-                    if anonymize:
-                        result = anonymize(result)
-                    writer.write(result)
-                    builder.add(result)
-                    counts[result.status] += 1
+                write_labelled(writer, results, policy, builder, counts, anonymize)
                 # (one part of a --num-parts run may own no file: its empty report is still
                 # written, so that merge finds every part)
                 nothing = sum(counts.values()) == 0 and not (request.new_only and reused)
@@ -574,16 +566,10 @@ def _report(
                 roots,
                 reports,
             )
+    interrupted = None
     if partial:
-        status = stop_status() if stop_status else ExitStatus.INTERRUPTED_INT
-    elif counts[STATUS_PENDING]:
-        status = ExitStatus.PENDING
-    elif counts[STATUS_ERROR] or (
-        counts[STATUS_QC] and not qc_tolerated(request.max_qc_rate, counts)
-    ):
-        status = ExitStatus.SOME_UNUSABLE
-    else:
-        status = ExitStatus.SUCCESS
+        interrupted = stop_status() if stop_status else ExitStatus.INTERRUPTED_INT
+    status = ExitStatus.for_report(counts, interrupted, qc_tolerated(request.max_qc_rate, counts))
     return ScanOutcome(
         files,
         counts[STATUS_OK],

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import csv
 import json
-from typing import IO
+from collections.abc import Callable, Iterable
+from typing import IO, Protocol
 
 from smearscan.names import display_name
-from smearscan.results import CellResult
+from smearscan.results import STATUS_OK, CellResult
 
 FORMATS = ("csv", "jsonl")
 CSV_FORMULA_STARTS = frozenset("=+-@\t\r")
@@ -80,3 +81,28 @@ class RowWriter:
                 neutralize(decided_by),
             ]
         )
+
+
+class _Tally(Protocol):
+    def add(self, result: CellResult) -> None: ...
+
+
+def write_labelled(
+    writer: RowWriter,
+    results: Iterable[CellResult],
+    policy,
+    summary: _Tally,
+    counts: dict[str, int],
+    transform: Callable[[CellResult], CellResult] | None = None,
+) -> None:
+    """The one loop behind scan's and merge's reports: each result labelled by the run's
+    decision ``policy``, ``transform``-ed (anonymised), written, added to the ``summary``
+    and counted by status."""
+    for result in results:
+        if result.status == STATUS_OK:
+            result.label = policy.cell_label(result.probabilities)
+        if transform is not None:
+            result = transform(result)
+        writer.write(result)
+        summary.add(result)
+        counts[result.status] += 1
