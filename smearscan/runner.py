@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
 from smearscan.discover import Found, Skipped, discover, explicit_files, unique_files
+from smearscan.engines import Engine
 from smearscan.exitstatus import ExitStatus
 from smearscan.files import ReportSet, TargetError, check_target, remove_dead_temporaries
 from smearscan.inference import CUDA, BatchPredictor, Classifier
@@ -311,7 +312,7 @@ def make_engine(
     request: ScanRequest,
     ray_address: str | None = None,
     on_lost: Callable[[str], None] | None = None,
-):
+) -> Engine:
     """The engine that runs the stages; ``on_lost(reason)`` ends the run when a cluster
     vanishes under it in a way no exception reports (the Ray engine's local raylet)."""
     options = request.options
@@ -374,7 +375,7 @@ def run_scan(
     stop: threading.Event | None = None,
     stop_status: Callable[[], ExitStatus] | None = None,
     on_result: Callable[[CellResult], None] | None = None,
-    engine=None,
+    engine: Engine | None = None,
     run_plan: RunPlan | None = None,
 ) -> ScanOutcome:
     """Scan and write the reports. A set ``stop`` event ends the run early; the reports are
@@ -462,7 +463,7 @@ def _report(
     request: ScanRequest,
     classifier: Classifier,
     run_plan: RunPlan,
-    engine,
+    engine: Engine,
     results: Iterator[CellResult],
     started: float,
     stop: threading.Event | None,

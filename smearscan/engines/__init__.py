@@ -28,11 +28,18 @@ class EngineMissing(EngineError):
 
 
 class Engine(Protocol):
+    """What the runner needs of an engine (``LocalEngine``, ``RayEngine``, a test double)."""
+
     name: str
+    #: crops per model call: a --state run commits its results once per batch
+    batch_size: int
     #: slides with files discovered but not classified when the run was stopped
     unfinished_slides: set[str]
-    #: seconds per stage summed over the workers, when the engine measures them
-    stage_times: StageTimes | None
+
+    @property
+    def stage_times(self) -> StageTimes | None:
+        """Seconds per stage summed over the workers, when the engine measures them."""
+        ...
 
     def run(
         self, items: Iterable[Found], stop: threading.Event | None = None
