@@ -20,8 +20,8 @@ from smearscan.runner import ScanRequest, run_scan
 
 
 class ScriptedEngine:
-    """An engine (the :class:`~smearscan.engines.Engine` protocol) that answers each file from a script: no
-    decoding, no model; it records what it was asked to run."""
+    """An engine (the :class:`~smearscan.engines.Engine` protocol) that answers each file
+    from a script: no decoding, no model; it records what it was asked to run."""
 
     name = "scripted"
     batch_size = 4
