@@ -191,4 +191,4 @@ def load_arrays(
     size = recipe.input_size
     if not kept:
         return np.zeros((0, size, size, 3), np.uint8), kept
-    return np.stack([results[i] for i in kept]), kept
+    return np.stack([r for r in results if r is not None]), kept

@@ -27,6 +27,7 @@ import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +40,15 @@ from export.pipeline import SplitArrays, cached_arrays, load_split
 from smearscan.preprocess import unit_range
 
 log = logging.getLogger("export.gpu")
+
+
+def _decoded_rgb(encoded: bytes) -> np.ndarray:
+    import cv2
+
+    image = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError("a packed crop does not decode: the pack is damaged")
+    return image[:, :, ::-1]
 
 
 def pack(args: argparse.Namespace, config: TrainConfig) -> dict:
@@ -99,16 +109,14 @@ def pack(args: argparse.Namespace, config: TrainConfig) -> dict:
         part = encoded[start:stop]
         offsets = np.zeros(len(part) + 1, np.int64)
         offsets[1:] = np.cumsum([len(e) for e in part])
-        np.savez(
-            path,
-            encoded=np.frombuffer(b"".join(part), np.uint8),
-            offsets=offsets,
-            meta=np.array(json.dumps(meta)),
+        arrays: dict[str, Any] = {  # Any: numpy's stub types **kwds like allow_pickle
+            "encoded": np.frombuffer(b"".join(part), np.uint8),
+            "offsets": offsets,
+            "meta": np.array(json.dumps(meta)),
             **{k: v if k == "labels" else v[start:stop] for k, v in columns.items()},
-        )
-    decoded = np.stack(
-        [cv2.imdecode(np.frombuffer(e, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1] for e in encoded]
-    )
+        }
+        np.savez(path, **arrays)
+    decoded = np.stack([_decoded_rgb(e) for e in encoded])
     meta["mean_abs_error"] = float(np.abs(decoded.astype(np.int16) - x).mean())
     meta["files"] = [str(f) for f in files]
     meta["bytes"] = sum(f.stat().st_size for f in files)
@@ -224,9 +232,9 @@ def import_run(args: argparse.Namespace, config: TrainConfig) -> None:
             params = record["params"]
         write_fold_config(fold_arguments, split, params, origin)
         with open(out / "val_predictions.csv", "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(header[2:])
-            writer.writerows(rows)
+            predictions = csv.writer(handle)
+            predictions.writerow(header[2:])
+            predictions.writerows(rows)
         history = record["history"]
         with open(out / "history.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(history[0]))

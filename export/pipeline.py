@@ -58,6 +58,7 @@ def load_split(config: TrainConfig) -> SplitArrays:
     cache_dir, workers = config.cache_dir, config.workers
     samples = discover_dataset(data)
     labels = sorted({s.label for s in samples})
+    val_samples: list[Sample]
     if split.fold == -1:
         train_samples, val_samples = list(samples), []
     else:

@@ -41,8 +41,8 @@ def epoch_indices(
             chosen.append(rng.choice(members, size=take, replace=False))
         indices = np.concatenate(chosen)
     if sampling.balance == "oversample":
-        classes, counts = np.unique(y[indices], return_counts=True)
+        present, counts = np.unique(y[indices], return_counts=True)
         target = counts.max()
-        parts = [rng.choice(indices[y[indices] == c], size=target, replace=True) for c in classes]
+        parts = [rng.choice(indices[y[indices] == c], size=target, replace=True) for c in present]
         indices = np.concatenate(parts)
     return rng.permutation(indices)

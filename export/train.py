@@ -271,10 +271,10 @@ def train(config: TrainConfig) -> dict:
     best_probabilities = kept.pop("probabilities")
     if validating:
         with open(out / "val_predictions.csv", "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path", "patient", "label", *[f"p_{c}" for c in labels]])
+            predictions = csv.writer(handle)
+            predictions.writerow(["path", "patient", "label", *[f"p_{c}" for c in labels]])
             for sample, probs in zip(val_samples, best_probabilities, strict=True):
-                writer.writerow(
+                predictions.writerow(
                     [str(sample.path), sample.patient, sample.label, *[f"{p:.6f}" for p in probs]]
                 )
     summary = {

@@ -29,6 +29,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -88,7 +89,7 @@ def save_weights(weights: dict[str, np.ndarray], stem: Path, dtype: str, max_mb:
         if dtype == "float16" and np.abs(value).max(initial=0) < 6e4:
             value = value.astype(np.float16)
         stored[path] = value
-    parts: list[dict[str, np.ndarray]] = [{}]
+    parts: list[dict[str, Any]] = [{}]  # Any: np.savez's keywords
     size = 0
     for path, value in stored.items():
         if parts[-1] and size + value.nbytes > max_mb * 1e6:
@@ -183,7 +184,10 @@ class Pack:
         self.side = merged["side"].astype(np.float32)
 
         def decode(chunk: np.ndarray) -> np.ndarray:
-            return cv2.imdecode(chunk, cv2.IMREAD_COLOR)[:, :, ::-1]
+            image = cv2.imdecode(chunk, cv2.IMREAD_COLOR)
+            if image is None:
+                raise ValueError("a packed crop does not decode: the pack is damaged")
+            return image[:, :, ::-1]
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             self.x = np.stack(list(pool.map(decode, chunks)))
@@ -220,8 +224,13 @@ def blur_jax(image, sigma):
     kernel = jnp.exp(-(taps**2) / (2.0 * sigma**2))
     kernel = kernel / kernel.sum()
     padded = jnp.pad(image, ((radius, radius), (radius, radius), (0, 0)), mode="reflect")
-    rows = sum(kernel[i] * padded[:, i : i + width] for i in range(2 * radius + 1))
-    return sum(kernel[i] * rows[i : i + height] for i in range(2 * radius + 1))
+    rows = kernel[0] * padded[:, 0:width]
+    for i in range(1, 2 * radius + 1):
+        rows = rows + kernel[i] * padded[:, i : i + width]
+    blurred = kernel[0] * rows[0:height]
+    for i in range(1, 2 * radius + 1):
+        blurred = blurred + kernel[i] * rows[i : i + height]
+    return blurred
 
 
 def focus_jax(image, sigma, amount):
