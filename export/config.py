@@ -55,6 +55,7 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "distill_from": None,
     "distill_weight": 0.5,
     "split": "donors",
+    "warmup_epochs": 0,
 }
 
 
@@ -156,12 +157,14 @@ class Augmentation:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Epochs, batch, Adam's peak learning rate (cosine decay), the weight average and the
-    batch-norm re-estimation before each evaluation, and which epoch is kept."""
+    """Epochs, batch, Adam's peak learning rate (an optional linear warm-up, then cosine
+    decay), the weight average and the batch-norm re-estimation before each evaluation, and
+    which epoch is kept."""
 
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3
+    warmup_epochs: int = 0
     ema: float = 0.99
     bn_recalibrate: int = 1024
     select: str = "last"
@@ -170,9 +173,27 @@ class Schedule:
         _check(self.epochs >= 1, "--epochs must be at least 1")
         _check(self.batch_size >= 1, "--batch-size must be at least 1")
         _check(self.lr > 0 and math.isfinite(self.lr), "--lr must be above 0")
+        _check(0 <= self.warmup_epochs < self.epochs, "--warmup-epochs must be in [0, --epochs)")
         _check(0.0 <= self.ema < 1.0, "--ema must be in [0, 1)")
         _check(self.bn_recalibrate >= 0, "--bn-recalibrate must be >= 0")
         _check(self.select in SELECTIONS, f"--select must be one of {SELECTIONS}")
+
+    def learning_rate(self, keras, steps_per_epoch: int):
+        """Adam's learning rate per step, one definition for the TF and the JAX trainer:
+        with ``warmup_epochs``, a linear rise from lr/100 to lr over them, then cosine decay
+        to 5 % of lr over the remaining epochs; without, cosine decay from lr."""
+        total = steps_per_epoch * self.epochs
+        schedules = keras.optimizers.schedules
+        if not self.warmup_epochs:
+            return schedules.CosineDecay(self.lr, decay_steps=total, alpha=0.05)
+        warm = steps_per_epoch * self.warmup_epochs
+        return schedules.CosineDecay(
+            self.lr / 100,
+            decay_steps=total - warm,
+            alpha=0.05,
+            warmup_target=self.lr,
+            warmup_steps=warm,
+        )
 
 
 @dataclass(frozen=True)
@@ -287,6 +308,7 @@ class TrainConfig:
             "per_patient": self.sampling.per_patient,
             "mixup": aug.mixup,
             "ema": sched.ema,
+            "warmup_epochs": sched.warmup_epochs,
             "bn_recalibrate": sched.bn_recalibrate,
             "select": sched.select,
             "init_from": self.init_from,
@@ -336,6 +358,7 @@ class TrainConfig:
                 epochs=int(values["epochs"]),
                 batch_size=int(values["batch_size"]),
                 lr=float(values["lr"]),
+                warmup_epochs=int(values["warmup_epochs"]),
                 ema=float(values["ema"]),
                 bn_recalibrate=int(values["bn_recalibrate"]),
                 select=values["select"],
@@ -531,6 +554,13 @@ def add_training_options(p: argparse.ArgumentParser, data_required: bool = True)
     )
     p.add_argument("--mixup", type=float, default=aug.mixup, help="mixup Beta(a, a); 0 = off")
     p.add_argument(
+        "--warmup-epochs",
+        type=int,
+        default=sched.warmup_epochs,
+        help="raise the learning rate linearly from lr/100 to --lr over this many epochs "
+        "before its cosine decay (0 = none, the shipped recipe)",
+    )
+    p.add_argument(
         "--ema",
         type=float,
         default=sched.ema,
@@ -635,6 +665,7 @@ def config_from_options(options: argparse.Namespace) -> TrainConfig:
             epochs=options.epochs,
             batch_size=options.batch_size,
             lr=options.lr,
+            warmup_epochs=options.warmup_epochs,
             ema=options.ema,
             bn_recalibrate=options.bn_recalibrate,
             select=options.select,

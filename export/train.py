@@ -145,9 +145,7 @@ def train(config: TrainConfig) -> dict:
         len(epoch_indices(patients_train, y_train, sampling, np.random.default_rng(0)))
         // schedule.batch_size,
     )
-    learning_rate = keras.optimizers.schedules.CosineDecay(
-        schedule.lr, decay_steps=steps_per_epoch * schedule.epochs, alpha=0.05
-    )
+    learning_rate = schedule.learning_rate(keras, steps_per_epoch)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss="categorical_crossentropy",

@@ -371,12 +371,9 @@ class FoldTrainer:
         keras.utils.set_random_seed(config.seed)
         self.config = config
         self.model = config.network.build(num_classes, 128)
-        schedule = keras.optimizers.schedules.CosineDecay(
-            config.schedule.lr,
-            decay_steps=steps_per_epoch * config.schedule.epochs,
-            alpha=0.05,
+        self.optimizer = keras.optimizers.Adam(
+            config.schedule.learning_rate(keras, steps_per_epoch)
         )
-        self.optimizer = keras.optimizers.Adam(schedule)
         self.optimizer.build(self.model.trainable_variables)
         # the starting point of every fold (the CPU trainer seeds each fold the same way)
         self.initial = (

@@ -47,6 +47,7 @@ def test_options_added_since_take_what_older_runs_did():
         record.pop(name)
     older = TrainConfig.from_record(record)
     assert older.augmentation.scale_at == "input" and older.split.method == "donors"
+    assert older.schedule.warmup_epochs == 0  # runs made before the warm-up had none
 
 
 def test_differences_ignore_where_a_run_happens_and_name_what_it_trains():
@@ -68,6 +69,8 @@ def test_differences_ignore_where_a_run_happens_and_name_what_it_trains():
         {"ema": 1.0},
         {"lr": float("nan")},
         {"select": "first"},
+        {"epochs": 10, "warmup_epochs": 10},
+        {"warmup_epochs": -1},
     ],
 )
 def test_unusable_values_are_refused_by_the_type(change):
@@ -78,3 +81,18 @@ def test_unusable_values_are_refused_by_the_type(change):
 def test_a_newer_stored_config_is_refused():
     with pytest.raises(ConfigError, match="version 2"):
         TrainConfig.from_record(TrainConfig(Path("d"), Path("o")).to_record(), version=2)
+
+
+def test_the_learning_rate_warms_up_then_decays_and_without_warm_up_is_the_old_schedule():
+    """Issue 26.1 (longer schedules with a warm-up): one schedule for both trainers."""
+    keras = pytest.importorskip("keras", reason="the trainers are the [train] extra")
+    steps = 100
+    warm = Schedule(epochs=30, lr=2e-3, warmup_epochs=2).learning_rate(keras, steps)
+    rate = [float(warm(step)) for step in (0, 100, 200, 1600, 3000)]
+    assert rate[0] == pytest.approx(2e-5)  # lr / 100
+    assert rate[1] == pytest.approx((2e-5 + 2e-3) / 2, rel=1e-3)  # linear, halfway
+    assert rate[2] == pytest.approx(2e-3)  # the peak, where the cosine starts
+    assert rate[2] > rate[3] > rate[4] == pytest.approx(0.05 * 2e-3)
+    plain = Schedule(epochs=10).learning_rate(keras, steps)
+    old = keras.optimizers.schedules.CosineDecay(1e-3, decay_steps=1000, alpha=0.05)
+    assert [float(plain(s)) for s in (0, 500, 1000)] == [float(old(s)) for s in (0, 500, 1000)]
