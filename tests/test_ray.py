@@ -16,7 +16,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import IN_CI, ROOT, TINY_3CLASS, fixture_images, image_files, rows, run
+from conftest import (
+    IN_CI,
+    ROOT,
+    TINY_3CLASS,
+    fixture_images,
+    image_files,
+    make_share,
+    rows,
+    run,
+)
 
 from smearscan.exitstatus import ExitStatus
 
@@ -97,12 +106,7 @@ def test_a_killed_worker_loses_and_duplicates_nothing(ray_instance, tmp_path):
     from smearscan.inference import load_classifier
     from smearscan.runner import ScanRequest, plan
 
-    root = tmp_path / "share"
-    for i in range(24):
-        folder = root / f"slide_{i:02d}"
-        folder.mkdir(parents=True)
-        for source in fixture_images():
-            shutil.copy(source, folder / source.name)
+    root = make_share(tmp_path, 24)
     classifier = load_classifier(device="cpu")
     request = ScanRequest(inputs=[root])
     engine = RayEngine(plan(request, classifier).config, classifier, batch_size=4)
@@ -237,29 +241,12 @@ def test_a_two_raylet_cluster_gives_the_local_report(tmp_path, slide_tree):
         assert summary["engine"]["nodes"] == 2 and summary["engine"]["cpus"] == 2
 
 
-def _raylets(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            arguments = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if arguments[0].endswith(b"raylet") and any(marker.encode() in a for a in arguments):
-            found.append(int(entry.name))
-    return found
-
-
 def test_a_raylet_killed_mid_run_ends_the_scan_with_a_reason(tmp_path):
     """Issue 22.4: a raylet killed mid-run made the scan exit 1 with no message (Ray ends
     the driver from C++). Now: the reason, the final line, exit 1, and no report."""
-    root = tmp_path / "share"
-    for i in range(48):
-        folder = root / f"slide_{i:02d}"
-        folder.mkdir(parents=True)
-        for source in fixture_images():
-            shutil.copy(source, folder / source.name)
+    from smearscan.engines.ray import raylet_pids
+
+    root = make_share(tmp_path, 48)
     out = tmp_path / "r.csv"
     with _cluster() as (address, env, temp):
         process = subprocess.Popen(
@@ -279,7 +266,7 @@ def test_a_raylet_killed_mid_run_ends_the_scan_with_a_reason(tmp_path):
                     break
                 seen += line
             assert "progress:" in seen, seen[-2000:]
-            raylets = _raylets(str(temp))
+            raylets = raylet_pids(lambda argument: str(temp).encode() in argument)
             assert len(raylets) == 1
             os.kill(raylets[0], signal.SIGKILL)
             _, rest = process.communicate(timeout=120)

@@ -146,12 +146,12 @@ def reachable_or_fail(address: str | None, timeout: float = CONNECT_TIMEOUT) -> 
 RAYLET_POLL_SECONDS = 0.2
 
 
-def local_raylet_pid(socket_name: str, proc: Path = Path("/proc")) -> int | None:
-    """The pid of the raylet that serves this driver, found by its socket name among the
-    processes' command lines (Linux); ``None`` where there is no /proc or no such process."""
-    flag = f"--raylet_socket_name={socket_name}".encode()
+def raylet_pids(argument: Callable[[bytes], bool], proc: Path = Path("/proc")) -> list[int]:
+    """The raylet processes with an argument for which ``argument`` holds, found among the
+    processes' command lines (Linux); none where there is no /proc."""
+    found: list[int] = []
     if not proc.is_dir():
-        return None
+        return found
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
@@ -159,9 +159,16 @@ def local_raylet_pid(socket_name: str, proc: Path = Path("/proc")) -> int | None
             arguments = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if arguments[0].endswith(b"raylet") and flag in arguments:
-            return int(entry.name)
-    return None
+        if arguments[0].endswith(b"raylet") and any(argument(a) for a in arguments[1:]):
+            found.append(int(entry.name))
+    return found
+
+
+def local_raylet_pid(socket_name: str) -> int | None:
+    """The pid of the raylet that serves this driver, found by its socket name."""
+    flag = f"--raylet_socket_name={socket_name}".encode()
+    found = raylet_pids(lambda argument: argument == flag)
+    return found[0] if found else None
 
 
 def process_alive(pid: int, proc: Path = Path("/proc")) -> bool:
