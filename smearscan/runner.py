@@ -375,6 +375,7 @@ def run_scan(
     stop: threading.Event | None = None,
     stop_status: Callable[[], ExitStatus] | None = None,
     on_result: Callable[[CellResult], None] | None = None,
+    on_kept: Callable[[], None] | None = None,
     engine: Engine | None = None,
     run_plan: RunPlan | None = None,
 ) -> ScanOutcome:
@@ -385,7 +386,9 @@ def run_scan(
     :class:`~smearscan.qc.QCError` for unusable options,
     :class:`smearscan.state.StateLocked` when another run holds the state lock, and
     :class:`InterruptedError` when stopped while waiting for it. ``run_plan`` is the plan
-    an ``engine`` was built from (planned once: its warnings are said once).
+    an ``engine`` was built from (planned once: its warnings are said once). ``on_result``
+    is called for each file classified, ``on_kept`` for each file a ``--state`` run keeps
+    without reading it (unchanged or pending): together they count every file found.
     """
     request.validate()
     started = time.time()
@@ -430,7 +433,8 @@ def run_scan(
         )
         try:
             counters = Counters()
-            selected = store.select(request.found(skipped), request.min_age, counters)
+            found = request.found(skipped)
+            selected = store.select(found, request.min_age, counters, on_kept)
             batch = engine.batch_size  # commit once per batch of the engine in use
             for index, result in enumerate(notify(engine.run(selected, stop)), start=1):
                 store.record(result)

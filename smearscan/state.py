@@ -22,7 +22,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -282,8 +282,15 @@ class StateStore:
         # reused: its file is scanned again rather than failing every run
         return {row[0]: row[1:] for row in rows if _readable(row[4], row[6])}
 
-    def select(self, found: Iterable[Found], min_age: float, counters: Counters) -> Iterator[Found]:
-        """Yield the files that need scanning; keep unchanged ones as reused report rows.
+    def select(
+        self,
+        found: Iterable[Found],
+        min_age: float,
+        counters: Counters,
+        on_kept: Callable[[], None] | None = None,
+    ) -> Iterator[Found]:
+        """Yield the files that need scanning; keep unchanged ones as reused report rows
+        (and the young ones as pending rows), calling ``on_kept`` for each file kept.
 
         A result is reused when the fingerprint, size and mtime (and with ``--verify
         content`` the bytes' sha256) are unchanged and the file was read. Errors are retried
@@ -328,6 +335,8 @@ class StateStore:
                 if young and not unchanged and observed.get(key) != (size, mtime_ns):
                     sightings.append((key, size, mtime_ns, self.run_id))
                     pending += 1
+                    if on_kept is not None:
+                        on_kept()
                     reason = self.pending_reason((now_ns - mtime_ns) / 1e9, min_age, previous)
                     self._pending.append(
                         (
@@ -346,6 +355,8 @@ class StateStore:
                 digest = content_digest(path) if verify and not item.problem else None
                 if unchanged and previous is not None and (not verify or previous[2] == digest):
                     reused += 1
+                    if on_kept is not None:
+                        on_kept()
                     self._reused.append(
                         (
                             self._order,

@@ -512,3 +512,25 @@ def test_a_state_row_that_does_not_read_back_is_rescanned_not_fatal(tmp_path, sl
     result = run(args)
     assert "7 unchanged" in result.log.strip().splitlines()[-1]  # that one file scanned again
     assert rows(out) == first
+
+
+def test_the_progress_bar_of_a_rerun_counts_the_files_it_keeps(tmp_path):
+    """Issue 23.4: the bar's total counts every file found, but a --state rerun reads only
+    new and changed files; the unchanged ones must move the bar too, or it never ends."""
+    import io
+
+    from click.testing import CliRunner
+
+    from smearscan.cli import Environment, cli
+
+    root = make_share(tmp_path, 2)
+    total = len(image_files(root))
+    args = ["scan", str(root), "--out", str(tmp_path / "r.csv"), "--state", str(tmp_path / "s.db")]
+    for unchanged in (0, total):
+        stderr = io.StringIO()  # a terminal, as far as the run knows: it draws the bar
+        result = CliRunner().invoke(
+            cli, [*args, "--min-age", "0"], obj=Environment(stderr=stderr, stderr_isatty=True)
+        )
+        assert result.exit_code == 0, stderr.getvalue()
+        assert f"{total}/{total} 100%" in stderr.getvalue()
+        assert f"{unchanged} unchanged" in stderr.getvalue().splitlines()[-1]

@@ -441,6 +441,7 @@ def _do_scan(
         stop=guard.stop,
         stop_status=guard.status,
         on_result=progress.advance,
+        on_kept=progress.kept,
         engine=engine,
         run_plan=run_plan,
     )

@@ -378,6 +378,7 @@ class Progress:
         self.bar: Any = None
         self.task: Any = None
         self.redirected: list = []
+        self.counting: threading.Thread | None = None
 
     def __enter__(self) -> Progress:
         if self.quiet or not self.env.stderr_isatty:
@@ -422,7 +423,8 @@ class Progress:
             if self.bar is not None:
                 self.bar.update(self.task, total=total)
 
-        threading.Thread(target=count, daemon=True).start()
+        self.counting = threading.Thread(target=count, daemon=True)
+        self.counting.start()
 
     def advance(self, result) -> None:
         self.done += 1
@@ -446,8 +448,16 @@ class Progress:
                 rate,
             )
 
+    def kept(self) -> None:
+        """A file this run keeps from an earlier one (unchanged) or leaves pending: the bar,
+        whose total counts every file found, moves on without a new result."""
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1)
+
     def close(self) -> None:
         if self.bar is not None:
+            if self.counting is not None:  # a short run may end before its count does
+                self.counting.join(timeout=1.0)
             for handler, stream in self.redirected:
                 handler.setStream(stream)
             self.bar.stop()
