@@ -8,6 +8,8 @@ import csv
 import io
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -51,6 +53,43 @@ def run(args: list[str], stdin: str | None = None, expect: int | set[int] | None
                 f"\nstderr: {result.log}\nexception: {result.exception!r}"
             )
     return result
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without SMEARSCAN_* settings (a developer's own must not
+    change what a test sees), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMEARSCAN_")}
+    env.update(extra)
+    return env
+
+
+def smearscan_command(*args: str) -> list[str]:
+    """``python -m smearscan ARGS`` with this interpreter: the CLI as its own process."""
+    return [sys.executable, "-m", "smearscan", *args]
+
+
+def smearscan(
+    *args: str, timeout: float = 300, env: dict[str, str] | None = None, **kwargs
+) -> subprocess.CompletedProcess:
+    """Run the CLI in its own process from the repository root; text output captured."""
+    return subprocess.run(
+        smearscan_command(*args),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+        env=clean_env(**(env or {})),
+        **kwargs,
+    )
+
+
+def start_smearscan(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
+    """Start the CLI in its own process (stdout and stderr piped as text) and return at once:
+    for tests that signal, kill or watch a run."""
+    options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kwargs}
+    return subprocess.Popen(
+        smearscan_command(*args), text=True, cwd=ROOT, env=clean_env(**(env or {})), **options
+    )
 
 
 def rows(path: Path) -> list[dict]:

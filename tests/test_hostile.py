@@ -33,6 +33,8 @@ from conftest import (
     read_bgr,
     require_training_stack,
     run,
+    smearscan,
+    start_smearscan,
 )
 from conftest import rows as read_rows
 
@@ -40,20 +42,6 @@ from smearscan.exitstatus import ExitStatus
 from smearscan.names import display_name, unescape_name
 
 NON_UTF8 = os.fsdecode(b"caf\xe9 \xff.png")
-
-
-def smearscan(*args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SMEARSCAN_")}
-    env.update(kwargs.pop("env", {}))
-    return subprocess.run(
-        [sys.executable, "-m", "smearscan", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=timeout,
-        env=env,
-        **kwargs,
-    )
 
 
 def last_line(text: str) -> str:
@@ -620,19 +608,6 @@ def test_nan_and_negative_model_outputs_become_error_rows(tmp_path, slide_tree):
 # ------------------------------------------------------------------ signals
 
 
-def _start(args: list[str], **kwargs) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SMEARSCAN_")}
-    return subprocess.Popen(
-        [sys.executable, "-m", "smearscan", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        **kwargs,
-    )
-
-
 def _wait_for_progress(process: subprocess.Popen, needle: str = "progress:") -> str:
     """Read stderr lines until ``needle`` appears (the scan is under way)."""
     seen = ""
@@ -651,19 +626,17 @@ def _wait_for_progress(process: subprocess.Popen, needle: str = "progress:") -> 
 def test_hup_and_int_write_a_partial_report_marking_unfinished_slides(tmp_path, signum, code):
     root = make_share(tmp_path, 30)
     out = tmp_path / "r.csv"
-    process = _start(
-        [
-            "scan",
-            str(root),
-            "--out",
-            str(out),
-            "--log-interval",
-            "0",
-            "--batch-size",
-            "4",
-            "--workers",
-            "1",
-        ]
+    process = start_smearscan(
+        "scan",
+        str(root),
+        "--out",
+        str(out),
+        "--log-interval",
+        "0",
+        "--batch-size",
+        "4",
+        "--workers",
+        "1",
     )
     _wait_for_progress(process)
     process.send_signal(signum)
@@ -684,20 +657,18 @@ def test_a_second_signal_exits_at_once_without_a_report(tmp_path):
     root = make_share(tmp_path, copies=60)
     out = tmp_path / "r.csv"
     out.write_text("previous\n")
-    process = _start(
-        [
-            "scan",
-            str(root),
-            "--out",
-            str(out),
-            "--log-interval",
-            "0",
-            "--batch-size",
-            "64",
-            "--workers",
-            "1",
-            "--tta",
-        ]
+    process = start_smearscan(
+        "scan",
+        str(root),
+        "--out",
+        str(out),
+        "--log-interval",
+        "0",
+        "--batch-size",
+        "64",
+        "--workers",
+        "1",
+        "--tta",
     )
     _wait_for_progress(process)
     process.send_signal(signal.SIGINT)
@@ -745,8 +716,8 @@ def test_sigterm_while_waiting_for_the_lock_ends_the_wait_without_a_report(tmp_p
     out = tmp_path / "r.csv"
     out.write_text("previous\n")
     with RunLock(state.with_name("state.db.lock")):
-        process = _start(
-            ["scan", str(slide_tree), "--out", str(out), "--state", str(state), "--wait", "600"]
+        process = start_smearscan(
+            "scan", str(slide_tree), "--out", str(out), "--state", str(state), "--wait", "600"
         )
         _wait_for_progress(process, "waiting up to 600 s")  # now waiting for the lock
         started = time.monotonic()
@@ -767,7 +738,9 @@ def test_evaluate_follows_the_same_signal_contract(tmp_path):
             for source in (p for p in fixture_images() if p.parent.name == label):
                 cv2.imwrite(str(folder / f"{i}_{source.stem}.png"), read_bgr(source))
     out = tmp_path / "eval"
-    process = _start(["evaluate", str(root), "--out", str(out), "--batch-size", "4", "--tta"])
+    process = start_smearscan(
+        "evaluate", str(root), "--out", str(out), "--batch-size", "4", "--tta"
+    )
     _wait_for_progress(process, "execution provider")  # the signal handlers are in place
     time.sleep(1)
     process.send_signal(signal.SIGTERM)

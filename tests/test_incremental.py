@@ -13,7 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY_3CLASS, fixture_images, image_files, make_share, rows, run
+from conftest import (
+    TINY_3CLASS,
+    fixture_images,
+    image_files,
+    make_share,
+    rows,
+    run,
+    start_smearscan,
+)
 
 from smearscan.exitstatus import ExitStatus
 from smearscan.state import RunLock
@@ -254,16 +262,10 @@ def test_lock_of_a_killed_process_does_not_block(tmp_path, slide_tree):
 
 
 def start_scan(root: Path, out: Path, state: Path, *options: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "smearscan", "scan", str(root), "--out", str(out)]
-    command += ["--state", str(state), "--batch-size", "8", "--workers", "1", "--no-html"]
-    return subprocess.Popen(
-        [*command, *options],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        start_new_session=True,  # so that leftover worker processes can be found by group
-    )
+    command = ["scan", str(root), "--out", str(out), "--state", str(state)]
+    command += ["--batch-size", "8", "--workers", "1", "--no-html", *options]
+    # a session of its own, so that leftover worker processes can be found by group
+    return start_smearscan(*command, start_new_session=True)
 
 
 def group_ends(group: int, within: float) -> bool:

@@ -5,25 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-from conftest import rows
+from conftest import ROOT, rows, smearscan
 
 from smearscan import __version__
 from smearscan.exitstatus import ExitStatus
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def smearscan(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "smearscan", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-        **kwargs,
-    )
 
 
 def test_version_and_help():

@@ -25,6 +25,8 @@ from conftest import (
     make_share,
     rows,
     run,
+    smearscan,
+    start_smearscan,
 )
 
 from smearscan.exitstatus import ExitStatus
@@ -208,33 +210,14 @@ def _cluster(worker_nodes: int = 0):
 
 
 def _scan_on(address: str, root: Path, out: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "smearscan",
-        "scan",
-        str(root),
-        "--out",
-        str(out),
-        "--engine",
-        "ray",
-        "--ray-address",
-        address,
-    ]
+    return ["scan", str(root), "--out", str(out), "--engine", "ray", "--ray-address", address]
 
 
 def test_a_two_raylet_cluster_gives_the_local_report(tmp_path, slide_tree):
     with _cluster(worker_nodes=1) as (address, env, _):
         local, clustered = tmp_path / "local.csv", tmp_path / "cluster.csv"
         run(["scan", str(slide_tree), "--out", str(local)])
-        done = subprocess.run(
-            _scan_on(address, slide_tree, clustered),
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=ROOT,
-            timeout=300,
-        )
+        done = smearscan(*_scan_on(address, slide_tree, clustered), env=env)
         assert done.returncode == 0, done.stderr[-3000:]
         _same_rows(rows(local), rows(clustered))
         summary = json.loads(clustered.with_name("cluster.summary.json").read_text())
@@ -249,13 +232,8 @@ def test_a_raylet_killed_mid_run_ends_the_scan_with_a_reason(tmp_path):
     root = make_share(tmp_path, 48)
     out = tmp_path / "r.csv"
     with _cluster() as (address, env, temp):
-        process = subprocess.Popen(
-            [*_scan_on(address, root, out), "--log-interval", "0"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=ROOT,
+        process = start_smearscan(
+            *_scan_on(address, root, out), "--log-interval", "0", env=env, stdout=subprocess.DEVNULL
         )
         try:
             seen = ""
@@ -285,23 +263,15 @@ def test_engine_ray_without_ray_says_how_to_install_it(tmp_path, slide_tree):
     blocker = tmp_path / "no_ray" / "ray"
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('simulated: Ray not installed')\n")
-    env = {**os.environ, "PYTHONPATH": f"{blocker.parent}{os.pathsep}{ROOT}"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "smearscan",
-            "scan",
-            str(slide_tree),
-            "--out",
-            str(tmp_path / "r.csv"),
-            "--engine",
-            "ray",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
+    python_path = f"{blocker.parent}{os.pathsep}{ROOT}"
+    done = smearscan(
+        "scan",
+        str(slide_tree),
+        "--out",
+        str(tmp_path / "r.csv"),
+        "--engine",
+        "ray",
+        env={"PYTHONPATH": python_path},
         timeout=120,
     )
     assert done.returncode == ExitStatus.USAGE, done.stderr
@@ -316,20 +286,7 @@ def test_an_address_where_nothing_listens_fails_fast_with_a_reason(tmp_path, sli
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # closed again when the block ends: nothing listens
     started = time.monotonic()
-    command = [
-        sys.executable,
-        "-m",
-        "smearscan",
-        "scan",
-        str(slide_tree),
-        "--out",
-        str(tmp_path / "r.csv"),
-        "--engine",
-        "ray",
-        "--ray-address",
-        f"127.0.0.1:{port}",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    done = smearscan(*_scan_on(f"127.0.0.1:{port}", slide_tree, tmp_path / "r.csv"), timeout=120)
     assert done.returncode == ExitStatus.ERROR, done.stderr
     assert time.monotonic() - started < 60
     assert "cannot reach the Ray cluster" in done.stderr
