@@ -213,15 +213,12 @@ def donor_rows(
 ) -> list[dict]:
     """Per donor: truth, cells, share of cells called positive, mean P(positive), slide
     score and call under ``policy``, and whether each cell was right."""
-    pos = policy.positive_index
     predicted = policy.label_indices(calibrated)
     rows = []
     for patient in sorted(set(patients.tolist()), key=_natural):
         members = patients == patient
         truth = labels[int(np.bincount(y[members], minlength=len(labels)).argmax())]
-        cells = int(members.sum())
-        positives = int((predicted[members] == pos).sum())
-        positive_sum = float(calibrated[members, pos].sum())
+        cells, positives, positive_sum = policy.slide_tally(members, predicted, calibrated)
         rows.append(
             {
                 "patient": patient,

@@ -247,13 +247,10 @@ def _slide_table(slides, y_true, probabilities, predicted, policy: DecisionPolic
         return {"rule": None, "accuracy": None, "slides": table}
     if all(slide is None for slide in slides):
         return {"rule": None, "accuracy": None, "slides": table, "note": NO_SLIDES}
-    pos = labels.index(positive)
     for slide in sorted({s for s in slides if s is not None}):
         members = np.array([s == slide for s in slides])
         true_label = labels[np.bincount(y_true[members], minlength=len(labels)).argmax()]
-        cells = int(members.sum())
-        positives = int((predicted[members] == pos).sum())
-        positive_sum = float(probabilities[members, pos].sum())
+        cells, positives, positive_sum = policy.slide_tally(members, predicted, probabilities)
         call = policy.slide_call(cells, positives, positive_sum)
         called = call in (policy.suspect_call, NEGATIVE)
         right = int((predicted[members] == y_true[members]).sum())

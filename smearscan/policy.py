@@ -106,6 +106,18 @@ class DecisionPolicy:
             return np.where(probabilities[:, pos] >= self.threshold, pos, 1 - pos)
         return probabilities.argmax(axis=1)
 
+    def slide_tally(
+        self, members: np.ndarray, predicted: np.ndarray, probabilities: np.ndarray
+    ) -> tuple[int, int, float]:
+        """What :meth:`slide_score` and :meth:`slide_call` take, for the rows ``members``
+        selects: usable cells, those labelled positive (``predicted``: class indices) and
+        their summed P(positive). The scan's summary counts the same three, cell by cell
+        (``SlideStats``); evaluation and cross-validation count them here."""
+        pos = self.positive_index
+        cells = int(members.sum())
+        positives = int((predicted[members] == pos).sum())
+        return cells, positives, float(probabilities[members, pos].sum())
+
     def cell_labels(self, probabilities: np.ndarray) -> list[str]:
         return [self.labels[i] for i in self.label_indices(probabilities)]
 
