@@ -71,6 +71,11 @@ def test_the_shift_suite_tests_the_ends_of_the_training_ranges():
     names = set(shifts(0))
     assert {"brightness +15%", "brightness -15%", "gamma 0.8", "gamma 1.25"} <= names
     assert RANGES.gamma == pytest.approx((0.8, 1.25))
+    # the scanner's QC admits what the training ranges cover (smearscan cannot import export)
+    from smearscan.qc import VALIDATED_GAINS, VALIDATED_GAMMAS
+
+    assert pytest.approx(RANGES.gamma) == VALIDATED_GAMMAS
+    assert pytest.approx((1 - RANGES.gain, 1 + RANGES.gain)) == VALIDATED_GAINS
     assert HUE_SHIFT_DEGREES < RANGES.hue_degrees == pytest.approx(12.0)
 
 

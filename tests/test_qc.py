@@ -295,6 +295,29 @@ def test_size_limits_cover_the_validated_magnifications_and_still_refuse_far_one
     assert refused(2.0) >= len(fixture_images()) // 2
 
 
+def test_brightness_limits_cover_the_validated_exposures_and_still_refuse_dark_crops():
+    """Issue 22.5: the shift suite validates gamma 1.25 (labels kept), but QC refused 10.9 %
+    of real crops there as 'too dark'; far darker exposures must still be refused."""
+    from export.shift import photometric
+
+    info = load_classifier(device="cpu").info
+    qc = QualityControl.from_metadata(info.metadata[KEY_QC], "default")
+    assert qc is not None
+
+    def reasons(image) -> list[str]:
+        gray = gray_of(image, "bgr")
+        resized = framed_and_resized(image, info.recipe, "bgr", gray)
+        return qc.reasons(measure(gray, resized, info.recipe.background_threshold))
+
+    crops = [read_bgr(p) for p in fixture_images()]
+    for gain, gamma in [(0.85, 1.0), (1.15, 1.0), (1.0, 0.8), (1.0, 1.25)]:
+        assert [reasons(photometric(c, gain=gain, gamma=gamma)) for c in crops] == [[]] * len(
+            crops
+        ), (gain, gamma)
+    for gain, gamma in [(1.0, 3.0), (0.5, 1.0), (0.6, 1.5)]:  # far darker: still refused
+        assert all(reasons(photometric(c, gain=gain, gamma=gamma)) for c in crops), (gain, gamma)
+
+
 def test_qc_sees_the_stain_colour_and_keeps_the_validated_hue_shift():
     """Issue 22: crops of another stain colour (hue turned by 120 degrees) passed every check
     and got labels at chance; the shift suite's validated hue shift (8 degrees) must pass."""
