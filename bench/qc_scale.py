@@ -5,9 +5,11 @@
 Every donor's first crops of ../shared/data/cnmc are shifted as the shift suite does
 (rescaled as another magnification would show them, blurred, re-exposed, stain-jittered,
 hue-shifted, JPEG-compressed) and by shifts the model cannot judge (red and blue swapped,
-hue turned by 120 degrees, heavy noise, JPEG quality 10), then measured and checked by the
-model's default QC limits. QC should refuse few crops under the shifts the model is
-validated on (at most 1 %), and many under the others.
+hue turned by 120 degrees, heavy noise, JPEG quality 10, a textured purple disc instead of
+a cell), then measured and checked by the model's default QC limits, the embedding
+distance included when the model has one. QC should refuse few crops under the shifts the
+model is validated on (at most 1 %), and many under the others. These crops trained the
+shipped model: bench/qc_embedding.py measures the embedding distance on unseen donors.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from export.augment import jpeg_roundtrip, rescale  # noqa: E402
 from export.shift import shifts as suite_shifts  # noqa: E402
 from smearscan.inference import load_classifier  # noqa: E402
 from smearscan.modelfile import KEY_QC  # noqa: E402
-from smearscan.preprocess import framed_and_resized, gray_of, read_image  # noqa: E402
+from smearscan.preprocess import framed_and_resized, gray_of, model_pixels, read_image, unit_range  # noqa: E402
 from smearscan.qc import QualityControl, measure  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "cnmc"
@@ -52,6 +54,19 @@ def _hue_turn(image, degrees=120):
     return (cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR) * _cell(image)).astype(np.uint8)
 
 
+def _purple_disc(image, seed=0):
+    """Not a cell: a disc of the training cells' purple with a smooth random texture, as
+    large as a blast, on black (the crop's own pixels are not used)."""
+    rng = np.random.default_rng(seed)
+    size = image.shape[0]
+    texture = cv2.GaussianBlur(rng.normal(0, 40, (size, size)).astype(np.float32), (0, 0), 3)
+    purple = np.array([170.0, 70.0, 140.0], np.float32)  # BGR, hue about 290 degrees
+    disc = np.clip(purple + texture[..., None] * np.array([1.0, 0.6, 0.9], np.float32), 0, 255)
+    mask = np.zeros((size, size), np.uint8)
+    cv2.circle(mask, (size // 2, size // 2), int(size * 0.22), 1, -1)
+    return (disc * mask[..., None]).astype(np.uint8)
+
+
 def shifted(seed: int) -> dict:
     """Name -> function: the suite's validated shifts, then those the model cannot judge."""
     validated = {name: f for name, f in suite_shifts(seed).items() if not name.startswith("scale")}
@@ -62,6 +77,7 @@ def shifted(seed: int) -> dict:
         "unjudgeable: hue +120 degrees": _hue_turn,
         "unjudgeable: noise sigma 5": _noise,
         "unjudgeable: jpeg quality 10": lambda im: jpeg_roundtrip(im, 10),
+        "unjudgeable: textured purple disc": lambda im: _purple_disc(im, seed),
     }
 
 
@@ -71,9 +87,11 @@ def main() -> int:
     parser.add_argument("--model", type=Path)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    info = load_classifier(args.model, device="cpu").info
+    classifier = load_classifier(args.model, device="cpu")
+    info = classifier.info
     qc = QualityControl.from_metadata(info.metadata.get(KEY_QC), "default")
     assert qc is not None, "the model has no QC limits"
+    embedding = qc.max_embedding_distance is not None
     with open(SHARED / "manifest.csv", newline="") as handle:
         rows = sorted(csv.DictReader(handle), key=lambda r: r["path"])
     taken: Counter[str] = Counter()
@@ -82,7 +100,14 @@ def main() -> int:
         if taken[row["patient"]] < args.per_donor:
             taken[row["patient"]] += 1
             paths.append(SHARED / row["path"])
-    result: dict = {"crops": len(paths), "donors": len(taken), "shifts": {}}
+    result: dict = {
+        "model": info.name,
+        "sha256": info.sha256,
+        "embedding_distance_checked": embedding,
+        "crops": len(paths),
+        "donors": len(taken),
+        "shifts": {},
+    }
     names = list(shifted(0))
     refused = dict.fromkeys(names, 0)
     reasons: dict[str, Counter[str]] = {name: Counter() for name in names}
@@ -93,6 +118,12 @@ def main() -> int:
             gray = gray_of(image, "bgr")
             resized = framed_and_resized(image, info.recipe, "bgr", gray)
             found = qc.reasons(measure(gray, resized, info.recipe.background_threshold))
+            if embedding and not found:  # the scan checks it after inference
+                pixels = unit_range(model_pixels(resized, info.recipe))[None]
+                _, distance = classifier.run(pixels, distances=True)
+                assert distance is not None
+                unlike = qc.embedding_reason(float(distance[0]))
+                found = [unlike] if unlike else []
             refused[name] += bool(found)
             reasons[name].update(reason.split(" (")[0] for reason in found)
     for name in names:

@@ -33,6 +33,7 @@ import numpy as np
 from export.config import default_positive
 from export.data import Sample, discover_dataset, load_arrays
 from export.donors import Rules, fit_rules, parse_operating_point, read_predictions
+from export.embedding import Whitening, embeddings_of, members_of, with_distance
 from export.parents import cv_folds
 from smearscan import __version__, qc
 from smearscan import modelfile as mf
@@ -45,6 +46,9 @@ log = logging.getLogger("export.to_onnx")
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
+#: Relative difference allowed between Keras's and ONNX's embedding distances (float32
+#: sums over a few hundred units).
+DISTANCE_TOLERANCE = 1e-3
 CNMC_DESCRIPTION = (
     "C-NMC 2019 (ISBI 2019 ALL challenge) training set, Gupta & Gupta, The Cancer Imaging "
     "Archive, doi:10.7937/tcia.2019.dc64i46r, CC BY 3.0"
@@ -283,6 +287,7 @@ def export(args: argparse.Namespace) -> dict:
     labels, recipe, positive = source.labels, source.recipe, source.positive
     members = [load_keras(path) for path in source.members]
     model = members[0] if len(members) == 1 else ensemble_model(members, recipe.input_size)
+    networks = members if len(members) > 1 else members_of(members[0])
 
     data_root = args.data or Path(source.config["data"])
     samples = discover_dataset(data_root)
@@ -298,8 +303,16 @@ def export(args: argparse.Namespace) -> dict:
     rules, metrics, fitted_on = source.rules_and_metrics(args)
     trained_on = source.training_patients(samples)
     qc_samples = pick(trained_on, args.qc_images) if args.qc_images else trained_on
+    qc_x, _ = load_arrays(qc_samples, recipe, args.workers)
+    embeddings = embeddings_of(networks, unit_range(qc_x))
+    del qc_x
+    whitening = Whitening.fit(embeddings)
+    exported = with_distance(networks, recipe.input_size, whitening)
     qc_metadata = qc.fit(
-        qc_features(qc_samples, recipe, args.workers), f"{len(qc_samples)} training crops"
+        qc_features(qc_samples, recipe, args.workers),
+        f"{len(qc_samples)} training crops",
+        embedding_distances=whitening.distances(embeddings),
+        embedding_method=whitening.method,
     )
     policy = DecisionPolicy(
         tuple(labels),
@@ -317,7 +330,7 @@ def export(args: argparse.Namespace) -> dict:
     # the temperature only: the threshold is part of the decision rule, stored once there
     calibration_info = {"temperature": round(rules.temperature, 4), "fitted_on": fitted_on}
 
-    proto = convert(model, recipe.input_size)
+    proto = convert(exported, recipe.input_size)
     description = args.description or (
         CNMC_DESCRIPTION if "cnmc" in str(data_root).lower() else f"folder {data_root.name}"
     )
@@ -377,12 +390,17 @@ def export(args: argparse.Namespace) -> dict:
         candidate = Path(tmp) / "model.onnx"
         onnx.save_model(proto, str(candidate))
         classifier = load_classifier(candidate, device="cpu")
-        onnx_out = classifier.predict_raw(parity_x)
-        keras_out = model.predict(parity_x, verbose=0)
+        onnx_out, onnx_distances = classifier.run(parity_x, distances=True)
+        keras_out, keras_distances = exported.predict(parity_x, verbose=0)
         parity = float(np.abs(onnx_out - keras_out).max())
         log.info("parity on %d real images: max |keras - onnx| = %.2e", len(parity_x), parity)
         if not parity <= PARITY_TOLERANCE:
             raise ExportError(f"ONNX differs from Keras by {parity:.2e} > {PARITY_TOLERANCE}")
+        drift = float(
+            np.max(np.abs(onnx_distances - keras_distances) / np.maximum(keras_distances, 1.0))
+        )
+        if not drift <= DISTANCE_TOLERANCE:
+            raise ExportError(f"ONNX's embedding distances differ from Keras's by {drift:.2e}")
         write_atomic_model(proto, args.out)
     report = {
         "out": str(args.out),

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from smearscan.modelfile import ModelFileError, ModelInfo, default_model_path, info_from_metadata
+from smearscan.qc import EMBEDDING_OUTPUT
 
 log = logging.getLogger(__name__)
 
@@ -115,20 +116,48 @@ class Classifier:
     def temperature(self) -> float:
         return float(self.info.calibration().get("temperature", 1.0))
 
-    def predict_raw(self, batch: np.ndarray, pad_to: int | None = None) -> np.ndarray:
-        """Model outputs for a float32 batch (N, S, S, 3), before calibration. ``pad_to``
-        pads a short batch to a fixed shape (CUDA: cuDNN re-tunes for every new shape)."""
+    @property
+    def has_embedding_distance(self) -> bool:
+        """Whether the graph computes each crop's embedding distance (QC version 4)."""
+        return EMBEDDING_OUTPUT in _output_names(self.session)
+
+    def run(
+        self, batch: np.ndarray, pad_to: int | None = None, distances: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Model outputs for a float32 batch (N, S, S, 3), before calibration, and with
+        ``distances`` each crop's embedding distance. Only the outputs asked for are
+        computed. ``pad_to`` pads a short batch to a fixed shape (CUDA: cuDNN re-tunes for
+        every new shape)."""
         count = len(batch)
         batch = np.ascontiguousarray(batch, np.float32)
         if pad_to and count < pad_to:
             padding = np.zeros((pad_to - count, *batch.shape[1:]), np.float32)
             batch = np.concatenate([batch, padding])
-        outputs = self.session.run(None, {self.input_name: batch})  # type: ignore[attr-defined]
-        return np.asarray(outputs[0][:count], np.float64)
+        names = _output_names(self.session)[:1] + ([EMBEDDING_OUTPUT] if distances else [])
+        outputs = self.session.run(names, {self.input_name: batch})  # type: ignore[attr-defined]
+        found = np.asarray(outputs[1][:count], np.float64).reshape(count) if distances else None
+        return np.asarray(outputs[0][:count], np.float64), found
+
+    def predict_raw(self, batch: np.ndarray, pad_to: int | None = None) -> np.ndarray:
+        """Model outputs for a float32 batch (N, S, S, 3), before calibration."""
+        return self.run(batch, pad_to)[0]
 
     def predict(self, batch: np.ndarray, pad_to: int | None = None) -> np.ndarray:
         """Calibrated class probabilities (temperature scaling stored in the model, if any)."""
         return apply_temperature(self.predict_raw(batch, pad_to), self.temperature)
+
+
+def _output_names(session) -> list[str]:
+    return [output.name for output in session.get_outputs()]
+
+
+@dataclass(frozen=True)
+class Answers:
+    """What the model says of a batch: calibrated probabilities (N, classes) and, when QC
+    asked for them, the crops' embedding distances (N,)."""
+
+    probabilities: np.ndarray
+    distances: np.ndarray | None = None
 
 
 def tta_views(batch: np.ndarray) -> list[np.ndarray]:
@@ -155,25 +184,41 @@ class BatchPredictor:
         tta: bool = False,
         pad_to: int | None = None,
         classifier: Classifier | None = None,
+        distances: bool = False,
     ) -> None:
         self.classifier = classifier or load_classifier(model_path, device, threads)
         self.tta = tta
         self.pad_to = pad_to if self.classifier.provider == CUDA else None
+        self.distances = distances
+        if distances and not self.classifier.has_embedding_distance:
+            raise ModelFileError(
+                f"{self.classifier.info.path}: its QC limits check the embedding distance, "
+                f"but the graph has no {EMBEDDING_OUTPUT!r} output"
+            )
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        if not self.tta:
-            return self.classifier.predict(batch, self.pad_to)
-        views = [self.classifier.predict(view, self.pad_to) for view in tta_views(batch)]
-        return np.mean(views, axis=0)
+    def __call__(self, batch: np.ndarray) -> Answers:
+        """Calibrated probabilities (averaged over the views with TTA) and, when asked,
+        the embedding distances of the crops as they are (the first view)."""
+        views = tta_views(batch) if self.tta else [batch]
+        raw, distances = self.classifier.run(views[0], self.pad_to, self.distances)
+        temperature = self.classifier.temperature
+        probabilities = apply_temperature(raw, temperature)
+        if len(views) > 1:
+            others = [self.classifier.predict(view, self.pad_to) for view in views[1:]]
+            probabilities = np.mean([probabilities, *others], axis=0)
+        return Answers(probabilities, distances)
 
     def __reduce__(self):
         info = self.classifier.info
         device = "cpu" if self.classifier.provider == CPU else "auto"
-        return (_rebuild_predictor, (str(info.path), device, self.tta, self.pad_to))
+        arguments = (str(info.path), device, self.tta, self.pad_to, self.distances)
+        return (_rebuild_predictor, arguments)
 
 
-def _rebuild_predictor(path: str, device: str, tta: bool, pad_to: int | None) -> BatchPredictor:
-    return BatchPredictor(path, device=device, tta=tta, pad_to=pad_to)
+def _rebuild_predictor(
+    path: str, device: str, tta: bool, pad_to: int | None, distances: bool
+) -> BatchPredictor:
+    return BatchPredictor(path, device=device, tta=tta, pad_to=pad_to, distances=distances)
 
 
 def _preload_cuda_libraries(ort) -> None:
@@ -204,6 +249,12 @@ def _check_shapes(session, info: ModelInfo) -> None:
         raise ModelFileError(
             f"{info.path}: input shape {shape} does not match the recipe's "
             f"[batch, {size}, {size}, 3]"
+        )
+    extra = [o.name for o in outputs[1:] if o.name != EMBEDDING_OUTPUT]
+    if extra:
+        raise ModelFileError(
+            f"{info.path}: unexpected model output(s) {', '.join(extra)} (the probabilities "
+            f"come first; the only other output allowed is {EMBEDDING_OUTPUT!r})"
         )
     out_shape = list(outputs[0].shape)
     classes = out_shape[-1] if out_shape else None

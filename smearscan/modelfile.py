@@ -256,6 +256,11 @@ def describe(info: ModelInfo) -> str:
             low_text = "-" if low is None else f"{low:.4g}"
             high_text = "-" if high is None else f"{high:.4g}"
             lines.append(f"  {name:<11} {low_text:>9} .. {high_text:<9}")
+        embedding = qc.get("embedding")
+        if isinstance(embedding, dict):
+            limit = embedding.get("limits", {}).get("default")
+            shown = f"{limit:.4g}" if isinstance(limit, (int, float)) else "?"
+            lines.append(f"  {'embedding':<11} {'-':>9} .. {shown:<9} (checked after inference)")
     else:
         lines.append("quality      no QC limits in this file: scans run without quality control")
     training = field_of(KEY_TRAINING_DATA)

@@ -7,6 +7,11 @@ on. The ranges travel in the model file (``smearscan.qc``), fitted at export as 
 percentiles of the training crops, so a retrained model brings its own. A few rules hold
 for every model: a frame with no cell, a cell filling the frame, and several cell-sized
 objects in one crop.
+
+A last check runs after the model: how far the crop's penultimate-layer embedding lies
+from the training crops' (a whitened distance the exported graph computes as a second
+output, :data:`EMBEDDING_OUTPUT`). A crop the network itself has never seen the like of
+gets no label, whatever its simple measures say.
 """
 
 from __future__ import annotations
@@ -29,9 +34,19 @@ FITTED = ("area", "chroma", "brightness", "clipped", "focus", "hue")
 #: training crops its fitted limits lie within 5 % of version 1's (docs/model-card.md).
 #: Version 3 adds the hue of the cell's mean colour: a crop with swapped colour channels or
 #: another stain passed every earlier check and got a label at chance (issue 22).
-QC_VERSION = 3
+#: Version 4 adds the embedding distance, checked after inference (its limits under
+#: ``embedding``; the crop measures are version 3's).
+QC_VERSION = 4
 #: What each version's limits cover (older files' limits have no hue range).
-FITTED_IN = {1: FITTED[:5], 2: FITTED[:5], 3: FITTED}
+FITTED_IN = {1: FITTED[:5], 2: FITTED[:5], 3: FITTED, 4: FITTED}
+#: The last version that changed how crops are measured (older limits are outdated).
+LAST_MEASUREMENT_CHANGE = 3
+#: The graph output holding each crop's embedding distance (a model without it is not
+#: checked this way; one whose QC metadata asks for it but lacks it is refused).
+EMBEDDING_OUTPUT = "embedding_distance"
+#: The distance's limits: the same percentiles and margin as the other fitted measures,
+#: upper bound only (a crop cannot be too typical).
+EMBEDDING_PERCENTILES = {"default": 99.95, "strict": 99.5}
 #: The hue range reaches this many degrees beyond the training crops' rarest (an angle:
 #: margins add): the shift suite's validated hue shift, 8 degrees. C-NMC's cells lie at
 #: 277-303 degrees (purple, blue above red); with red and blue swapped they move to
@@ -154,9 +169,15 @@ def hue_of(red: float, green: float, blue: float) -> float:
 # ------------------------------------------------------------------ limits
 
 
-def fit(features: Iterable[QCFeatures], description: str) -> dict:
+def fit(
+    features: Iterable[QCFeatures],
+    description: str,
+    embedding_distances: np.ndarray | None = None,
+    embedding_method: str = "",
+) -> dict:
     """The ``smearscan.qc`` metadata from training crops' features: percentiles of every
-    fitted feature and the range each mode applies."""
+    fitted feature and the range each mode applies; with the training crops' embedding
+    distances (the graph's :data:`EMBEDDING_OUTPUT`), their limits too."""
     rows = [f.as_dict() for f in features]
     if not rows:
         raise QCError("no crops to fit quality-control limits on")
@@ -165,13 +186,37 @@ def fit(features: Iterable[QCFeatures], description: str) -> dict:
         values = np.array([r[name] for r in rows], dtype=np.float64)
         values = values[np.isfinite(values)]
         stored[name] = {f"p{p:g}": float(np.percentile(values, p)) for p in PERCENTILES}
-    return {
+    fitted = {
         "version": QC_VERSION,
         "fitted_on": description,
         "crops": len(rows),
         "percentiles": stored,
         "limits": {mode: limits_for(stored, mode) for mode in ("default", "strict")},
         "fixed": {"max_objects": 1, "max_fill": MAX_FILL},
+    }
+    if embedding_distances is not None:
+        fitted["embedding"] = fit_embedding(embedding_distances, embedding_method)
+    return fitted
+
+
+def fit_embedding(distances: np.ndarray, method: str) -> dict:
+    """The embedding distance's metadata: percentiles of the training crops' distances and
+    each mode's upper limit (default: the 99.95th percentile with the usual margin;
+    strict: the 99.5th)."""
+    values = np.asarray(distances, np.float64)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        raise QCError("no embedding distances to fit a limit on")
+    percentiles = {f"p{p:g}": float(np.percentile(values, p)) for p in PERCENTILES}
+    return {
+        "output": EMBEDDING_OUTPUT,
+        "method": method,
+        "crops": len(values),
+        "percentiles": percentiles,
+        "limits": {
+            mode: percentiles[f"p{p:g}"] * (DEFAULT_MARGIN if mode == "default" else 1.0)
+            for mode, p in EMBEDDING_PERCENTILES.items()
+        },
     }
 
 
@@ -220,6 +265,8 @@ class QualityControl:
     max_fill: float = MAX_FILL
     #: The measurement version the limits were fitted with (see :data:`QC_VERSION`).
     fitted_version: int = QC_VERSION
+    #: Upper limit of the graph's :data:`EMBEDDING_OUTPUT` (None: not checked).
+    max_embedding_distance: float | None = None
 
     def __post_init__(self) -> None:
         """Limits that are consistent, not only well-typed: a model file whose QC would
@@ -242,6 +289,9 @@ class QualityControl:
             raise QCError(f"max_objects {self.max_objects} would refuse every crop")
         if not (math.isfinite(self.max_fill) and 0 < self.max_fill <= 1):
             raise QCError(f"max_fill {self.max_fill!r} must be in (0, 1]")
+        limit = self.max_embedding_distance
+        if limit is not None and not (math.isfinite(limit) and limit > 0):
+            raise QCError(f"embedding distance limit {limit!r} must be a positive number")
 
     @classmethod
     def from_metadata(cls, text: str | None, mode: str) -> QualityControl | None:
@@ -264,7 +314,12 @@ class QualityControl:
             if not isinstance(max_objects, int) or isinstance(max_objects, bool):
                 raise ValueError(f"max_objects {max_objects!r} is not a whole number")
             control = cls(
-                mode, ranges, max_objects, float(fixed.get("max_fill", MAX_FILL)), version
+                mode,
+                ranges,
+                max_objects,
+                float(fixed.get("max_fill", MAX_FILL)),
+                version,
+                _embedding_limit(data.get("embedding"), mode),
             )
         except QCError:
             raise
@@ -282,8 +337,8 @@ class QualityControl:
     def outdated(self) -> bool:
         """Limits fitted with an earlier measurement. They still apply (version 1's limits
         lie within 5 % of version 2's on the training crops), but exporting the model again
-        refits them."""
-        return self.fitted_version < QC_VERSION
+        refits them. Version 4 measures crops as version 3 does."""
+        return self.fitted_version < LAST_MEASUREMENT_CHANGE
 
     def reasons(self, f: QCFeatures) -> list[str]:
         """Why this crop cannot be judged; empty when it passes."""
@@ -302,6 +357,31 @@ class QualityControl:
             elif high is not None and value > high:
                 found.append(_describe(name, value, high, below=False))
         return found
+
+    def embedding_reason(self, distance: float) -> str | None:
+        """Why the model's own view of this crop rules it out; None when it passes (or
+        when this check is off)."""
+        limit = self.max_embedding_distance
+        if limit is None or distance <= limit:
+            return None
+        if not math.isfinite(distance):
+            return "the model's embedding of this crop is not finite"
+        return (
+            f"unlike every training crop to the model (embedding distance {distance:.1f}, "
+            f"training <= {limit:.1f}): another stain, scanner, cell type or artefact?"
+        )
+
+
+def _embedding_limit(embedding, mode: str) -> float | None:
+    """The mode's embedding distance limit from the ``embedding`` metadata (None: none)."""
+    if embedding is None:
+        return None
+    if not isinstance(embedding, dict) or embedding.get("output") != EMBEDDING_OUTPUT:
+        raise ValueError(f"embedding limits must name the output {EMBEDDING_OUTPUT!r}")
+    limit = _bound(embedding["limits"][mode])
+    if limit is None:
+        raise ValueError("the embedding distance limit is missing")
+    return limit
 
 
 def _bound(value) -> float | None:

@@ -29,7 +29,7 @@ from smearscan.inference import CUDA, BatchPredictor, Classifier
 from smearscan.modelfile import KEY_QC
 from smearscan.policy import DecisionPolicy, policy_for_model
 from smearscan.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from smearscan.qc import QC_VERSION, QualityControl
+from smearscan.qc import EMBEDDING_OUTPUT, QC_VERSION, QCError, QualityControl
 from smearscan.results import (
     STATUS_ERROR,
     STATUS_OK,
@@ -292,6 +292,13 @@ def plan(request: ScanRequest, classifier: Classifier) -> RunPlan:
                 qc.fitted_version,
                 QC_VERSION,
             )
+    if qc is not None and qc.max_embedding_distance is not None:
+        if not classifier.has_embedding_distance:
+            raise QCError(
+                f"{info.name}'s QC limits check the embedding distance, but its graph has no "
+                f"{EMBEDDING_OUTPUT!r} output (scan with --qc off, or export it again)"
+            )
+        qc_text += ", with the embedding distance"
     config = StageConfig(info.recipe, qc, request.options.max_pixels, request.options.max_bytes)
     return RunPlan(policy, qc, qc_text, config)
 
@@ -326,7 +333,12 @@ def make_engine(
         )
     from smearscan.engines.local import LocalEngine
 
-    predictor = BatchPredictor(classifier=classifier, tta=options.tta, pad_to=batch_size)
+    predictor = BatchPredictor(
+        classifier=classifier,
+        tta=options.tta,
+        pad_to=batch_size,
+        distances=plan_.qc is not None and plan_.qc.max_embedding_distance is not None,
+    )
     decode = decode_for(options, classifier)
     log.debug(
         "local engine: batch %d, CPU stage in %s, %s workers",

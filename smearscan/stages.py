@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from smearscan.discover import Found
-from smearscan.inference import valid_rows
+from smearscan.inference import Answers, valid_rows
 from smearscan.preprocess import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
@@ -140,23 +140,33 @@ def prepare_item(
     return result, None
 
 
-def attach_probabilities(
-    results: list[CellResult], classified: Sequence[bool], probabilities: np.ndarray
+def attach_answers(
+    results: list[CellResult],
+    classified: Sequence[bool],
+    answers: Answers,
+    qc: QualityControl | None = None,
 ) -> None:
     """Give each classified result its probabilities (rows in the order of the results
-    marked ``classified``); rows the model answered with something that is not a
-    distribution become errors."""
+    marked ``classified``). Rows the model answered with something that is not a
+    distribution become errors; crops whose embedding distance QC rules out get no label
+    and the reason (the check after inference)."""
+    probabilities = answers.probabilities
     valid = valid_rows(probabilities)
-    rows = iter(zip(probabilities, valid, strict=True))
+    distances = answers.distances if answers.distances is not None else [None] * len(valid)
+    rows = iter(zip(probabilities, valid, distances, strict=True))
     for result, has_input in zip(results, classified, strict=True):
         if not has_input:
             continue
-        row, ok = next(rows)
-        if ok:
-            result.probabilities = [float(p) for p in row]
-        else:
+        row, ok, distance = next(rows)
+        if not ok:
             result.status = STATUS_ERROR
             result.reason = "the model returned an invalid output (not a probability distribution)"
+            continue
+        unlike = None if qc is None or distance is None else qc.embedding_reason(float(distance))
+        if unlike:
+            result.status, result.reason = STATUS_QC, unlike
+        else:
+            result.probabilities = [float(p) for p in row]
 
 
 @dataclass
@@ -185,14 +195,17 @@ def prepare_batch(items: list[Found], config: StageConfig) -> PreparedBatch:
 
 
 def classify_prepared(
-    batch: PreparedBatch, predictor, times: StageTimes | None = None
+    batch: PreparedBatch,
+    predictor,
+    times: StageTimes | None = None,
+    qc: QualityControl | None = None,
 ) -> list[CellResult]:
-    """Run the model once on a prepared batch and attach the probabilities."""
+    """Run the model once on a prepared batch and attach its answers."""
     if batch.pixels is not None:
         start = time.perf_counter()
-        probabilities = predictor(unit_range(batch.pixels))
+        answers = predictor(unit_range(batch.pixels))
         batch.seconds["infer"] += time.perf_counter() - start
-        attach_probabilities(batch.results, batch.classified, probabilities)
+        attach_answers(batch.results, batch.classified, answers, qc)
     if times is not None:
         times.add(batch.seconds, len(batch.results), sum(batch.classified))
     return batch.results
@@ -202,5 +215,5 @@ def classify_items(
     items: list[Found], config: StageConfig, predictor, times: StageTimes | None = None
 ) -> list[CellResult]:
     """The whole per-batch work of a worker thread: prepare every file, run the model once
-    on the batch, attach the probabilities (adding each stage's time to ``times``)."""
-    return classify_prepared(prepare_batch(items, config), predictor, times)
+    on the batch, attach its answers (adding each stage's time to ``times``)."""
+    return classify_prepared(prepare_batch(items, config), predictor, times, config.qc)

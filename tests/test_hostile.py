@@ -591,7 +591,10 @@ def test_nan_and_negative_model_outputs_become_error_rows(tmp_path, slide_tree):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = source.ir_version
     for entry in source.metadata_props:
-        model.metadata_props.add(key=entry.key, value=entry.value)
+        value = entry.value
+        if entry.key == "smearscan.qc":  # this graph computes no embedding distance
+            value = json.dumps({k: v for k, v in json.loads(value).items() if k != "embedding"})
+        model.metadata_props.add(key=entry.key, value=value)
     path = tmp_path / "nan.onnx"
     onnx.save(model, str(path))
     out = tmp_path / "r.csv"

@@ -339,3 +339,107 @@ def test_qc_sees_the_stain_colour_and_keeps_the_validated_hue_shift():
         any(r.startswith("stain colour unlike the training crops") for r in found)
         for found in turned
     )
+
+
+def _with_qc(tmp_path, change, drop_output: bool = False):
+    """The shipped model file with its QC metadata changed by ``change(dict)`` (and
+    without its embedding-distance output, if asked)."""
+    import onnx
+
+    model = onnx.load(str(default_model_path()))
+    entry = next(p for p in model.metadata_props if p.key == KEY_QC)
+    limits = json.loads(entry.value)
+    change(limits)
+    entry.value = json.dumps(limits)
+    if drop_output:
+        kept = [o for o in model.graph.output if o.name != "embedding_distance"]
+        del model.graph.output[:]
+        model.graph.output.extend(kept)
+    path = tmp_path / "changed.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_the_embedding_distance_refuses_what_the_network_has_not_seen_the_like_of(tmp_path):
+    """Issue 22.5: the check after inference. With the limit set between the fixture crops'
+    own distances, those above it get status ``qc``, the reason and no label; the others
+    keep exactly the probabilities a scan without the check gives."""
+    from smearscan.preprocess import load_and_preprocess
+
+    classifier = load_classifier(device="cpu")
+    paths = fixture_images()
+    images = np.stack([load_and_preprocess(p, classifier.info.recipe) for p in paths])
+    _, distances = classifier.run(images, distances=True)
+    assert distances is not None and np.isfinite(distances).all()
+    shipped = QualityControl.from_metadata(classifier.info.metadata[KEY_QC], "default")
+    assert shipped is not None and shipped.max_embedding_distance is not None
+    assert (distances < shipped.max_embedding_distance).all()  # real crops pass
+    shown = f"embedding           - .. {shipped.max_embedding_distance:.4g}"
+    assert shown in run(["model", "info"]).output
+    limit = float(np.median(distances))
+
+    def lower(limits):
+        limits["embedding"]["limits"]["default"] = limit
+
+    model = _with_qc(tmp_path, lower)
+    crops = tmp_path / "crops" / "slide"
+    crops.mkdir(parents=True)
+    for path in paths:
+        cv2.imwrite(str(crops / f"{path.stem}.png"), read_bgr(path))
+    checked, plain = tmp_path / "checked.csv", tmp_path / "plain.csv"
+    run(["scan", str(crops.parent), "--out", str(plain)])
+    result = run(
+        ["scan", str(crops.parent), "--out", str(checked), "--model", str(model)],
+        expect=ExitStatus.SOME_UNUSABLE,
+    )
+    assert "with the embedding distance" in json.dumps(
+        json.loads(checked.with_suffix(".summary.json").read_text())["quality_control"]
+    )
+    before = {row["path"].rsplit("/", 1)[1]: row for row in rows(plain)}
+    after = {row["path"].rsplit("/", 1)[1]: row for row in rows(checked)}
+    for path, distance in zip(paths, distances, strict=True):
+        row = after[f"{path.stem}.png"]
+        if distance > limit:
+            assert row["status"] == "qc" and row["label"] == "" and row["p_all"] == ""
+            assert row["reason"].startswith("unlike every training crop to the model")
+        else:
+            assert row == before[f"{path.stem}.png"]
+    refused = int((distances > limit).sum())
+    assert sum(row["status"] == "qc" for row in after.values()) == refused > 0
+    assert f"{refused} failed QC" in result.log
+
+
+def test_a_model_that_asks_for_the_embedding_distance_must_compute_it(tmp_path, slide_tree):
+    """QC limits naming an output the graph lacks are refused with the reason, not skipped;
+    ``--qc off`` still scans."""
+    model = _with_qc(tmp_path, lambda limits: None, drop_output=True)
+    out = tmp_path / "r.csv"
+    result = run(
+        ["scan", str(slide_tree), "--out", str(out), "--model", str(model)],
+        expect=ExitStatus.ERROR,
+    )
+    assert "has no 'embedding_distance' output" in result.log
+    assert not out.exists()
+    run(["scan", str(slide_tree), "--out", str(out), "--model", str(model), "--qc", "off"])
+    assert len(rows(out)) == 8
+
+
+@pytest.mark.parametrize(
+    "embedding",
+    [
+        {"output": "embedding_distance", "limits": {"default": -1.0, "strict": 1.0}},
+        {"output": "embedding_distance", "limits": {"default": float("nan"), "strict": 1.0}},
+        {"output": "embedding_distance", "limits": {"strict": 1.0}},
+        {"output": "logits", "limits": {"default": 5.0, "strict": 1.0}},
+        {"output": "embedding_distance", "limits": {"default": 0, "strict": 1.0}},
+        "7",
+    ],
+)
+def test_embedding_limits_are_validated_when_the_model_loads(embedding):
+    from smearscan.qc import QCError
+
+    metadata = json.loads(load_classifier(device="cpu").info.metadata[KEY_QC])
+    metadata["embedding"] = embedding
+    with pytest.raises(QCError):
+        QualityControl.from_metadata(json.dumps(metadata), "default")
+    assert QualityControl.from_metadata(json.dumps(metadata), "off") is None

@@ -144,12 +144,40 @@ def test_export_parity_metadata_and_scan(tiny_run, tmp_path, slide_tree):
         [load_and_preprocess(p, info.recipe) for p in sorted(CNMC.rglob("*")) if p.is_file()][:5]
     )
     assert np.abs(classifier.predict_raw(images) - model.predict(images, verbose=0)).max() < 1e-4
+    # the graph's second output is the embedding distance the QC limits were fitted on:
+    # numpy's whitening of the Keras embedding gives the same, and the limits bound the
+    # training crops' own distances
+    from export.embedding import Whitening, embeddings_of
+
+    assert [o.name for o in classifier.session.get_outputs()] == ["probabilities", EMBEDDING]
+    _, distances = classifier.run(images, distances=True)
+    embedding = qc["embedding"]
+    assert qc["version"] == 4 and embedding["output"] == EMBEDDING
+    assert embedding["crops"] == qc["crops"]
+    assert 0 < embedding["limits"]["strict"] < embedding["limits"]["default"]
+    assert embedding["percentiles"]["p99.95"] < embedding["limits"]["default"]
+    from export.data import discover_dataset
+
+    trained_on = set(config["split"]["train_patients"])
+    train_images = np.stack(
+        [
+            load_and_preprocess(sample.path, info.recipe)
+            for sample in discover_dataset(CNMC)
+            if sample.patient in trained_on
+        ]
+    )
+    whitening = Whitening.fit(embeddings_of([model], train_images))
+    reference = whitening.distances(embeddings_of([model], images))
+    assert distances is not None and np.allclose(distances, reference, rtol=1e-3, atol=1e-4)
     out = tmp_path / "r.csv"
     run(
         ["scan", str(slide_tree), "--out", str(out), "--model", str(model_path)],
         expect=(0, ExitStatus.SOME_UNUSABLE),
     )
     assert len(rows(out)) == 8
+
+
+EMBEDDING = "embedding_distance"
 
 
 def test_int8_gate_judges_the_labels_the_scanner_would_give(tiny_run, tmp_path):

@@ -141,7 +141,7 @@ class LocalEngine:
             batch = prepared.result()
         except CancelledError:  # left for the next run by a stop
             return []
-        return classify_prepared(batch, self.predictor, self.stage_times)
+        return classify_prepared(batch, self.predictor, self.stage_times, self.config.qc)
 
     def run(
         self, items: Iterable[Found], stop: threading.Event | None = None

@@ -29,8 +29,9 @@ import numpy as np
 
 from smearscan.discover import Found
 from smearscan.engines import EngineError, EngineMissing
+from smearscan.qc import QualityControl
 from smearscan.results import STATUS_ERROR, STATUS_OK, CellResult
-from smearscan.stages import StageConfig, attach_probabilities, prepare_item
+from smearscan.stages import StageConfig, attach_answers, prepare_item
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +88,18 @@ class RayPredictor:
     """Ray Data callable class: loads the model once per actor, classifies the batches the
     CPU stage prepared (only their usable rows)."""
 
-    def __init__(self, model_path: str, tta: bool, pad_to: int, use_gpu: bool) -> None:
+    def __init__(
+        self, model_path: str, tta: bool, pad_to: int, use_gpu: bool, qc: QualityControl | None
+    ) -> None:
         from smearscan.inference import BatchPredictor
 
+        self.qc = qc
         self.predictor = BatchPredictor(
-            model_path, device="cuda" if use_gpu else "cpu", tta=tta, pad_to=pad_to
+            model_path,
+            device="cuda" if use_gpu else "cpu",
+            tta=tta,
+            pad_to=pad_to,
+            distances=qc is not None and qc.max_embedding_distance is not None,
         )
         self.classes = len(self.predictor.classifier.labels)
 
@@ -104,7 +112,7 @@ class RayPredictor:
         usable = [i for i, r in enumerate(results) if r.status == STATUS_OK]
         if usable:
             answers = self.predictor(np.stack([batch["input"][i] for i in usable]))
-            attach_probabilities(results, [r.status == STATUS_OK for r in results], answers)
+            attach_answers(results, [r.status == STATUS_OK for r in results], answers, self.qc)
         probabilities = np.full((count, self.classes), np.nan)
         for i, result in enumerate(results):
             if result.probabilities:
@@ -326,6 +334,7 @@ class RayEngine:
                     "tta": self.tta,
                     "pad_to": self.batch_size,
                     "use_gpu": bool(self.gpus),
+                    "qc": self.config.qc,
                 },
                 compute=ActorPoolStrategy(size=actors),
                 batch_size=self.batch_size,
