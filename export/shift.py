@@ -128,6 +128,11 @@ def colour_swap_targets(
 HUE_SHIFT_DEGREES = 8
 
 
+#: The shifts of :func:`shifts` that change a crop's sharpness. The model keeps its labels
+#: under them, so the default QC focus limits are fitted to pass them too (``qc.fit``).
+FOCUS_SHIFTS = ("blur sigma 1", "blur sigma 2", "unsharp mask")
+
+
 def shifts(seed: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     """Name -> function on a decoded BGR crop; ``seed`` makes the stain jitter repeatable
     per image. Brightness and gamma are the ends of the training ranges

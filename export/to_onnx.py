@@ -35,6 +35,7 @@ from export.data import Sample, discover_dataset, load_arrays
 from export.donors import Rules, fit_rules, parse_operating_point, read_predictions
 from export.embedding import Whitening, embeddings_of, members_of, with_distance
 from export.parents import cv_folds
+from export.shift import FOCUS_SHIFTS, shifts
 from smearscan import __version__, qc
 from smearscan import modelfile as mf
 from smearscan.inference import apply_temperature, load_classifier
@@ -143,21 +144,32 @@ def set_metadata(proto, entries: dict[str, str]) -> None:
             item.key, item.value = key, value
 
 
-def qc_features(samples: list[Sample], recipe: Recipe, workers: int) -> list[qc.QCFeatures]:
-    """The QC measurements of training crops, through the scanner's own functions."""
+def qc_features(
+    samples: list[Sample], recipe: Recipe, workers: int
+) -> dict[str, list[qc.QCFeatures]]:
+    """The QC measurements of training crops, through the scanner's own functions: as they
+    are (``"none"``) and under each of the shift suite's :data:`export.shift.FOCUS_SHIFTS`,
+    which the default focus limits must pass."""
+    shifted = {name: shifts(0)[name] for name in FOCUS_SHIFTS}
 
-    def one(sample: Sample) -> qc.QCFeatures | None:
-        try:
-            image = read_image(sample.path, order="bgr")
-        except ValueError:
-            return None
+    def measured(image: np.ndarray) -> qc.QCFeatures:
         gray = gray_of(image, "bgr")
         return qc.measure(
             gray, framed_and_resized(image, recipe, "bgr", gray), recipe.background_threshold
         )
 
+    def one(sample: Sample) -> dict[str, qc.QCFeatures] | None:
+        try:
+            image = read_image(sample.path, order="bgr")
+        except ValueError:
+            return None
+        return {"none": measured(image)} | {
+            name: measured(shift(image)) for name, shift in shifted.items()
+        }
+
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return [f for f in pool.map(one, samples) if f is not None]
+        found = [f for f in pool.map(one, samples) if f is not None]
+    return {name: [f[name] for f in found] for name in ("none", *FOCUS_SHIFTS)}
 
 
 #: Name prefix of an averaged ensemble's Keras model (followed by the member count).
@@ -308,11 +320,13 @@ def export(args: argparse.Namespace) -> dict:
     del qc_x
     whitening = Whitening.fit(embeddings)
     exported = with_distance(networks, recipe.input_size, whitening)
+    measured = qc_features(qc_samples, recipe, args.workers)
     qc_metadata = qc.fit(
-        qc_features(qc_samples, recipe, args.workers),
+        measured.pop("none"),
         f"{len(qc_samples)} training crops",
         embedding_distances=whitening.distances(embeddings),
         embedding_method=whitening.method,
+        shifted=measured,
     )
     policy = DecisionPolicy(
         tuple(labels),

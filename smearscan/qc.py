@@ -35,7 +35,8 @@ FITTED = ("area", "chroma", "brightness", "clipped", "focus", "hue")
 #: Version 3 adds the hue of the cell's mean colour: a crop with swapped colour channels or
 #: another stain passed every earlier check and got a label at chance (issue 22).
 #: Version 4 adds the embedding distance, checked after inference (its limits under
-#: ``embedding``; the crop measures are version 3's).
+#: ``embedding``), and the focus percentiles under validated shifts (``shifted``); the crop
+#: measures are version 3's.
 QC_VERSION = 4
 #: What each version's limits cover (older files' limits have no hue range).
 FITTED_IN = {1: FITTED[:5], 2: FITTED[:5], 3: FITTED, 4: FITTED}
@@ -79,6 +80,15 @@ VALIDATED_SCALES = (0.8, 1.25)
 #: real crops at gamma 1.25 ("too dark"), a shift the model is validated on.
 VALIDATED_GAINS = (0.85, 1.15)
 VALIDATED_GAMMAS = (0.8, 1.25)
+#: Measures whose default range also reaches the training crops' under the shift suite's
+#: validated focus shifts (blur sigma 1 and 2, the unsharp mask), measured at export and
+#: stored as ``shifted`` percentiles: no formula maps a blur onto the Laplacian's variance.
+#: The range reaches their default percentiles without the margin (the shift is the
+#: allowance; with it, a crop blurred by sigma 6 passed).
+#: With the plain limits QC refused 2.9 % of real crops under the unsharp mask ("too sharp
+#: or noisy") and 1.0 % under blur sigma 1 ("out of focus"), shifts whose labels the
+#: model keeps.
+COVERED_BY_SHIFTS = ("focus",)
 #: Floors of the upper limit of the clipped share (training crops have none clipped, and a
 #: few saturated pixels do not make a crop unusable).
 CLIPPED_FLOOR = {"default": 0.02, "strict": 0.005}
@@ -174,29 +184,46 @@ def fit(
     description: str,
     embedding_distances: np.ndarray | None = None,
     embedding_method: str = "",
+    shifted: Mapping[str, Iterable[QCFeatures]] | None = None,
 ) -> dict:
     """The ``smearscan.qc`` metadata from training crops' features: percentiles of every
-    fitted feature and the range each mode applies; with the training crops' embedding
-    distances (the graph's :data:`EMBEDDING_OUTPUT`), their limits too."""
+    fitted feature and the range each mode applies; with the same crops' features under
+    validated shifts (shift name -> features), the default range of each
+    :data:`COVERED_BY_SHIFTS` measure reaches theirs too; with the training crops'
+    embedding distances (the graph's :data:`EMBEDDING_OUTPUT`), their limits."""
     rows = [f.as_dict() for f in features]
     if not rows:
         raise QCError("no crops to fit quality-control limits on")
-    stored: dict[str, dict[str, float]] = {}
-    for name in FITTED:
-        values = np.array([r[name] for r in rows], dtype=np.float64)
-        values = values[np.isfinite(values)]
-        stored[name] = {f"p{p:g}": float(np.percentile(values, p)) for p in PERCENTILES}
-    fitted = {
+    stored = _percentiles(rows, FITTED)
+    under_shifts = {
+        name: _percentiles([f.as_dict() for f in found], COVERED_BY_SHIFTS)
+        for name, found in (shifted or {}).items()
+    }
+    fitted: dict = {
         "version": QC_VERSION,
         "fitted_on": description,
         "crops": len(rows),
         "percentiles": stored,
-        "limits": {mode: limits_for(stored, mode) for mode in ("default", "strict")},
+        "limits": {mode: limits_for(stored, mode, under_shifts) for mode in ("default", "strict")},
         "fixed": {"max_objects": 1, "max_fill": MAX_FILL},
     }
+    if under_shifts:
+        fitted["shifted"] = under_shifts
     if embedding_distances is not None:
         fitted["embedding"] = fit_embedding(embedding_distances, embedding_method)
     return fitted
+
+
+def _percentiles(rows: list[dict], names: Iterable[str]) -> dict[str, dict[str, float]]:
+    """Measure -> the stored percentiles of its finite values in ``rows``."""
+    if not rows:
+        raise QCError("no crops to fit quality-control limits on")
+    stored: dict[str, dict[str, float]] = {}
+    for name in names:
+        values = np.array([r[name] for r in rows], dtype=np.float64)
+        values = values[np.isfinite(values)]
+        stored[name] = {f"p{p:g}": float(np.percentile(values, p)) for p in PERCENTILES}
+    return stored
 
 
 def fit_embedding(distances: np.ndarray, method: str) -> dict:
@@ -220,14 +247,24 @@ def fit_embedding(distances: np.ndarray, method: str) -> dict:
     }
 
 
-def limits_for(percentiles: Mapping[str, Mapping[str, float]], mode: str) -> dict:
-    """feature -> [low, high] for ``mode`` (None: unbounded on that side)."""
+def limits_for(
+    percentiles: Mapping[str, Mapping[str, float]],
+    mode: str,
+    shifted: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
+) -> dict:
+    """feature -> [low, high] for ``mode`` (None: unbounded on that side); ``shifted``
+    (shift name -> measure -> percentiles) widens the default ranges it covers."""
     low_p, high_p = MODE_PERCENTILES[mode]
     margin = DEFAULT_MARGIN if mode == "default" else 1.0
     limits: dict[str, list[float | None]] = {}
     for name, values in percentiles.items():
         low: float | None = values[f"p{low_p:g}"] / margin
         high = values[f"p{high_p:g}"] * margin
+        if name in COVERED_BY_SHIFTS and mode == "default" and low is not None:
+            for under in (shifted or {}).values():
+                if name in under:
+                    low = min(low, under[name][f"p{low_p:g}"])
+                    high = max(high, under[name][f"p{high_p:g}"])
         if name == "clipped":
             low, high = None, max(high, CLIPPED_FLOOR[mode])
         if name == "area" and mode == "default" and low is not None:

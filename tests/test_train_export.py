@@ -134,6 +134,17 @@ def test_export_parity_metadata_and_scan(tiny_run, tmp_path, slide_tree):
     assert all(f"| `{key}` |" in documented for key in info.metadata)
     qc = info.json_field("smearscan.qc")
     assert qc["crops"] == len(config["split"]["train_patients"]) * 4  # every training crop
+    # the default focus range covers the training crops under the validated focus shifts
+    from export.shift import FOCUS_SHIFTS
+
+    assert tuple(qc["shifted"]) == FOCUS_SHIFTS
+    low, high = qc["limits"]["default"]["focus"]
+    for under in qc["shifted"].values():
+        assert low <= under["focus"]["p0.05"] and under["focus"]["p99.95"] <= high
+    assert qc["limits"]["strict"]["focus"] == [
+        qc["percentiles"]["focus"]["p0.5"],
+        qc["percentiles"]["focus"]["p99.5"],
+    ]
     assert info.metadata["smearscan.intended_use"].startswith("research use only")
     shape = classifier.session.get_inputs()[0].shape
     assert shape[0] == "batch" and shape[1:] == [128, 128, 3]
