@@ -301,6 +301,19 @@ def test_brightness_limits_cover_the_validated_exposures_and_still_refuse_dark_c
     of real crops there as 'too dark'; far darker exposures must still be refused."""
     from export.shift import photometric
 
+    reasons = shipped_default_reasons()
+
+    crops = [read_bgr(p) for p in fixture_images()]
+    for gain, gamma in [(0.85, 1.0), (1.15, 1.0), (1.0, 0.8), (1.0, 1.25)]:
+        assert [reasons(photometric(c, gain=gain, gamma=gamma)) for c in crops] == [[]] * len(
+            crops
+        ), (gain, gamma)
+    for gain, gamma in [(1.0, 3.0), (0.5, 1.0), (0.6, 1.5)]:  # far darker: still refused
+        assert all(reasons(photometric(c, gain=gain, gamma=gamma)) for c in crops), (gain, gamma)
+
+
+def shipped_default_reasons():
+    """The shipped model's default QC, as a function from a BGR crop to its refusal reasons."""
     info = load_classifier(device="cpu").info
     qc = QualityControl.from_metadata(info.metadata[KEY_QC], "default")
     assert qc is not None
@@ -310,13 +323,7 @@ def test_brightness_limits_cover_the_validated_exposures_and_still_refuse_dark_c
         resized = framed_and_resized(image, info.recipe, "bgr", gray)
         return qc.reasons(measure(gray, resized, info.recipe.background_threshold))
 
-    crops = [read_bgr(p) for p in fixture_images()]
-    for gain, gamma in [(0.85, 1.0), (1.15, 1.0), (1.0, 0.8), (1.0, 1.25)]:
-        assert [reasons(photometric(c, gain=gain, gamma=gamma)) for c in crops] == [[]] * len(
-            crops
-        ), (gain, gamma)
-    for gain, gamma in [(1.0, 3.0), (0.5, 1.0), (0.6, 1.5)]:  # far darker: still refused
-        assert all(reasons(photometric(c, gain=gain, gamma=gamma)) for c in crops), (gain, gamma)
+    return reasons
 
 
 def test_focus_limits_cover_the_validated_focus_shifts_and_still_refuse_heavy_blur():
@@ -328,13 +335,7 @@ def test_focus_limits_cover_the_validated_focus_shifts_and_still_refuse_heavy_bl
     info = load_classifier(device="cpu").info
     metadata = json.loads(info.metadata[KEY_QC])
     assert tuple(metadata["shifted"]) == FOCUS_SHIFTS
-    qc = QualityControl.from_metadata(info.metadata[KEY_QC], "default")
-    assert qc is not None
-
-    def reasons(image) -> list[str]:
-        gray = gray_of(image, "bgr")
-        resized = framed_and_resized(image, info.recipe, "bgr", gray)
-        return qc.reasons(measure(gray, resized, info.recipe.background_threshold))
+    reasons = shipped_default_reasons()
 
     crops = [read_bgr(p) for p in fixture_images()]
     for name in FOCUS_SHIFTS:
