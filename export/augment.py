@@ -17,8 +17,12 @@ import numpy as np
 GROUPS = ("flips", "scale", "photometric", "stain", "focus")
 #: Groups outside ``full`` (asked for by name, e.g. ``full,jpeg``): ``jpeg`` saves half the
 #: drawn raw crops as JPEG at a random quality and reads them back, the codec many labs
-#: export with (the shipped model's worst shift).
-EXTRA_GROUPS = ("jpeg",)
+#: export with (the shipped model's worst shift); ``colour`` gives every drawn crop the cell
+#: colour statistics of a training donor drawn so that colour says nothing of the label
+#: (:class:`DonorColours`).
+EXTRA_GROUPS = ("jpeg", "colour")
+#: The groups that act on the decoded raw crop, before the scanner's preprocessing.
+RAW_GROUPS = ("jpeg", "colour")
 JPEG_QUALITY = (50, 95)
 
 #: Ruifrok & Johnston's haematoxylin/eosin/DAB stain vectors (rows: optical density per RGB).
@@ -127,6 +131,80 @@ def jpeg_roundtrip(image: np.ndarray, quality: int) -> np.ndarray:
     if decoded is None:
         raise ValueError("JPEG decoding failed")
     return decoded
+
+
+ColourStats = tuple[np.ndarray, np.ndarray]  # Lab mean and standard deviation of cell pixels
+
+
+def cell_lab(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The crop in Lab (float32, OpenCV's 8-bit scaling) and its cell mask."""
+    import cv2
+
+    lab = cv2.cvtColor(image, cv2.COLOR_BGR2LAB).astype(np.float32)
+    return lab, image.max(axis=2) > 12
+
+
+def colour_stats(images: list[np.ndarray]) -> ColourStats:
+    """Per-channel Lab mean and spread of the cell pixels of several crops (one donor)."""
+    pixels = np.concatenate([lab[mask] for lab, mask in map(cell_lab, images)])
+    return pixels.mean(axis=0), pixels.std(axis=0) + 1e-6
+
+
+def colour_transfer(image: np.ndarray, source: ColourStats, target: ColourStats) -> np.ndarray:
+    """Reinhard's colour transfer on the cell pixels of a decoded BGR crop: source
+    statistics to target ones; the background stays black."""
+    import cv2
+
+    # per channel an affine map of 8-bit Lab values: a lookup table of the 256 values
+    values = np.arange(256, dtype=np.float32)[:, None]
+    mapped = (values - source[0]) / source[1] * target[1] + target[0]
+    table = np.clip(np.round(mapped), 0, 255).astype(np.uint8)[:, None, :]
+    lab = cv2.LUT(cv2.cvtColor(image, cv2.COLOR_BGR2LAB), table)
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2BGR) * (image.max(axis=2, keepdims=True) > 12)
+
+
+class DonorColours:
+    """The ``colour`` group: each training donor's cell colour statistics, and for each
+    drawn crop the donor whose colour it takes, drawn as a class (uniformly) and then one
+    of that class's donors. Over the draws a crop's colour is then independent of its label:
+    C-NMC labels are per donor, and the shipped model partly read the donor's colour (the
+    shift suite's donor colour swap, issue 26). The statistics come from up to
+    ``per_donor`` crops of each donor, as the shift suite measures them."""
+
+    def __init__(self, stats: dict[str, ColourStats], labels: dict[str, str]) -> None:
+        self.stats = stats
+        self.labels = labels
+        self.by_class: dict[str, list[str]] = {}
+        for donor in sorted(labels):
+            self.by_class.setdefault(labels[donor], []).append(donor)
+        self.classes = sorted(self.by_class)
+
+    @classmethod
+    def measure(cls, samples: list, per_donor: int = 40, workers: int = 2) -> DonorColours:
+        """The statistics of the donors of ``samples`` (training donors only)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from export.data import donor_sample
+        from smearscan.preprocess import read_image
+
+        chosen = donor_sample(samples, per_donor)
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            images = list(pool.map(lambda s: read_image(s.path, order="bgr"), chosen))
+        by_donor: dict[str, list[np.ndarray]] = {}
+        labels: dict[str, str] = {}
+        for sample, image in zip(chosen, images, strict=True):
+            by_donor.setdefault(sample.patient, []).append(image)
+            labels[sample.patient] = sample.label
+        return cls({d: colour_stats(crops) for d, crops in by_donor.items()}, labels)
+
+    def draw(self, rng: np.random.Generator) -> str:
+        """The donor whose colour a crop takes."""
+        members = self.by_class[self.classes[int(rng.integers(len(self.classes)))]]
+        return members[int(rng.integers(len(members)))]
+
+    def apply(self, image: np.ndarray, donor: str, rng: np.random.Generator) -> np.ndarray:
+        """A crop of ``donor`` given the colour of a drawn donor."""
+        return colour_transfer(image, self.stats[donor], self.stats[self.draw(rng)])
 
 
 def _gaussian_kernel(tf, sigma):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from export.augment import EXTRA_GROUPS, GROUPS, parse_groups
+from export.augment import EXTRA_GROUPS, GROUPS, RAW_GROUPS, parse_groups
 from export.data import SPLITS
 from smearscan.preprocess import Recipe
 
@@ -151,8 +151,15 @@ class Augmentation:
     def on_input(self) -> tuple[str, ...]:
         """The groups applied to the preprocessed model input (the rest act on raw crops)."""
         return tuple(
-            g for g in self.groups if g != "jpeg" and not (g == "scale" and self.rescales_raw)
+            g
+            for g in self.groups
+            if g not in RAW_GROUPS and not (g == "scale" and self.rescales_raw)
         )
+
+    @property
+    def decodes_raw(self) -> bool:
+        """Training decodes every drawn crop again (a group acts on the raw crop)."""
+        return self.rescales_raw or any(g in RAW_GROUPS for g in self.groups)
 
 
 @dataclass(frozen=True)
@@ -515,7 +522,7 @@ def add_training_options(p: argparse.ArgumentParser, data_required: bool = True)
         type=augment_groups,
         default=",".join(aug.groups),
         help=f"none, full, or a comma-separated list of {','.join(GROUPS + EXTRA_GROUPS)} "
-        "('full' stands for all but the extra jpeg: 'full,jpeg' adds it)",
+        f"('full' stands for all but the extras {', '.join(EXTRA_GROUPS)}: 'full,jpeg' adds one)",
     )
     p.add_argument(
         "--scale-at",

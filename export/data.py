@@ -192,3 +192,20 @@ def load_arrays(
     if not kept:
         return np.zeros((0, size, size, 3), np.uint8), kept
     return np.stack([r for r in results if r is not None]), kept
+
+
+def donor_sample(samples: list, per_donor: int, seed: int = 0) -> list:
+    """Up to ``per_donor`` crops of each donor, the same ones on every run."""
+    rng = np.random.default_rng(seed)
+    by_donor: dict[str, list] = {}
+    for sample in samples:
+        by_donor.setdefault(sample.patient, []).append(sample)
+    kept = []
+    for donor in sorted(by_donor):
+        members = by_donor[donor]
+        if len(members) > per_donor:
+            members = [
+                members[i] for i in sorted(rng.choice(len(members), per_donor, replace=False))
+            ]
+        kept.extend(members)
+    return kept

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.augment import make_augmenter
+from export.augment import DonorColours, make_augmenter
 from export.config import TrainConfig
 from export.data import Sample, discover_dataset, load_arrays, split_by_patient
 from smearscan.preprocess import Recipe
@@ -86,15 +86,24 @@ class RawRescaler:
     frame centre and then preprocessed by the scanner's own function: the scale
     augmentation acts where a different magnification would. With ``jpeg``, half the draws
     are also saved as JPEG (quality drawn from ``augment.JPEG_QUALITY``) and read back
-    first, as a lab's export would. The encoded bytes stay in memory (about 25 kB a crop)."""
+    first, as a lab's export would. With ``colours``, every draw first takes the colour of a
+    drawn training donor (the ``colour`` group). The encoded bytes stay in memory (about
+    25 kB a crop)."""
 
     def __init__(
-        self, samples: list[Sample], recipe: Recipe, scale_range, jpeg: bool = False
+        self,
+        samples: list[Sample],
+        recipe: Recipe,
+        scale_range,
+        jpeg: bool = False,
+        colours: DonorColours | None = None,
     ) -> None:
         self.data = [sample.path.read_bytes() for sample in samples]
+        self.donors = [sample.patient for sample in samples]
         self.recipe = recipe
         self.low, self.high = np.log(scale_range[0]), np.log(scale_range[1])
         self.jpeg = jpeg
+        self.colours = colours
 
     def __call__(self, index, seed) -> np.ndarray:
         from export.augment import JPEG_QUALITY, jpeg_roundtrip, rescale
@@ -102,6 +111,8 @@ class RawRescaler:
 
         rng = np.random.default_rng(int(seed))
         image = decode_image(self.data[int(index)], order="bgr")
+        if self.colours is not None:
+            image = self.colours.apply(image, self.donors[int(index)], rng)
         factor = float(np.exp(rng.uniform(self.low, self.high)))
         if self.jpeg and rng.random() < 0.5:
             image = jpeg_roundtrip(image, int(rng.integers(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1)))

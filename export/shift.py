@@ -32,8 +32,17 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from export.augment import HED_FROM_RGB, RANGES, RGB_FROM_HED, jpeg_roundtrip, rescale
-from export.data import discover_dataset
+from export.augment import (
+    HED_FROM_RGB,
+    RANGES,
+    RGB_FROM_HED,
+    ColourStats,
+    colour_stats,
+    colour_transfer,
+    jpeg_roundtrip,
+    rescale,
+)
+from export.data import discover_dataset, donor_sample
 from export.donors import Predictions, donor_rows, number, summary_of
 from smearscan.inference import apply_temperature
 from smearscan.policy import DecisionPolicy
@@ -80,30 +89,6 @@ def unsharp(image: np.ndarray, sigma: float = 2.0, amount: float = 1.0) -> np.nd
 
 #: The shift that needs the donors' colour statistics (see :func:`colour_swap_targets`).
 COLOUR_SWAP = "donor colour swap"
-
-ColourStats = tuple[np.ndarray, np.ndarray]  # Lab mean and standard deviation of cell pixels
-
-
-def cell_lab(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The crop in Lab (float32, OpenCV's 8-bit scaling) and its cell mask."""
-    lab = cv2.cvtColor(image, cv2.COLOR_BGR2LAB).astype(np.float32)
-    return lab, image.max(axis=2) > 12
-
-
-def colour_stats(images: list[np.ndarray]) -> ColourStats:
-    """Per-channel Lab mean and spread of the cell pixels of several crops (one donor)."""
-    pixels = np.concatenate([lab[mask] for lab, mask in map(cell_lab, images)])
-    return pixels.mean(axis=0), pixels.std(axis=0) + 1e-6
-
-
-def colour_swap(image: np.ndarray, source: ColourStats, target: ColourStats) -> np.ndarray:
-    """Reinhard's colour transfer on the cell pixels: source statistics to target ones;
-    the background stays black."""
-    lab, mask = cell_lab(image)
-    mapped = (lab - source[0]) / source[1] * target[1] + target[0]
-    out = cv2.cvtColor(np.clip(np.round(mapped), 0, 255).astype(np.uint8), cv2.COLOR_LAB2BGR)
-    out[~mask] = 0
-    return out
 
 
 def colour_swap_targets(
@@ -174,7 +159,7 @@ def shifted_inputs(
         named = dict(shifts(index))
         if swaps is not None:
             source, target = swaps[index]
-            named[COLOUR_SWAP] = lambda im: colour_swap(im, source, target)
+            named[COLOUR_SWAP] = lambda im: colour_transfer(im, source, target)
         return {
             name: stored_uint8(preprocess(shift(image), recipe, order="bgr"))
             for name, shift in named.items()
@@ -188,23 +173,6 @@ def shifted_inputs(
 #: Crops per donor the suite evaluates (a fixed sample): donor-level numbers need every
 #: donor, not every crop, and 14 shifted copies of 7,529 crops cost more than the training.
 PER_DONOR = 40
-
-
-def donor_sample(samples: list, per_donor: int, seed: int = 0) -> list:
-    """Up to ``per_donor`` crops of each donor, the same ones on every run."""
-    rng = np.random.default_rng(seed)
-    by_donor: dict[str, list] = {}
-    for sample in samples:
-        by_donor.setdefault(sample.patient, []).append(sample)
-    kept = []
-    for donor in sorted(by_donor):
-        members = by_donor[donor]
-        if len(members) > per_donor:
-            members = [
-                members[i] for i in sorted(rng.choice(len(members), per_donor, replace=False))
-            ]
-        kept.extend(members)
-    return kept
 
 
 def run_suite(

@@ -25,6 +25,7 @@ from dataclasses import asdict
 
 import numpy as np
 
+from export.augment import DonorColours
 from export.config import (
     CONFIG_VERSION,
     TrainConfig,
@@ -166,13 +167,16 @@ def train(config: TrainConfig) -> dict:
 
     val_ds = make_dataset(tf, x_val, y_val, len(labels), config, training=False, rng=rng)
     rescaler = None
-    jpeg = "jpeg" in augmentation.groups
-    if augmentation.rescales_raw or jpeg:
+    if augmentation.decodes_raw:
+        colours = None
+        if "colour" in augmentation.groups:
+            colours = DonorColours.measure(train_samples, workers=config.workers)
         rescaler = RawRescaler(
             train_samples,
             recipe,
             augmentation.scale_range if augmentation.rescales_raw else (1, 1),
-            jpeg=jpeg,
+            jpeg="jpeg" in augmentation.groups,
+            colours=colours,
         )
     average = WeightAverage(model, schedule.ema) if schedule.ema > 0 else None
     callbacks = [average.callback()] if average else []

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from export.augment import RAW_GROUPS
 from export.config import Augmentation, TrainConfig, config_from_options, default_positive
 from export.sampling import epoch_indices
 from smearscan.preprocess import Recipe
@@ -585,8 +586,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     augmentation = config.augmentation
-    if "jpeg" in augmentation.groups:
-        log.error("--augment jpeg acts on the raw crops, which a pack does not carry")
+    raw = [g for g in augmentation.groups if g in RAW_GROUPS]
+    if raw:
+        log.error("--augment %s acts on raw crops, which a pack does not carry", ",".join(raw))
         return 2
     if config.init_from or config.sampling.balance != "donors":
         log.error("the JAX trainer supports neither --init-from nor --balance other than donors")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CNMC, ROOT, require_training_stack, rows, run
+from conftest import CNMC, ROOT, read_bgr, require_training_stack, rows, run
 
 require_training_stack()
 pytestmark = pytest.mark.train
@@ -113,6 +113,42 @@ def test_jpeg_augmentation_is_asked_for_by_name_and_recompresses_raw_crops():
     first = next(seed for seed, c in enumerate(changed) if c)
     difference = np.abs(plain(0, first).astype(int) - lossy(0, first)).mean()
     assert 0 < difference < 5  # the same cell, with the codec's loss
+
+
+def test_donor_colour_augmentation_gives_every_class_the_colours_of_every_class():
+    """``colour``: a crop takes the colour of a donor drawn class first, so over the draws
+    its colour says nothing of its label; the cell is recoloured, the background kept."""
+    from collections import Counter
+
+    from export.augment import DonorColours, colour_transfer, parse_groups
+    from export.config import Augmentation
+    from export.data import discover_dataset
+    from export.pipeline import RawRescaler
+
+    groups = parse_groups("full,colour")
+    assert groups[-1] == "colour" and "colour" not in parse_groups("full")
+    augmentation = Augmentation(groups=groups)
+    assert "colour" not in augmentation.on_input and augmentation.decodes_raw
+    samples = discover_dataset(CNMC)
+    colours = DonorColours.measure(samples, per_donor=4)
+    assert set(colours.stats) == {s.patient for s in samples}
+    # three ALL donors and one normal donor: the normal donor still gets half the draws
+    kept = colours.by_class["all"] + colours.by_class["hem"][:1]
+    uneven = DonorColours({d: colours.stats[d] for d in kept}, {d: colours.labels[d] for d in kept})
+    rng = np.random.default_rng(0)
+    drawn = Counter(uneven.labels[uneven.draw(rng)] for _ in range(4000))
+    assert sorted(drawn) == ["all", "hem"]
+    assert all(abs(n / 4000 - 0.5) < 0.03 for n in drawn.values())  # classes alike
+    sample = samples[0]
+    image = read_bgr(sample.path)
+    target = colours.draw(np.random.default_rng(5))
+    expected = colour_transfer(image, colours.stats[sample.patient], colours.stats[target])
+    assert np.array_equal(colours.apply(image, sample.patient, np.random.default_rng(5)), expected)
+    plain = RawRescaler([sample], Recipe(), (1, 1))
+    recoloured = RawRescaler([sample], Recipe(), (1, 1), colours=colours)
+    first, second = plain(0, 1), recoloured(0, 1)
+    assert first.shape == second.shape and not np.array_equal(first, second)
+    assert ((first.max(axis=2) == 0) == (second.max(axis=2) == 0)).mean() > 0.99
 
 
 def test_export_parity_metadata_and_scan(tiny_run, tmp_path, slide_tree):
@@ -494,7 +530,7 @@ def test_the_shift_suite_covers_every_shift_and_checks_the_targets(tiny_cv):
     # the colour swap moves a donor's cell statistics onto the target's, background black
     crops = [read_bgr(p) for p in fixture_images()]
     source, target = shift.colour_stats(crops[:6]), shift.colour_stats(crops[12:18])
-    swapped = [shift.colour_swap(c, source, target) for c in crops[:6]]
+    swapped = [shift.colour_transfer(c, source, target) for c in crops[:6]]
     mean, spread = shift.colour_stats(swapped)
     assert np.abs(mean - target[0]).max() < 1.5 < np.abs(source[0] - target[0]).max()
     assert np.allclose(spread, target[1], rtol=0.15)
