@@ -207,6 +207,15 @@ class DonorColours:
         return colour_transfer(image, self.stats[donor], self.stats[self.draw(rng)])
 
 
+def mixup_blend(share, images, onehot, partner_images, partner_onehot):
+    """Mixup (either trainer, either array library): every image and its target blended
+    with its partner's (the batch in a drawn order) by one drawn ``share`` per batch."""
+    return (
+        share * images + (1 - share) * partner_images,
+        share * onehot + (1 - share) * partner_onehot,
+    )
+
+
 def _gaussian_kernel(tf, sigma):
     radius = 5
     x = tf.cast(tf.range(-radius, radius + 1), tf.float32)

@@ -185,6 +185,19 @@ class Schedule:
         _check(self.bn_recalibrate >= 0, "--bn-recalibrate must be >= 0")
         _check(self.select in SELECTIONS, f"--select must be one of {SELECTIONS}")
 
+    def ema_decay(self, step, minimum=min):
+        """The weight average's decay after ``step`` updates (counted from 1): ``ema``, but
+        smaller early (as TensorFlow's ExponentialMovingAverage with num_updates), so the
+        average is not dominated by the initialisation. ``minimum`` is ``jnp.minimum`` in
+        the JAX trainer's jitted step, where ``step`` is traced."""
+        return minimum(self.ema, (1.0 + step) / (10.0 + step))
+
+    @staticmethod
+    def recalibration_momentum(index):
+        """Batch-norm momentum for batch ``index`` (from 0) of the re-estimation on clean
+        crops: the moving statistics become the plain mean over the batches so far."""
+        return index / (index + 1)
+
     def learning_rate(self, keras, steps_per_epoch: int):
         """Adam's learning rate per step, one definition for the TF and the JAX trainer:
         with ``warmup_epochs``, a linear rise from lr/100 to lr over them, then cosine decay

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export.config import Schedule
 from smearscan.preprocess import unit_range
 
 
@@ -39,13 +40,12 @@ class WeightAverage:
     """Exponential moving average of the trainable weights, updated after every step.
 
     The averaged weights are what gets evaluated and saved: they swing far less from epoch
-    to epoch than the raw weights under strong augmentation. Early steps use a smaller
-    decay (as TensorFlow's ExponentialMovingAverage with num_updates) so that the average
-    is not dominated by the initialisation.
+    to epoch than the raw weights under strong augmentation. The decay per step is
+    :meth:`export.config.Schedule.ema_decay`, as in the JAX trainer.
     """
 
-    def __init__(self, model, decay: float) -> None:
-        self.model, self.decay, self.steps = model, decay, 0
+    def __init__(self, model, schedule: Schedule) -> None:
+        self.model, self.schedule, self.steps = model, schedule, 0
         self.shadow = [np.array(v.numpy()) for v in model.trainable_weights]
 
     def callback(self):
@@ -61,7 +61,7 @@ class WeightAverage:
 
     def update(self) -> None:
         self.steps += 1
-        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        decay = self.schedule.ema_decay(self.steps)
         for shadow, variable in zip(self.shadow, self.model.trainable_weights, strict=True):
             shadow *= decay
             shadow += (1 - decay) * variable.numpy()
@@ -73,7 +73,8 @@ class WeightAverage:
 
 def recalibrate_batch_norm(model, images: np.ndarray, batch_size: int = 64) -> None:
     """Replace every batch-norm layer's moving statistics by their average over ``images``
-    (un-augmented training crops, uint8): a cumulative mean, batch by batch."""
+    (un-augmented training crops, uint8): a cumulative mean, batch by batch
+    (:meth:`export.config.Schedule.recalibration_momentum`, as in the JAX trainer)."""
     import keras
 
     layers = [
@@ -85,12 +86,37 @@ def recalibrate_batch_norm(model, images: np.ndarray, batch_size: int = 64) -> N
     try:
         for index, start in enumerate(range(0, len(images), batch_size)):
             for layer in layers:
-                layer.momentum = index / (index + 1)
+                layer.momentum = Schedule.recalibration_momentum(index)
             batch = unit_range(images[start : start + batch_size])
             model(batch, training=True)
     finally:
         for layer, momentum in zip(layers, momenta, strict=True):
             layer.momentum = momentum
+
+
+def compile_for_training(keras, model, schedule: Schedule, steps_per_epoch: int) -> None:
+    """Adam on the schedule's learning rate, cross-entropy on one-hot (or soft) targets:
+    the TF trainer's optimisation, as the JAX trainer's ``FoldTrainer`` sets it up."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(schedule.learning_rate(keras, steps_per_epoch)),
+        loss="categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+
+
+def evaluated_weights(
+    model, average: WeightAverage | None, recalibration: np.ndarray
+) -> list[np.ndarray]:
+    """The model as it is evaluated and saved (the weight average, batch norm re-estimated
+    on ``recalibration``), leaving the model's own training weights as they were."""
+    raw = [np.array(w.numpy()) for w in model.weights]
+    if average:
+        average.apply()
+    recalibrate_batch_norm(model, recalibration)
+    final = [np.array(w.numpy()) for w in model.weights]
+    for variable, value in zip(model.weights, raw, strict=True):
+        variable.assign(value)
+    return final
 
 
 def all_layers(model) -> list:

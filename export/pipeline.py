@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.augment import DonorColours, make_augmenter
+from export.augment import DonorColours, make_augmenter, mixup_blend
 from export.config import TrainConfig
 from export.data import Sample, discover_dataset, load_arrays, split_by_patient
 from smearscan.preprocess import Recipe
@@ -173,9 +173,8 @@ def make_dataset(
             second = tf.random.gamma([], alpha)
             share = first / (first + second)
             order = tf.random.shuffle(tf.range(tf.shape(images)[0]))
-            return (
-                share * images + (1 - share) * tf.gather(images, order),
-                share * labels + (1 - share) * tf.gather(labels, order),
+            return mixup_blend(
+                share, images, labels, tf.gather(images, order), tf.gather(labels, order)
             )
 
         ds = ds.map(mixup, num_parallel_calls=autotune)

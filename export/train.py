@@ -37,8 +37,9 @@ from export.data import Sample
 from export.keras_utils import (
     WeightAverage,
     all_layers,
+    compile_for_training,
+    evaluated_weights,
     plot_curves,
-    recalibrate_batch_norm,
     save_model,
 )
 from export.parents import load_parent, load_teacher, parent_config_of, resolve_parent
@@ -146,12 +147,7 @@ def train(config: TrainConfig) -> dict:
         len(epoch_indices(patients_train, y_train, sampling, np.random.default_rng(0)))
         // schedule.batch_size,
     )
-    learning_rate = schedule.learning_rate(keras, steps_per_epoch)
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss="categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+    compile_for_training(keras, model, schedule, steps_per_epoch)
     class_weight = None
     if sampling.balance == "weights":
         counts = np.bincount(y_train, minlength=len(labels))
@@ -178,23 +174,12 @@ def train(config: TrainConfig) -> dict:
             jpeg="jpeg" in augmentation.groups,
             colours=colours,
         )
-    average = WeightAverage(model, schedule.ema) if schedule.ema > 0 else None
+    average = WeightAverage(model, schedule) if schedule.ema > 0 else None
     callbacks = [average.callback()] if average else []
     # a donor-balanced draw of clean crops (epoch_indices shuffles: the first N are a random
     # sample of every donor, not the first donors on disk)
     drawn = epoch_indices(patients_train, y_train, sampling, np.random.default_rng(1))
     recalibration = x_train[drawn[: max(0, bn_recalibrate)]]
-
-    def evaluated_weights() -> list[np.ndarray]:
-        """The model as it will be saved (averaged, batch norm re-estimated)."""
-        raw = [np.array(w.numpy()) for w in model.weights]
-        if average:
-            average.apply()
-        recalibrate_batch_norm(model, recalibration)
-        final = [np.array(w.numpy()) for w in model.weights]
-        for variable, value in zip(model.weights, raw, strict=True):
-            variable.assign(value)
-        return final
 
     history: list[dict] = []
     kept: dict = {}
@@ -220,7 +205,7 @@ def train(config: TrainConfig) -> dict:
             callbacks=callbacks,
             verbose=0 if config.quiet else 1,
         )
-        weights = evaluated_weights()
+        weights = evaluated_weights(model, average, recalibration)
         row = {
             "epoch": epoch,
             "loss": float(fit.history["loss"][-1]),

@@ -33,8 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from export.augment import RAW_GROUPS
-from export.config import Augmentation, TrainConfig, config_from_options, default_positive
+from export.augment import RAW_GROUPS, mixup_blend
+from export.config import (
+    Augmentation,
+    Schedule,
+    TrainConfig,
+    config_from_options,
+    default_positive,
+)
 from export.sampling import epoch_indices
 from smearscan.preprocess import Recipe
 
@@ -392,6 +398,17 @@ class FoldTrainer:
         self._recalibrate = jax.jit(self._recalibrate_impl)
         self._predict = jax.jit(self._predict_impl)
 
+    def start_from(self, weights: list[np.ndarray]) -> None:
+        """Start every fold from ``weights`` (Keras ``get_weights`` order) instead of this
+        backend's own initialisation: the TF-vs-JAX parity test gives both the same start."""
+        self.model.set_weights(weights)
+        self.initial = (
+            [v.value for v in self.model.trainable_variables],
+            [v.value for v in self.model.non_trainable_variables],
+            self.initial[2],
+        )
+        self.reset()
+
     def reset(self) -> None:
         """Back to the initial weights and a fresh optimizer: one compiled step serves
         every fold."""
@@ -412,8 +429,7 @@ class FoldTrainer:
             first, second = jax.random.split(key)
             share = jax.random.beta(first, mixup, mixup)
             order = jax.random.permutation(second, images.shape[0])
-            images = share * images + (1 - share) * images[order]
-            onehot = share * onehot + (1 - share) * onehot[order]
+            images, onehot = mixup_blend(share, images, onehot, images[order], onehot[order])
 
         def loss_of(trainable, non_trainable):
             predicted, non_trainable = self.model.stateless_call(
@@ -428,7 +444,7 @@ class FoldTrainer:
         trainable, optimizer_state = self.optimizer.stateless_apply(
             optimizer_state, grads, trainable
         )
-        decay = jnp.minimum(self.config.schedule.ema, (1.0 + step) / (10.0 + step))
+        decay = self.config.schedule.ema_decay(step, minimum=jnp.minimum)
         average = [decay * a + (1.0 - decay) * t for a, t in zip(average, trainable, strict=True)]
         accuracy = jnp.mean(jnp.argmax(predicted, -1) == jnp.argmax(onehot, -1))
         return (trainable, non_trainable, optimizer_state, average), loss, accuracy
@@ -467,7 +483,10 @@ class FoldTrainer:
                 # smearscan.preprocess.unit_range, on the device (uint8 travels there)
                 images = jnp.asarray(recalibration[start : start + batch], jnp.float32) * (1 / 255)
                 non_trainable = self._recalibrate(
-                    trainable, non_trainable, images, jnp.float32(index / (index + 1))
+                    trainable,
+                    non_trainable,
+                    images,
+                    jnp.float32(Schedule.recalibration_momentum(index)),
                 )
         return trainable, non_trainable
 

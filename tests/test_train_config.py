@@ -96,3 +96,33 @@ def test_the_learning_rate_warms_up_then_decays_and_without_warm_up_is_the_old_s
     plain = Schedule(epochs=10).learning_rate(keras, steps)
     old = keras.optimizers.schedules.CosineDecay(1e-3, decay_steps=1000, alpha=0.05)
     assert [float(plain(s)) for s in (0, 500, 1000)] == [float(old(s)) for s in (0, 500, 1000)]
+
+
+def test_mixup_blends_each_crop_with_another_of_its_batch(tmp_path):
+    """``--mixup``: images and targets blended by one share with a reordering of the same
+    batch (``export.augment.mixup_blend``), so the batch keeps its mean image and mean
+    target while single targets become soft."""
+    import numpy as np
+    import tensorflow as tf
+
+    from export.config import Augmentation
+    from export.pipeline import make_dataset
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (8, 128, 128, 3), dtype=np.uint8)
+    y = np.array([0, 1] * 4)
+    config = TrainConfig(
+        data=tmp_path,
+        out=tmp_path,
+        augmentation=Augmentation(groups=(), mixup=0.4),
+        schedule=Schedule(batch_size=8),
+    )
+    dataset = make_dataset(tf, x, y, 2, config, training=True, rng=rng)
+    images, targets = (np.asarray(t) for t in next(iter(dataset)))
+    np.testing.assert_allclose(targets.sum(axis=1), 1.0, atol=1e-6)
+    assert ((targets > 0.01) & (targets < 0.99)).any()  # soft targets: crops were blended
+    np.testing.assert_allclose(targets.mean(axis=0), [0.5, 0.5], atol=1e-6)
+    np.testing.assert_allclose(images.mean(axis=0), (x / 255.0).mean(axis=0), atol=1e-5)
+    assert not np.allclose(
+        np.sort(images.reshape(8, -1), axis=0), np.sort(x.reshape(8, -1) / 255.0, axis=0)
+    )
