@@ -14,10 +14,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-#: Default ceiling on decoded pixels (width x height); crops are ~0.2 MP, so 64 MP is generous.
-#: OpenCV checks its own limit (OPENCV_IO_MAX_IMAGE_PIXELS, read once when cv2 loads) from
-#: the header before allocating; this module sets it when imported before cv2.
-DEFAULT_MAX_PIXELS = 64_000_000
+from smearscan.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+
+# OpenCV reads its own pixel limit once, when cv2 loads: set it to ours first
 _CV2_LOADED_EARLIER = "cv2" in sys.modules
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS))
 
@@ -116,12 +115,6 @@ class Recipe:
         if unknown:
             raise ValueError(f"unknown preprocessing recipe keys: {sorted(unknown)}")
         return cls(**data)
-
-
-#: Default cap on a file's size, checked from ``fstat`` before reading: a 450x450 crop is
-#: under 1 MB even as BMP, so 128 MiB leaves room for any real crop and none for a 4 GB
-#: sparse TIFF or a device that never ends.
-DEFAULT_MAX_BYTES = 128 * 1024 * 1024
 
 
 def read_file_bytes(

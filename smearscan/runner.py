@@ -26,9 +26,15 @@ from smearscan.engines import Engine
 from smearscan.exitstatus import ExitStatus
 from smearscan.files import ReportSet, TargetError, check_target, remove_dead_temporaries
 from smearscan.inference import CUDA, BatchPredictor, Classifier
+from smearscan.limits import (
+    CPU_BATCH_SIZE,
+    CUDA_BATCH_SIZE,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    RAY_BATCH_SIZE,
+)
 from smearscan.modelfile import KEY_QC
 from smearscan.policy import DecisionPolicy, policy_for_model
-from smearscan.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from smearscan.qc import EMBEDDING_OUTPUT, QC_VERSION, QCError, QualityControl
 from smearscan.results import (
     STATUS_ERROR,
@@ -55,18 +61,6 @@ class RequestError(ValueError):
 
 class NothingToScan(Exception):
     """Raised inside a report write to discard it: an empty run keeps the last report."""
-
-
-#: Crops per model call when none is given. On CPU small batches keep the activations in
-#: cache: with the four-network default model, batch 8 scanned 2,000 crops 15-20 % faster
-#: than 32 with 200 MB peak memory instead of 470 MB (docs/performance.md). CUDA wants
-#: larger ones (its batches are padded to one fixed shape): on an H200 with 16 cores, 128
-#: scanned 7,155 files/s, 32 5,876 and 256 7,018 (bench/results-gpu.json).
-CPU_BATCH_SIZE = 8
-CUDA_BATCH_SIZE = 128
-#: Ray Data pays a task's overhead per batch; its engine was measured at 32
-#: (bench/results-ray.json), so it keeps that default.
-RAY_BATCH_SIZE = 32
 
 
 @dataclass

@@ -16,9 +16,8 @@ import numpy as np
 
 from smearscan.discover import Found
 from smearscan.inference import Answers, valid_rows
+from smearscan.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from smearscan.preprocess import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_PIXELS,
     ImageDecodeError,
     Recipe,
     framed_and_resized,

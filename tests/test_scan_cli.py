@@ -465,7 +465,8 @@ def test_the_default_batch_follows_the_provider_in_use():
     """Small batches on CPU (faster there, and a third of the memory with the four-network
     model); an explicit size wins."""
     from smearscan.inference import load_classifier
-    from smearscan.runner import CPU_BATCH_SIZE, ScanOptions, batch_size_for, decode_for
+    from smearscan.limits import CPU_BATCH_SIZE
+    from smearscan.runner import ScanOptions, batch_size_for, decode_for
 
     classifier = load_classifier(None, device="cpu")
     assert batch_size_for(ScanOptions(), classifier) == CPU_BATCH_SIZE == 8
@@ -529,3 +530,30 @@ def test_verbose_shows_debug_messages(tmp_path, slide_tree):
     verbose = run(["-v", "scan", str(slide_tree), "--out", str(tmp_path / "b.csv")])
     assert " DEBUG " not in plain.log
     assert " DEBUG local engine: batch 8, CPU stage in threads" in verbose.log
+
+
+def test_environment_settings_are_named_after_their_options_shown_and_documented():
+    """A cron job's settings: each is SMEARSCAN_ and its option's name (one rule,
+    ``setting_option``), ``--help`` shows it, and the docs name exactly these."""
+    import re
+
+    import click
+    from conftest import ROOT
+
+    from smearscan.cli import cli
+
+    settings: set[str] = set()
+    for name, command in cli.commands.items():
+        for param in command.params:
+            if not isinstance(param, click.Option) or not param.envvar:
+                continue
+            option = max(param.opts, key=len)
+            assert param.envvar == "SMEARSCAN_" + option[2:].replace("-", "_").upper()
+            assert param.show_envvar, param.envvar
+            assert param.envvar in run([name, "--help"]).output
+            settings.add(str(param.envvar))
+    assert {"SMEARSCAN_WORKERS", "SMEARSCAN_MAX_QC_RATE", "SMEARSCAN_MODEL"} <= settings
+    documented = set()
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        documented |= set(re.findall(r"SMEARSCAN_[A-Z_]+[A-Z]", doc.read_text()))
+    assert documented == settings

@@ -18,6 +18,7 @@ from smearscan.cli.options import (
     device_option,
     model_option,
     qc_option,
+    setting_option,
     slide_options,
     threshold_option,
 )
@@ -35,6 +36,13 @@ from smearscan.cli.shell import (
     setup_logging,
 )
 from smearscan.exitstatus import ExitStatus
+from smearscan.limits import (
+    CPU_BATCH_SIZE,
+    CUDA_BATCH_SIZE,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    RAY_BATCH_SIZE,
+)
 
 log = logging.getLogger("smearscan")
 INTENDED_USE_LINE = "Research use only; not for diagnostic use."
@@ -107,65 +115,53 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 )
 @model_option
 @device_option
-@click.option(
+@setting_option(
     "--workers",
     type=click.IntRange(min=0),
     default=0,
-    envvar="SMEARSCAN_WORKERS",
-    show_envvar=True,
     help="Worker threads, each decoding a batch and running the model on it (0 = one per core).",
 )
-@click.option(
+@setting_option(
     "--threads",
     type=click.IntRange(min=1),
     default=1,
-    envvar="SMEARSCAN_THREADS",
-    show_envvar=True,
     show_default=True,
     help="onnxruntime threads per inference; the workers already fill the cores.",
 )
-@click.option(
+@setting_option(
     "--decode",
     type=click.Choice(["auto", "threads", "processes"]),
     default="auto",
-    envvar="SMEARSCAN_DECODE",
-    show_envvar=True,
     show_default=True,
     help="Run decoding, QC and preprocessing in the workers' threads or in worker processes "
     "(auto: processes on CUDA, where threads cannot keep the GPU busy; threads on CPU).",
 )
-@click.option(
+@setting_option(
     "--batch-size",
     type=click.IntRange(min=1, max=4096),
     default=None,
-    envvar="SMEARSCAN_BATCH_SIZE",
-    show_envvar=True,
-    help="Crops per model call [default: 8 on CPU, where small batches stay in cache; 128 "
-    "on CUDA; 32 with --engine ray].",
+    help=f"Crops per model call [default: {CPU_BATCH_SIZE} on CPU, where small batches stay "
+    f"in cache; {CUDA_BATCH_SIZE} on CUDA; {RAY_BATCH_SIZE} with --engine ray].",
 )
 @threshold_option
 @apply_options(slide_options)
 @qc_option
 @click.option("--tta", is_flag=True, help="Average flips and 90° rotations (8x slower).")
-@click.option(
+@setting_option(
     "--max-pixels",
     type=click.IntRange(min=64),
-    envvar="SMEARSCAN_MAX_PIXELS",
-    show_envvar=True,
-    help="Refuse images larger than this many pixels, from the header [default: 64,000,000].",
+    help="Refuse images larger than this many pixels, from the header "
+    f"[default: {DEFAULT_MAX_PIXELS:,}].",
 )
-@click.option(
+@setting_option(
     "--max-bytes",
     type=click.IntRange(min=1),
-    envvar="SMEARSCAN_MAX_BYTES",
-    show_envvar=True,
-    help="Refuse files larger than this many bytes, before reading [default: 134,217,728].",
+    help="Refuse files larger than this many bytes, before reading "
+    f"[default: {DEFAULT_MAX_BYTES:,}].",
 )
-@click.option(
+@setting_option(
     "--state",
     type=click.Path(path_type=Path, dir_okay=False),
-    envvar="SMEARSCAN_STATE",
-    show_envvar=True,
     help="SQLite state on local disk: rescan only new or changed files; locks the run.",
 )
 @click.option(
@@ -196,27 +192,21 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     help="With --state: a file is unchanged when its size and mtime are ('stat'), or also "
     "its bytes' sha256 ('content': reads every file each run).",
 )
-@click.option(
+@setting_option(
     "--anonymize-key-file",
     type=click.Path(path_type=Path, dir_okay=False),
-    envvar="SMEARSCAN_ANONYMIZE_KEY_FILE",
-    show_envvar=True,
     help="Replace folder and file names in reports by a keyed hash (HMAC-SHA256 with "
     "this file's contents), stable across runs.",
 )
-@click.option(
+@setting_option(
     "--engine",
     type=click.Choice(["local", "ray"]),
     default="local",
-    envvar="SMEARSCAN_ENGINE",
-    show_envvar=True,
     show_default=True,
     help="Where the work runs: threads here, or a Ray cluster (pip install 'smearscan[ray]').",
 )
-@click.option(
+@setting_option(
     "--ray-address",
-    envvar="SMEARSCAN_RAY_ADDRESS",
-    show_envvar=True,
     help="With --engine ray: 'auto', host:port or ray://host:port of a cluster "
     "[default: start a local Ray instance].",
 )
@@ -229,9 +219,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     "combine the parts with 'smearscan merge'.",
 )
 @click.option("--part-id", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option(
-    "--log-file", type=click.Path(path_type=Path, dir_okay=False), envvar="SMEARSCAN_LOG_FILE"
-)
+@setting_option("--log-file", type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
     "--log-interval",
     type=click.FloatRange(min=0),
@@ -245,12 +233,10 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     help="Also scan hidden files and folders (dot files such as macOS '._*' copies, "
     ".DS_Store, .thumbs/, and @eaDir, #recycle, $RECYCLE.BIN, __MACOSX), skipped by default.",
 )
-@click.option(
+@setting_option(
     "--max-qc-rate",
     type=click.FloatRange(0, 1),
     default=None,
-    envvar="SMEARSCAN_MAX_QC_RATE",
-    show_envvar=True,
     help="Exit 0 when crops failed QC but no more than this share of the judged files "
     "(e.g. 0.01; above it, or with any unreadable file, exit 3) [default: any QC failure "
     "exits 3].",
@@ -340,7 +326,6 @@ def scan(
         os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(max_pixels)
 
     from smearscan.discover import read_file_list
-    from smearscan.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
     from smearscan.runner import ScanOptions, ScanRequest
 
     request = ScanRequest(
@@ -478,7 +463,7 @@ def _do_scan(
     "--batch-size",
     type=click.IntRange(min=1, max=4096),
     default=None,
-    help="Crops per model call [default: 8 on CPU, 128 on CUDA].",
+    help=f"Crops per model call [default: {CPU_BATCH_SIZE} on CPU, {CUDA_BATCH_SIZE} on CUDA].",
 )
 @click.option("-q", "--quiet", is_flag=True)
 @click.pass_obj

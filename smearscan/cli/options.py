@@ -2,23 +2,37 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
-model_option = click.option(
+#: A setting a cron job may give through the environment is this prefix and its option's
+#: name: ``--max-qc-rate`` is ``SMEARSCAN_MAX_QC_RATE``.
+ENV_PREFIX = "SMEARSCAN_"
+
+
+def setting_option(*decls: str, **attrs: Any) -> Callable:
+    """A click option that may also come from ``SMEARSCAN_<NAME>``, shown in ``--help``.
+
+    Opt-in per option, not click's ``auto_envvar_prefix``: that would let any option (an
+    output path, the threshold) be changed silently by a stray variable in a cron job's
+    environment, and would put the command's name into every variable
+    (``SMEARSCAN_SCAN_WORKERS``), renaming the documented ones."""
+    name = next(d for d in decls if d.startswith("--"))[2:].replace("-", "_").upper()
+    return click.option(*decls, envvar=ENV_PREFIX + name, show_envvar=True, **attrs)
+
+
+model_option = setting_option(
     "--model",
     "-m",
     type=click.Path(path_type=Path, dir_okay=False),
-    envvar="SMEARSCAN_MODEL",
-    show_envvar=True,
     help="ONNX model [default: the embedded model].",
 )
-device_option = click.option(
+device_option = setting_option(
     "--device",
     default="auto",
-    envvar="SMEARSCAN_DEVICE",
-    show_envvar=True,
     show_default=True,
     help="auto, cpu, cuda or cuda:N.",
 )
@@ -48,13 +62,11 @@ slide_options = [
         "model's, 10].",
     ),
 ]
-qc_option = click.option(
+qc_option = setting_option(
     "--qc",
     "qc_mode",
     type=click.Choice(["default", "strict", "off"]),
     default="default",
-    envvar="SMEARSCAN_QC",
-    show_envvar=True,
     show_default=True,
     help="Quality control against the model's training range: 'strict' refuses more "
     "borderline crops, 'off' classifies every decodable crop (marked in the summary).",
