@@ -46,6 +46,8 @@ from smearscan.limits import (
 
 log = logging.getLogger("smearscan")
 INTENDED_USE_LINE = "Research use only; not for diagnostic use."
+#: ``--wait`` without a value: how long a run waits for another run's state lock.
+LOCK_WAIT_SECONDS = 3600.0
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -169,8 +171,8 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     "lock_wait",
     type=click.FloatRange(min=0),
     is_flag=False,
-    flag_value=3600.0,
-    help="If another run holds the state lock, wait up to SECONDS (default 3600) "
+    flag_value=LOCK_WAIT_SECONDS,
+    help=f"If another run holds the state lock, wait up to SECONDS (default {LOCK_WAIT_SECONDS:g}) "
     "instead of exiting with code 4.",
 )
 @click.option(

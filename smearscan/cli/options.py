@@ -59,7 +59,7 @@ slide_options = [
         "--min-cells",
         type=click.IntRange(min=1),
         help="Fewer usable cells than this: the slide call is 'insufficient' [default: the "
-        "model's, 10].",
+        "model's; 'smearscan model info' shows it].",
     ),
 ]
 qc_option = setting_option(
