@@ -12,6 +12,7 @@ from conftest import IN_CI, fixture_images
 if not IN_CI:
     pytest.importorskip("jax", reason="the JAX trainer is the [jax] extra")
     pytest.importorskip("tensorflow", reason="the TF trainer is the [train] extra")
+pytestmark = pytest.mark.train
 
 from export.augment import BACKGROUND, RANGES, focus_tf, photometric_tf, stain_tf  # noqa: E402
 from export.train_jax import focus_jax, photometric_jax, stain_jax  # noqa: E402

@@ -16,6 +16,8 @@ from export.config import config_from_options
 from export.data import discover_dataset, grouped_folds
 from export.pipeline import cached_arrays
 
+pytestmark = pytest.mark.train
+
 RECIPE = ["--crop", "bbox", "--margin", "0.08", "--folds", "3", "--workers", "2"]
 NETWORK = ["--width", "0.0625", "--epochs", "2"]
 

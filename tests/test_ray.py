@@ -33,6 +33,7 @@ from smearscan.exitstatus import ExitStatus
 
 if not IN_CI:
     pytest.importorskip("ray", reason="Ray is the [ray] extra")
+pytestmark = pytest.mark.ray
 
 
 def _same_rows(a: list[dict], b: list[dict]) -> None:

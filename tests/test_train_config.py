@@ -12,6 +12,8 @@ from conftest import ROOT
 from export import train
 from export.config import LEGACY_DEFAULTS, ConfigError, Schedule, TrainConfig
 
+pytestmark = pytest.mark.train
+
 
 def test_a_config_survives_its_stored_record():
     config = train.parse_config(

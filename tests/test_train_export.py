@@ -538,6 +538,19 @@ def test_the_shift_suite_covers_every_shift_and_checks_the_targets(tiny_cv):
     del cv2
 
 
+def test_rotation_consistency_compares_each_view_with_the_eight_view_mean(tiny_cv):
+    """Issue 26.5: per flip/rotation, how many labels agree with the eight-view mean's."""
+    from export import rotation
+
+    assert rotation.main([str(tiny_cv), "--data", str(CNMC), "--per-donor", "4"]) == 0
+    report = json.loads((tiny_cv / "rotation.json").read_text())
+    assert report["crops"] == 24 and len(report["view_agreement"]) == 8
+    assert report["plain_view_agreement"] == report["view_agreement"][0]
+    assert 0 <= report["all_views_agree"] <= report["worst_view_agreement"] <= 1
+    assert report["mean_abs_difference"] > 0  # an untrained network is not symmetric
+    assert 0 <= report["plain_roc_auc"] <= 1 and 0 <= report["eight_view_roc_auc"] <= 1
+
+
 def test_a_promoted_cv_folder_exports_as_one_ensemble_graph(tiny_cv, tmp_path, slide_tree):
     """What ``export/default_model`` holds (a promoted CV run) exports the shipped way."""
     from export import promote
