@@ -144,3 +144,21 @@ def test_the_two_seed_average_is_the_mean_of_the_two_seeds_predictions():
         assert row["fold"] == seed0[row["path"]]["fold"] == seed1[row["path"]]["fold"]
         mean = (float(seed0[row["path"]]["p_all"]) + float(seed1[row["path"]]["p_all"])) / 2
         assert float(row["p_all"]) == pytest.approx(mean, abs=2e-6)
+
+
+def test_the_rotation_table_is_what_the_committed_reports_say():
+    """Issue 26.5: docs/ablation.md's rotation-consistency rows come from each run's
+    committed rotation.json."""
+    text = (ROOT / "docs" / "ablation.md").read_text()
+    section = text[text.index("### Rotation consistency") :]
+    table = [line for line in section.split("\n\n")[2].splitlines() if line.startswith("| `")]
+    assert len(table) == 8
+    for line in table:
+        name = re.search(r"`([^`]+)`", line).group(1)
+        folder = KEPT if name == "cv-bbox-hue" else ROOT / "export" / "ablation_runs" / name
+        report = json.loads((folder / "rotation.json").read_text())
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1] == f"{report['plain_view_agreement']:.3f}"
+        assert cells[3] == f"{report['all_views_agree']:.3f}"
+        assert cells[5] == f"{report['plain_roc_auc']:.4f}"
+        assert cells[6] == f"{report['eight_view_roc_auc']:.4f}"
