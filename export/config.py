@@ -56,6 +56,7 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "distill_weight": 0.5,
     "split": "donors",
     "warmup_epochs": 0,
+    "consistency": 0.0,
 }
 
 
@@ -125,13 +126,15 @@ class Network:
 @dataclass(frozen=True)
 class Augmentation:
     """Which augmentation groups run (``export/augment.py`` says what each one does), how
-    wide their ranges are (``strength``), the cell rescaling and mixup."""
+    wide their ranges are (``strength``), the cell rescaling, mixup and the weight of the
+    rotation-consistency term (``augment.consistency_loss``)."""
 
     groups: tuple[str, ...] = parse_groups(DEFAULT_AUGMENT)
     strength: float = 1.0
     scale_range: tuple[float, float] = (0.8, 1.1)
     scale_at: str = "raw"
     mixup: float = 0.0
+    consistency: float = 0.0
 
     def __post_init__(self) -> None:
         unknown = set(self.groups) - set(GROUPS + EXTRA_GROUPS)
@@ -141,6 +144,13 @@ class Augmentation:
         _check(0.2 <= low <= high <= 5, "--scale-range needs 0.2 <= low <= high <= 5")
         _check(self.scale_at in SCALE_AT, f"--scale-at must be one of {SCALE_AT}")
         _check(self.mixup >= 0, "--mixup must be >= 0")
+        _check(
+            self.consistency >= 0 and math.isfinite(self.consistency), "--consistency must be >= 0"
+        )
+        _check(
+            not (self.consistency and self.mixup),
+            "--consistency pairs each crop with its own turned copy; mixup would blend the pair",
+        )
 
     @property
     def rescales_raw(self) -> bool:
@@ -327,6 +337,7 @@ class TrainConfig:
             "balance": self.sampling.balance,
             "per_patient": self.sampling.per_patient,
             "mixup": aug.mixup,
+            "consistency": aug.consistency,
             "ema": sched.ema,
             "warmup_epochs": sched.warmup_epochs,
             "bn_recalibrate": sched.bn_recalibrate,
@@ -373,6 +384,7 @@ class TrainConfig:
                 scale_range=(float(values["scale_range"][0]), float(values["scale_range"][1])),
                 scale_at=values["scale_at"],
                 mixup=float(values["mixup"]),
+                consistency=float(values["consistency"]),
             ),
             schedule=Schedule(
                 epochs=int(values["epochs"]),
@@ -574,6 +586,14 @@ def add_training_options(p: argparse.ArgumentParser, data_required: bool = True)
     )
     p.add_argument("--mixup", type=float, default=aug.mixup, help="mixup Beta(a, a); 0 = off")
     p.add_argument(
+        "--consistency",
+        type=float,
+        default=aug.consistency,
+        help="weight of a rotation-consistency term: each drawn crop is also seen flipped or "
+        "turned by 90-degree steps, and the squared difference of the two outputs is added to "
+        "the loss (twice the images per step; 0 = off, the shipped recipe)",
+    )
+    p.add_argument(
         "--warmup-epochs",
         type=int,
         default=sched.warmup_epochs,
@@ -680,6 +700,7 @@ def config_from_options(options: argparse.Namespace) -> TrainConfig:
             scale_range=tuple(options.scale_range),
             scale_at=options.scale_at,
             mixup=options.mixup,
+            consistency=options.consistency,
         ),
         schedule=Schedule(
             epochs=options.epochs,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export.augment import consistency_loss
 from export.config import Schedule
 from smearscan.preprocess import unit_range
 
@@ -94,12 +95,15 @@ def recalibrate_batch_norm(model, images: np.ndarray, batch_size: int = 64) -> N
             layer.momentum = momentum
 
 
-def compile_for_training(keras, model, schedule: Schedule, steps_per_epoch: int) -> None:
+def compile_for_training(
+    keras, model, schedule: Schedule, steps_per_epoch: int, consistency: float = 0.0
+) -> None:
     """Adam on the schedule's learning rate, cross-entropy on one-hot (or soft) targets:
-    the TF trainer's optimisation, as the JAX trainer's ``FoldTrainer`` sets it up."""
+    the TF trainer's optimisation, as the JAX trainer's ``FoldTrainer`` sets it up. A
+    ``consistency`` weight adds the rotation-consistency term (its batches come in pairs)."""
     model.compile(
         optimizer=keras.optimizers.Adam(schedule.learning_rate(keras, steps_per_epoch)),
-        loss="categorical_crossentropy",
+        loss=consistency_loss(keras, consistency) if consistency else "categorical_crossentropy",
         metrics=["accuracy"],
     )
 
@@ -131,9 +135,8 @@ def all_layers(model) -> list:
 
 def save_model(model, path: Path) -> None:
     """The weights and architecture without the optimizer state (a third of the size), so
-    runs can be kept in the repository and fine-tuned from."""
-    import keras
-
-    bare = keras.models.clone_model(model)
+    runs can be kept in the repository and fine-tuned from. Rebuilt from its config, not
+    cloned: a clone is compiled again, which a custom loss (``--consistency``) cannot be."""
+    bare = type(model).from_config(model.get_config())
     bare.set_weights(model.get_weights())
     bare.save(path)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.augment import DonorColours, make_augmenter, mixup_blend
+from export.augment import DonorColours, make_augmenter, mixup_blend, turned_copy
 from export.config import TrainConfig
 from export.data import Sample, discover_dataset, load_arrays, split_by_patient
 from smearscan.preprocess import Recipe
@@ -164,7 +164,20 @@ def make_dataset(
     ds = ds.map(scale, num_parallel_calls=autotune)
     if training and groups:
         ds = ds.map(lambda image, label: (augment(image), label), num_parallel_calls=autotune)
+    paired = training and augmentation.consistency > 0
+    if paired:  # each crop and its turned copy (augment.consistency_loss)
+        ds = ds.map(
+            lambda image, label: (tf.stack([image, turned_copy(tf, image)]), label),
+            num_parallel_calls=autotune,
+        )
     ds = ds.batch(config.schedule.batch_size)
+    if paired:  # the crops, then their copies in the same order
+        ds = ds.map(
+            lambda pairs, labels: (
+                tf.concat([pairs[:, 0], pairs[:, 1]], axis=0),
+                tf.concat([labels, labels], axis=0),
+            )
+        )
     if training and augmentation.mixup > 0:
         alpha = float(augmentation.mixup)
 

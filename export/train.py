@@ -147,7 +147,7 @@ def train(config: TrainConfig) -> dict:
         len(epoch_indices(patients_train, y_train, sampling, np.random.default_rng(0)))
         // schedule.batch_size,
     )
-    compile_for_training(keras, model, schedule, steps_per_epoch)
+    compile_for_training(keras, model, schedule, steps_per_epoch, augmentation.consistency)
     class_weight = None
     if sampling.balance == "weights":
         counts = np.bincount(y_train, minlength=len(labels))

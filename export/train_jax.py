@@ -609,6 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     if raw:
         log.error("--augment %s acts on raw crops, which a pack does not carry", ",".join(raw))
         return 2
+    if augmentation.consistency:
+        log.error("the JAX trainer has no --consistency term (the TF trainer has)")
+        return 2
     if config.init_from or config.sampling.balance != "donors":
         log.error("the JAX trainer supports neither --init-from nor --balance other than donors")
         return 2

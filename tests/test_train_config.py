@@ -128,3 +128,56 @@ def test_mixup_blends_each_crop_with_another_of_its_batch(tmp_path):
     assert not np.allclose(
         np.sort(images.reshape(8, -1), axis=0), np.sort(x.reshape(8, -1) / 255.0, axis=0)
     )
+
+
+def test_consistency_pairs_each_crop_with_a_turned_copy_and_pulls_their_outputs_together(
+    tmp_path,
+):
+    """``--consistency``: a batch holds the crops, then each one's flipped or turned copy
+    (never itself); the loss adds the weight times the squared gap between the two outputs."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from export.augment import consistency_loss
+    from export.config import Augmentation, ConfigError
+    from export.pipeline import make_dataset
+    from smearscan.inference import tta_views
+
+    with pytest.raises(ConfigError, match="mixup"):
+        Augmentation(consistency=0.5, mixup=0.2)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (6, 128, 128, 3), dtype=np.uint8)
+    y = np.array([0, 1, 0, 1, 0, 1])
+    config = TrainConfig(
+        data=tmp_path,
+        out=tmp_path,
+        augmentation=Augmentation(groups=(), consistency=0.5),
+        schedule=Schedule(batch_size=3),
+    )
+    dataset = make_dataset(tf, x, y, 2, config, training=True, rng=rng)
+    images, targets = (np.asarray(t) for t in next(iter(dataset)))
+    assert images.shape == (6, 128, 128, 3) and targets.shape == (6, 2)
+    np.testing.assert_array_equal(targets[:3], targets[3:])
+    originals = [np.asarray(v) for v in x / 255.0]
+    for crop, copy in zip(images[:3], images[3:], strict=True):
+        source = next(o for o in originals if np.allclose(o, crop, atol=1e-6))
+        views = tta_views(source[np.newaxis])
+        matches = [i for i, v in enumerate(views) if np.allclose(v[0], copy, atol=1e-6)]
+        assert matches and matches != [0]  # one of the seven other views
+    # the loss: cross-entropy of every image plus the weight times its pair's squared gap
+    truth = np.eye(2, dtype=np.float32)[[0, 1, 0, 1]]
+    predicted = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]], np.float32)
+    per_image = np.asarray(consistency_loss(keras, 0.5)(truth, predicted))
+    cross_entropy = -np.log(predicted[np.arange(4), [0, 1, 0, 1]])
+    gaps = ((predicted[:2] - predicted[2:]) ** 2).sum(axis=1)
+    np.testing.assert_allclose(per_image, cross_entropy + 0.5 * np.tile(gaps, 2), rtol=1e-5)
+    # a real run trains with it, saves a model that loads, and records the weight
+    from conftest import CNMC
+
+    out = tmp_path / "run"
+    tiny = ["--width", "0.0625", "--epochs", "1", "--folds", "3", "--batch-size", "8"]
+    args = ["--data", str(CNMC), "--out", str(out), *tiny, "--per-patient", "4", "--quiet"]
+    assert train.main([*args, "--consistency", "0.5", "--cache-dir", str(tmp_path)]) == 0
+    assert TrainConfig.of_run(out).augmentation.consistency == 0.5
+    assert keras.models.load_model(out / "model.keras", compile=False).count_params() > 0
