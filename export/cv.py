@@ -6,11 +6,12 @@ Trains one model per patient-disjoint fold (grouped by donor, stratified by clas
 ``python -m export.train`` option sets the recipe), keeps each fold's weights, pools the
 out-of-fold predictions of every donor and reports, per donor and macro over donors, with
 calibration, operating threshold and slide cut-off cross-fitted (fitted on the other folds).
-Then it runs the shift suite (``export.shift``) on the same out-of-fold donors. Folds already
-trained with the same options are reused, so an interrupted run resumes.
+Then it runs the shift suite (``export.shift``) and the rotation-consistency measurement
+(``export.rotation``) on the same out-of-fold donors. Folds already trained with the same
+options are reused, so an interrupted run resumes.
 
 Writes to ``--out``: ``fold_K/`` (training runs), ``oof_predictions.csv``, ``cv.json``,
-``cv.md`` and, with the shift suite, ``shift.json`` and ``shift.md``.
+``cv.md`` and, with the shift suite, ``shift.json``, ``shift.md`` and ``rotation.json``.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--shift",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="run the shift suite on the out-of-fold donors",
+        help="run the shift suite and the rotation consistency on the out-of-fold donors",
     )
     parser.add_argument(
         "--average-of",
@@ -316,9 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "cv.md").write_text(render_markdown(report, f"Cross-validation: {args.out.name}"))
     log.info("wrote %s (%.0f min)", args.out / "cv.md", (time.time() - started) / 60)
     if args.shift and not args.average_of:
-        from export import shift
+        from export import rotation, shift
 
         shift.run_suite(args.out, args.data, args.folds, args.workers)
+        rotation.rotation_report(args.out, args.data, args.workers)
     return 0
 
 

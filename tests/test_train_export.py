@@ -542,8 +542,11 @@ def test_rotation_consistency_compares_each_view_with_the_eight_view_mean(tiny_c
     """Issue 26.5: per flip/rotation, how many labels agree with the eight-view mean's."""
     from export import rotation
 
+    written = json.loads((tiny_cv / "rotation.json").read_text())  # by export.cv itself
     assert rotation.main([str(tiny_cv), "--data", str(CNMC), "--per-donor", "4"]) == 0
     report = json.loads((tiny_cv / "rotation.json").read_text())
+    # the same crops (the fixture has 4 a donor), so the same figures
+    assert {**report, "crops_per_donor": 40} == written
     assert report["crops"] == 24 and len(report["view_agreement"]) == 8
     assert report["plain_view_agreement"] == report["view_agreement"][0]
     assert 0 <= report["all_views_agree"] <= report["worst_view_agreement"] <= 1
