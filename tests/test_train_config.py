@@ -105,22 +105,10 @@ def test_mixup_blends_each_crop_with_another_of_its_batch(tmp_path):
     batch (``export.augment.mixup_blend``), so the batch keeps its mean image and mean
     target while single targets become soft."""
     import numpy as np
-    import tensorflow as tf
 
     from export.config import Augmentation
-    from export.pipeline import make_dataset
 
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (8, 128, 128, 3), dtype=np.uint8)
-    y = np.array([0, 1] * 4)
-    config = TrainConfig(
-        data=tmp_path,
-        out=tmp_path,
-        augmentation=Augmentation(groups=(), mixup=0.4),
-        schedule=Schedule(batch_size=8),
-    )
-    dataset = make_dataset(tf, x, y, 2, config, training=True, rng=rng)
-    images, targets = (np.asarray(t) for t in next(iter(dataset)))
+    x, images, targets = first_training_batch(tmp_path, Augmentation(groups=(), mixup=0.4), 8)
     np.testing.assert_allclose(targets.sum(axis=1), 1.0, atol=1e-6)
     assert ((targets > 0.01) & (targets < 0.99)).any()  # soft targets: crops were blended
     np.testing.assert_allclose(targets.mean(axis=0), [0.5, 0.5], atol=1e-6)
@@ -137,26 +125,15 @@ def test_consistency_pairs_each_crop_with_a_turned_copy_and_pulls_their_outputs_
     (never itself); the loss adds the weight times the squared gap between the two outputs."""
     import keras
     import numpy as np
-    import tensorflow as tf
 
     from export.augment import consistency_loss
     from export.config import Augmentation, ConfigError
-    from export.pipeline import make_dataset
     from smearscan.inference import tta_views
 
     with pytest.raises(ConfigError, match="mixup"):
         Augmentation(consistency=0.5, mixup=0.2)
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (6, 128, 128, 3), dtype=np.uint8)
-    y = np.array([0, 1, 0, 1, 0, 1])
-    config = TrainConfig(
-        data=tmp_path,
-        out=tmp_path,
-        augmentation=Augmentation(groups=(), consistency=0.5),
-        schedule=Schedule(batch_size=3),
-    )
-    dataset = make_dataset(tf, x, y, 2, config, training=True, rng=rng)
-    images, targets = (np.asarray(t) for t in next(iter(dataset)))
+    augmentation = Augmentation(groups=(), consistency=0.5)
+    x, images, targets = first_training_batch(tmp_path, augmentation, 3, crops=6)
     assert images.shape == (6, 128, 128, 3) and targets.shape == (6, 2)
     np.testing.assert_array_equal(targets[:3], targets[3:])
     originals = [np.asarray(v) for v in x / 255.0]
@@ -181,3 +158,25 @@ def test_consistency_pairs_each_crop_with_a_turned_copy_and_pulls_their_outputs_
     assert train.main([*args, "--consistency", "0.5", "--cache-dir", str(tmp_path)]) == 0
     assert TrainConfig.of_run(out).augmentation.consistency == 0.5
     assert keras.models.load_model(out / "model.keras", compile=False).count_params() > 0
+
+
+def first_training_batch(tmp_path, augmentation, batch_size: int, crops: int = 8):
+    """Random crops of alternating classes, and the first batch the TF pipeline makes of
+    them for training with ``augmentation``."""
+    import numpy as np
+    import tensorflow as tf
+
+    from export.pipeline import make_dataset
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (crops, 128, 128, 3), dtype=np.uint8)
+    y = np.arange(crops) % 2
+    config = TrainConfig(
+        data=tmp_path,
+        out=tmp_path,
+        augmentation=augmentation,
+        schedule=Schedule(batch_size=batch_size),
+    )
+    dataset = make_dataset(tf, x, y, 2, config, training=True, rng=rng)
+    images, targets = (np.asarray(t) for t in next(iter(dataset)))
+    return x, images, targets
