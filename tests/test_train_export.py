@@ -151,6 +151,14 @@ def test_donor_colour_augmentation_gives_every_class_the_colours_of_every_class(
     assert ((first.max(axis=2) == 0) == (second.max(axis=2) == 0)).mean() > 0.99
 
 
+def test_a_run_trains_with_the_donor_colour_group_and_records_it(tmp_path):
+    out = tmp_path / "colour"
+    args = ["--data", str(CNMC), "--out", str(out), *TINY, "--epochs", "1"]
+    assert train.main([*args, "--augment", "full,colour", "--cache-dir", str(tmp_path)]) == 0
+    assert "colour" in json.loads((out / "config.json").read_text())["args"]["augment"]
+    assert (out / "model.keras").exists()
+
+
 def test_export_parity_metadata_and_scan(tiny_run, tmp_path, slide_tree):
     model_path = tmp_path / "model.onnx"
     assert to_onnx.main([str(tiny_run), "--out", str(model_path), "--parity-images", "8"]) == 0
