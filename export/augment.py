@@ -136,12 +136,17 @@ def jpeg_roundtrip(image: np.ndarray, quality: int) -> np.ndarray:
 ColourStats = tuple[np.ndarray, np.ndarray]  # Lab mean and standard deviation of cell pixels
 
 
+def cell_mask(image: np.ndarray) -> np.ndarray:
+    """The cell's pixels of a decoded uint8 crop (``BACKGROUND`` on the 8-bit scale)."""
+    return image.max(axis=2) > round(BACKGROUND * 255)
+
+
 def cell_lab(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The crop in Lab (float32, OpenCV's 8-bit scaling) and its cell mask."""
     import cv2
 
     lab = cv2.cvtColor(image, cv2.COLOR_BGR2LAB).astype(np.float32)
-    return lab, image.max(axis=2) > 12
+    return lab, cell_mask(image)
 
 
 def colour_stats(images: list[np.ndarray]) -> ColourStats:
@@ -160,7 +165,7 @@ def colour_transfer(image: np.ndarray, source: ColourStats, target: ColourStats)
     mapped = (values - source[0]) / source[1] * target[1] + target[0]
     table = np.clip(np.round(mapped), 0, 255).astype(np.uint8)[:, None, :]
     lab = cv2.LUT(cv2.cvtColor(image, cv2.COLOR_BGR2LAB), table)
-    return cv2.cvtColor(lab, cv2.COLOR_LAB2BGR) * (image.max(axis=2, keepdims=True) > 12)
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2BGR) * cell_mask(image)[..., np.newaxis]
 
 
 class DonorColours:
