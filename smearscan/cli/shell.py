@@ -151,9 +151,10 @@ class SignalGuard:
 
     The first SIGINT, SIGTERM or SIGHUP sets ``stop``: the batches in flight are finished,
     a report marked partial is written, and the exit code is 128 + the signal (130, 143,
-    129). A signal while waiting for the state lock ends the wait at once, with the same
-    code and no report. A second signal exits at once (same code), writing nothing more:
-    temporary files it leaves are removed by the next run.
+    129). A signal while waiting for the state lock, or before the run has a row to report,
+    ends it with the same code and no report (the previous one is kept). A second signal
+    exits at once (same code), writing nothing more: temporary files it leaves are removed
+    by the next run.
     """
 
     #: those this platform has (Windows has no SIGHUP)
