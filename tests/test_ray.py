@@ -113,26 +113,38 @@ def test_a_killed_worker_loses_and_duplicates_nothing(ray_instance, tmp_path):
     classifier = load_classifier(device="cpu")
     request = ScanRequest(inputs=[root])
     engine = RayEngine(plan(request, classifier).config, classifier, batch_size=4)
+    results: list = []
     killed: list[int] = []
+    results_when_killed: list[int] = []
+    first_result = threading.Event()
 
     def killer() -> None:
+        """Once a first result is back, the workers hold work in flight: kill one of them."""
+        if not first_result.wait(120):
+            return
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not killed:
             for worker in _ray_workers():
-                time.sleep(0.3)  # let it take work first
                 try:
                     os.kill(worker, signal.SIGKILL)
                 except ProcessLookupError:  # it finished its share meanwhile: try another
                     continue
                 killed.append(worker)
+                results_when_killed.append(len(results))
                 break
             time.sleep(0.05)
 
     thread = threading.Thread(target=killer)
     thread.start()
-    results = list(engine.run(request.found()))
-    thread.join()
+    try:
+        for result in engine.run(request.found()):
+            results.append(result)
+            first_result.set()
+    finally:
+        first_result.set()
+        thread.join()
     assert killed, "no Ray worker process was found to kill"
+    assert results_when_killed[0] < 576, "the worker was killed after the last result"
     paths = [r.path for r in results]
     assert len(paths) == len(set(paths)) == len(image_files(root)) == 576
     assert all(r.status == "ok" for r in results)
