@@ -349,14 +349,23 @@ def export(args: argparse.Namespace) -> dict:
         CNMC_DESCRIPTION if "cnmc" in str(data_root).lower() else f"folder {data_root.name}"
     )
     split = source.config["split"]
+    if source.cv and source.weights_config is not None:
+        how = (
+            "grouped cross-validation over donors chose the recipe and the rules; the weights "
+            "are one network trained on every donor with that recipe"
+        )
+    elif source.cv and len(members) > 1:
+        how = (
+            "grouped cross-validation over donors; the weights are the average of the "
+            f"{len(members)} fold models"
+        )
+    else:
+        how = split["method"]
     training = {
         "description": description,
         "donors": len({s.patient for s in trained_on}),
         "crops": len(trained_on),
-        "split": "grouped cross-validation over donors; the weights are the average of the "
-        f"{len(members)} fold models"
-        if source.cv and len(members) > 1
-        else split["method"],
+        "split": how,
         "val_patients": [] if source.cv else split["val_patients"],
     }
     entries = {

@@ -24,6 +24,7 @@ from smearscan.names import IMAGE_SUFFIXES
 FIXTURES = Path(__file__).parent / "fixtures"
 CNMC = FIXTURES / "cnmc"
 TINY_3CLASS = FIXTURES / "models" / "tiny-3class.onnx"
+TINY_2CLASS = FIXTURES / "models" / "tiny-2class.onnx"
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CNMC = ROOT.parent / "shared" / "data" / "cnmc"
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -56,11 +57,18 @@ def run(args: list[str], stdin: str | None = None, expect: int | set[int] | None
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without SMEARSCAN_* settings (a developer's own must not
-    change what a test sees), plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SMEARSCAN_")}
-    env.update(extra)
-    return env
+    """This process's environment plus ``extra``. The developer's SMEARSCAN_* settings are
+    already gone (``clean_environment``); those a test set itself travel with it."""
+    return {**os.environ, **extra}
+
+
+@pytest.fixture
+def plumbing_model(monkeypatch) -> Path:
+    """Scans in this test use the tiny two-class model (``SMEARSCAN_MODEL``, in process and
+    in child processes): the test is about files, state, signals or reports, not about
+    predictions, and the shipped four-network model costs 0.3 s more per scan."""
+    monkeypatch.setenv("SMEARSCAN_MODEL", str(TINY_2CLASS))
+    return TINY_2CLASS
 
 
 def smearscan_command(*args: str) -> list[str]:

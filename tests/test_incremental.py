@@ -26,6 +26,9 @@ from conftest import (
 from smearscan.exitstatus import ExitStatus
 from smearscan.state import RunLock
 
+# files, state, signals and reports, not predictions: the tiny two-class model
+pytestmark = pytest.mark.usefixtures("plumbing_model")
+
 
 def scan_state(tree: Path, tmp_path: Path, *extra: str):
     out = tmp_path / "reports" / "r.csv"

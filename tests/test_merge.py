@@ -12,6 +12,9 @@ from conftest import rows, run
 from smearscan.exitstatus import ExitStatus
 from smearscan.runner import in_part
 
+# files, state, signals and reports, not predictions: the tiny two-class model
+pytestmark = pytest.mark.usefixtures("plumbing_model")
+
 
 def test_parts_partition_the_files_and_merge_back(tmp_path, messy_tree):
     whole = tmp_path / "whole.csv"

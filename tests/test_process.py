@@ -6,10 +6,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, rows, smearscan
 
 from smearscan import __version__
 from smearscan.exitstatus import ExitStatus
+
+# files, state, signals and reports, not predictions: the tiny two-class model
+pytestmark = pytest.mark.usefixtures("plumbing_model")
 
 
 def test_version_and_help():

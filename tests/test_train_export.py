@@ -596,6 +596,29 @@ def test_a_promoted_cv_folder_exports_as_one_ensemble_graph(tiny_cv, tmp_path, s
     assert summary["decision"]["slide_rule"] == report["slide_rule"]
 
 
+def test_one_network_on_every_donor_exports_with_the_cross_validations_rules(tiny_cv, tmp_path):
+    """``--weights RUN`` (a lab's one-network model, and tests/fixtures/make_tiny_model.py):
+    the cut-offs come from the cross-validation, the weights and the QC limits from the run
+    that saw every donor, and the file says so (it once said "fold 0 validates")."""
+    everyone = tmp_path / "all"
+    args = ["--data", str(CNMC), "--out", str(everyone), "--epochs", "1", "--fold", "-1"]
+    assert train.main([*args, *TINY, "--cache-dir", str(tiny_cv.parent / "cache")]) == 0
+    model = tmp_path / "one.onnx"
+    exported = [str(tiny_cv), "--weights", str(everyone), "--out", str(model)]
+    assert to_onnx.main([*exported, "--parity-images", "6"]) == 0
+    info = load_classifier(model, device="cpu").info
+    assert info.json_field("smearscan.ensemble") is None
+    training = info.json_field("smearscan.training_data")
+    assert training["crops"] == 24 and training["donors"] == 6
+    assert "one network trained on every donor" in training["split"]
+    assert "validates" not in training["split"] and training["val_patients"] == []
+    report = json.loads((tiny_cv / "cv.json").read_text())
+    decision = info.json_field("smearscan.decision")
+    assert decision["slide"]["rule"] == report["slide_rule"]
+    assert "out-of-fold" in decision["fitted_on"]
+    assert info.json_field("smearscan.qc")["crops"] == 24
+
+
 def test_fine_tuning_starts_from_the_parent_and_records_it(tiny_run, tmp_path):
     """With a vanishing learning rate the fine-tuned model is its parent; the parent is
     recorded in the run and in the exported file."""
