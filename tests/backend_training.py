@@ -1,6 +1,7 @@
 """A few training steps of either trainer on the fixture crops, for the TF-vs-JAX parity
-test (``test_train_jax.py``): run with KERAS_BACKEND set, it writes the evaluated model's
-probabilities (and, on TensorFlow, the initial weights the JAX run then starts from).
+test (``test_augment_parity.py``): run with KERAS_BACKEND set, it writes the evaluated
+model's probabilities. Both start from the same weights drawn from one numpy seed, so the two
+runs need nothing from each other and run side by side.
 
     KERAS_BACKEND=tensorflow python tests/backend_training.py OUT
     KERAS_BACKEND=jax python tests/backend_training.py OUT
@@ -20,6 +21,31 @@ from export.config import Augmentation, Network, Schedule, TrainConfig  # noqa: 
 from export.data import discover_dataset, load_arrays  # noqa: E402
 
 BATCH = 8
+
+
+def initial_weights(model) -> list[np.ndarray]:
+    """The same start on either backend, drawn from one numpy seed as the network's own
+    initialisers would (``export/vgg.py``): He-normal kernels, clipped at two standard
+    deviations, and a Glorot-uniform output layer; biases and batch-norm parameters as Keras
+    builds them (constants, the same on both)."""
+    rng = np.random.default_rng(0)
+    weights = model.get_weights()
+    output = max(i for i, weight in enumerate(weights) if weight.ndim >= 2)
+    started = []
+    for index, weight in enumerate(weights):
+        if weight.ndim >= 2:
+            receptive = int(np.prod(weight.shape[:-2]))
+            fan_in, fan_out = weight.shape[-2] * receptive, weight.shape[-1] * receptive
+            if index == output:
+                limit = np.sqrt(6 / (fan_in + fan_out))
+                drawn = rng.uniform(-limit, limit, size=weight.shape)
+            else:
+                # as keras' truncated normal: sqrt(2 / fan_in) over the truncation's spread
+                drawn = np.clip(rng.standard_normal(weight.shape), -2, 2)
+                drawn *= np.sqrt(2 / fan_in) / 0.87962566103423978
+            weight = drawn.astype(weight.dtype)
+        started.append(weight)
+    return started
 
 
 def main(out: Path) -> None:
@@ -47,7 +73,7 @@ def main(out: Path) -> None:
 
         keras.utils.set_random_seed(0)
         model = config.network.build(len(labels), config.recipe.input_size)
-        np.savez(out / "initial.npz", *model.get_weights())
+        model.set_weights(initial_weights(model))
         compile_for_training(keras, model, config.schedule, steps)
         average = WeightAverage(model, config.schedule)
         model.fit(
@@ -67,8 +93,7 @@ def main(out: Path) -> None:
         from export.train_jax import FoldTrainer
 
         trainer = FoldTrainer(config, len(labels), steps)
-        with np.load(out / "initial.npz") as initial:
-            trainer.start_from([initial[f"arr_{i}"] for i in range(len(initial.files))])
+        trainer.start_from(initial_weights(trainer.model))
         key = jax.random.PRNGKey(0)
         for start in range(0, steps * BATCH, BATCH):
             trainer.train_step(images[start : start + BATCH], onehot[start : start + BATCH], key)

@@ -108,7 +108,7 @@ def test_a_few_training_steps_agree_between_the_trainers(tmp_path):
     """The rest of the recipe written once for both trainers (issue 23.2): the same start,
     crops and batches through three steps of each trainer (Adam on the schedule's learning
     rate, the weight average's decay, batch norm re-estimated on clean crops) give the same
-    model. A changed decay or re-estimation in one trainer moves probabilities by > 0.2;
+    model. A changed decay or re-estimation in one trainer moves probabilities by 0.14;
     the backends' own rounding by < 0.01."""
     import subprocess
     import sys
@@ -116,13 +116,18 @@ def test_a_few_training_steps_agree_between_the_trainers(tmp_path):
     from conftest import ROOT, clean_env
 
     script = str(ROOT / "tests" / "backend_training.py")
-    for backend in ("tensorflow", "jax"):  # TensorFlow first: it writes the initial weights
-        subprocess.run(
+    runs = [  # side by side: both draw the same start from one seed
+        subprocess.Popen(
             [sys.executable, script, str(tmp_path)],
             env=clean_env(KERAS_BACKEND=backend),
-            check=True,
-            capture_output=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
+        for backend in ("tensorflow", "jax")
+    ]
+    for process in runs:
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr.decode(errors="replace")[-3000:]
     by_tf, by_jax = np.load(tmp_path / "tensorflow.npy"), np.load(tmp_path / "jax.npy")
     assert by_tf.shape == by_jax.shape == (24, 2)
     assert np.ptp(by_tf[:, 0]) > 0.05  # the crops are told apart: a real comparison
