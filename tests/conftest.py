@@ -28,6 +28,8 @@ TINY_2CLASS = FIXTURES / "models" / "tiny-2class.onnx"
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CNMC = ROOT.parent / "shared" / "data" / "cnmc"
 IN_CI = os.environ.get("CI", "").lower() == "true"
+#: the tiny training of the train tests: width 1/16, 3 folds, 8 draws per donor
+TINY = ["--width", "0.0625", "--folds", "3", "--batch-size", "8", "--quiet", "--per-patient", "8"]
 
 
 @pytest.fixture(autouse=True)
@@ -193,27 +195,8 @@ def tiny_run(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("run") / "tiny"
     code = train.main(
-        [
-            "--data",
-            str(CNMC),
-            "--out",
-            str(out),
-            "--width",
-            "0.0625",
-            "--epochs",
-            "2",
-            "--folds",
-            "3",
-            "--batch-size",
-            "8",
-            "--quiet",
-            "--seed",
-            "3",
-            "--per-patient",
-            "8",
-            "--cache-dir",
-            str(out.parent / "cache"),
-        ]
+        ["--data", str(CNMC), "--out", str(out), "--epochs", "2", *TINY, "--seed", "3"]
+        + ["--cache-dir", str(out.parent / "cache")]
     )
     assert code == 0
     return out

@@ -177,6 +177,9 @@ def first_training_batch(tmp_path, augmentation, batch_size: int, crops: int = 8
         augmentation=augmentation,
         schedule=Schedule(batch_size=batch_size),
     )
+    # TensorFlow's draws seeded here: the same batch whatever ran before in this process
+    # (test order and workers vary; unseeded, a mixup share near 0 or 1 came out 1 run in 5)
+    tf.random.set_seed(0)
     dataset = make_dataset(tf, x, y, 2, config, training=True, rng=rng)
     images, targets = (np.asarray(t) for t in next(iter(dataset)))
     return x, images, targets
