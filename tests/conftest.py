@@ -186,6 +186,18 @@ def require_training_stack() -> None:
             pytest.importorskip(module, reason=f"{module} is in the [train] extra")
 
 
+def train_unchanged_child(parent: Path, child: Path, cache: Path, *extra: str) -> int:
+    """One tiny epoch from ``parent`` at a vanishing learning rate and without the weight
+    average: the child is its parent, so a test can check what fine-tuning starts from."""
+    from export import train
+
+    return train.main(
+        ["--data", str(CNMC), "--out", str(child), "--epochs", "1", "--seed", "3", *TINY]
+        + ["--init-from", str(parent), "--lr", "1e-12", "--ema", "0", *extra]
+        + ["--cache-dir", str(cache)]
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """One tiny model trained once per test session (3 folds of the 24 fixture crops, two

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CNMC, TINY, read_bgr, require_training_stack, rows, run
+from conftest import CNMC, TINY, read_bgr, require_training_stack, rows, run, train_unchanged_child
 
 require_training_stack()
 pytestmark = pytest.mark.train
@@ -217,30 +217,7 @@ def test_fine_tuning_a_cv_folder_starts_from_its_averaged_folds(tiny_cv, tmp_pat
     """``--init-from default`` names a CV folder like this one: the child starts from the
     fold models averaged in one graph (what ships) and exports as an ensemble."""
     child = tmp_path / "child"
-    assert (
-        train.main(
-            [
-                "--data",
-                str(CNMC),
-                "--out",
-                str(child),
-                "--epochs",
-                "1",
-                "--seed",
-                "3",
-                *TINY,
-                "--init-from",
-                str(tiny_cv),
-                "--lr",
-                "1e-12",
-                "--ema",
-                "0",
-                "--cache-dir",
-                str(tiny_cv / "fold_0" / "cache"),
-            ]
-        )
-        == 0
-    )
+    assert train_unchanged_child(tiny_cv, child, tiny_cv / "fold_0" / "cache") == 0
     config = json.loads((child / "config.json").read_text())
     assert config["parent"]["name"] == "cv-tiny" and config["parent"]["path"] == str(tiny_cv)
     import keras

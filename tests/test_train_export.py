@@ -11,7 +11,16 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import CNMC, ROOT, TINY, read_bgr, require_training_stack, rows, run
+from conftest import (
+    CNMC,
+    ROOT,
+    TINY,
+    read_bgr,
+    require_training_stack,
+    rows,
+    run,
+    train_unchanged_child,
+)
 
 require_training_stack()
 pytestmark = pytest.mark.train
@@ -429,29 +438,7 @@ def test_fine_tuning_starts_from_the_parent_and_records_it(tiny_run, tmp_path):
     recorded in the run and in the exported file."""
     child = tmp_path / "child"
     assert (
-        train.main(
-            [
-                "--data",
-                str(CNMC),
-                "--out",
-                str(child),
-                "--epochs",
-                "1",
-                "--seed",
-                "3",
-                *TINY,
-                "--init-from",
-                str(tiny_run),
-                "--lr",
-                "1e-12",
-                "--ema",
-                "0",
-                "--bn-recalibrate",
-                "0",
-                "--cache-dir",
-                str(tiny_run.parent / "cache"),
-            ]
-        )
+        train_unchanged_child(tiny_run, child, tiny_run.parent / "cache", "--bn-recalibrate", "0")
         == 0
     )
     config = json.loads((child / "config.json").read_text())
