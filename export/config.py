@@ -42,6 +42,9 @@ POOLINGS = ("global", "avg2")
 DEPTHS = (13, 16, 19)
 CROPS = ("full", "bbox", "window")
 INTERPOLATIONS = ("area", "linear")
+#: What a distillation teacher is shown: the student's augmented crop, or the crop before
+#: the in-graph augmentations (flips, photometric, stain, focus, input-scale).
+DISTILL_VIEWS = ("same", "clean")
 DEFAULT_RECIPE = Recipe(crop="bbox")
 DEFAULT_AUGMENT = "flips,scale,photometric,stain,focus"
 #: Preprocessing options that ``--init-from`` takes from its parent unless they are given.
@@ -54,6 +57,7 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "freeze_batch_norm": None,
     "distill_from": None,
     "distill_weight": 0.5,
+    "distill_view": "same",
     "split": "donors",
     "warmup_epochs": 0,
     "consistency": 0.0,
@@ -285,12 +289,24 @@ class TrainConfig:
     freeze_batch_norm: bool | None = None
     distill_from: str | None = None
     distill_weight: float = 0.5
+    distill_view: str = "same"
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     cache_dir: Path = Path(".cache/arrays")
     quiet: bool = False
 
     def __post_init__(self) -> None:
         _check(0.0 < self.distill_weight <= 1.0, "--distill-weight must be in (0, 1]")
+        _check(
+            self.distill_view in DISTILL_VIEWS,
+            f"--distill-view must be one of {DISTILL_VIEWS}, not {self.distill_view}",
+        )
+        if self.distill_view == "clean":
+            _check(bool(self.distill_from), "--distill-view clean needs --distill-from")
+            _check(
+                not self.augmentation.mixup and not self.augmentation.consistency,
+                "--distill-view clean works without --mixup and --consistency (the teacher "
+                "would need the blended or turned crop's clean twin)",
+            )
         _check(self.workers >= 1, "--workers must be at least 1")
 
     @property
@@ -345,6 +361,7 @@ class TrainConfig:
             "init_from": self.init_from,
             "distill_from": self.distill_from,
             "distill_weight": self.distill_weight,
+            "distill_view": self.distill_view,
             "freeze_batch_norm": self.freeze_batch_norm,
             "workers": self.workers,
             "cache_dir": str(self.cache_dir),
@@ -407,6 +424,7 @@ class TrainConfig:
             freeze_batch_norm=values["freeze_batch_norm"],
             distill_from=values["distill_from"],
             distill_weight=float(values["distill_weight"]),
+            distill_view=values["distill_view"],
             workers=int(values["workers"]),
             cache_dir=Path(values["cache_dir"]),
             quiet=bool(values["quiet"]),
@@ -639,7 +657,15 @@ def add_training_options(p: argparse.ArgumentParser, data_required: bool = True)
         type=float,
         default=0.5,
         help="with --distill-from: the teacher's share of each training target (the rest is "
-        "the true label); the teacher sees the same augmented crop as the student",
+        "the true label)",
+    )
+    p.add_argument(
+        "--distill-view",
+        default="same",
+        choices=DISTILL_VIEWS,
+        help="with --distill-from: the teacher sees the student's augmented crop (same) or "
+        "the crop before flips and photometric, stain, focus and input-scale jitter "
+        "(clean), so that the student learns the clean crop's answer under every shift",
     )
     p.add_argument(
         "--freeze-batch-norm",
@@ -718,6 +744,7 @@ def config_from_options(options: argparse.Namespace) -> TrainConfig:
         freeze_batch_norm=options.freeze_batch_norm,
         distill_from=options.distill_from,
         distill_weight=options.distill_weight,
+        distill_view=options.distill_view,
         workers=options.workers,
         cache_dir=options.cache_dir,
         quiet=options.quiet,

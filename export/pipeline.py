@@ -136,7 +136,8 @@ def make_dataset(
     augmentation and mixup (training only). Labels are one-hot (mixup blends them). With a
     ``rescaler``, the crops at ``indices`` are decoded, rescaled and preprocessed afresh
     instead of taken from ``x``. With a ``teacher`` (distillation), each target becomes
-    ``(1 - w) * label + w * teacher(image)`` on the very image the student sees."""
+    ``(1 - w) * label + w * teacher(view)``, the view being the very image the student sees
+    or, with ``distill_view`` "clean", that image before the in-graph augmentations."""
     autotune = tf.data.AUTOTUNE
     size = x.shape[1]
     augmentation = config.augmentation
@@ -162,7 +163,13 @@ def make_dataset(
     if training:
         ds = ds.shuffle(len(y), seed=int(rng.integers(1 << 31)), reshuffle_each_iteration=True)
     ds = ds.map(scale, num_parallel_calls=autotune)
-    if training and groups:
+    clean_view = training and teacher is not None and config.distill_view == "clean"
+    if clean_view:  # (augmented, label, clean): the teacher is shown the clean crop
+        ds = ds.map(
+            lambda image, label: (augment(image) if groups else image, label, image),
+            num_parallel_calls=autotune,
+        )
+    elif training and groups:
         ds = ds.map(lambda image, label: (augment(image), label), num_parallel_calls=autotune)
     paired = training and augmentation.consistency > 0
     if paired:  # each crop and its turned copy (augment.consistency_loss)
@@ -194,8 +201,9 @@ def make_dataset(
     if training and teacher is not None:
         share = float(config.distill_weight)
 
-        def soften(images, labels):
-            return images, (1.0 - share) * labels + share * teacher(images, training=False)
+        def soften(images, labels, shown=None):
+            shown = images if shown is None else shown
+            return images, (1.0 - share) * labels + share * teacher(shown, training=False)
 
         ds = ds.map(soften)
     return ds.prefetch(autotune)

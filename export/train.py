@@ -124,7 +124,12 @@ def train(config: TrainConfig) -> dict:
     if config.distill_from:
         val_patients = {s.patient for s in val_samples}
         teacher, taught = load_teacher(config.distill_from, config.split.fold, val_patients, recipe)
-        log.info("distilling from %s (weight %g)", taught["teacher"], config.distill_weight)
+        log.info(
+            "distilling from %s (weight %g, %s view)",
+            taught["teacher"],
+            config.distill_weight,
+            config.distill_view,
+        )
 
     parent = None
     freeze = config.freezes_batch_norm

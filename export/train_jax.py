@@ -612,8 +612,11 @@ def main(argv: list[str] | None = None) -> int:
     if augmentation.consistency:
         log.error("the JAX trainer has no --consistency term (the TF trainer has)")
         return 2
-    if config.init_from or config.sampling.balance != "donors":
-        log.error("the JAX trainer supports neither --init-from nor --balance other than donors")
+    if config.init_from or config.distill_from or config.sampling.balance != "donors":
+        log.error(
+            "the JAX trainer supports neither --init-from, --distill-from nor --balance "
+            "other than donors"
+        )
         return 2
     if config.schedule.ema <= 0:
         log.error("the JAX trainer keeps the weight average: --ema must be above 0")

@@ -160,9 +160,58 @@ def test_consistency_pairs_each_crop_with_a_turned_copy_and_pulls_their_outputs_
     assert keras.models.load_model(out / "model.keras", compile=False).count_params() > 0
 
 
-def first_training_batch(tmp_path, augmentation, batch_size: int, crops: int = 8):
+def test_a_clean_view_teacher_is_shown_the_crop_before_augmentation(tmp_path):
+    """``--distill-view clean``: the student sees the augmented crop, its target is the
+    teacher's answer for the same crop before flips and photometric jitter (a double that
+    answers with the mean brightness it was shown tells which); ``same`` shows the teacher
+    the student's own crop."""
+    import numpy as np
+
+    from export.config import Augmentation
+
+    def brightness_teacher(images, training=False):
+        import tensorflow as tf
+
+        mean = tf.reduce_mean(images, axis=[1, 2, 3])
+        return tf.stack([mean, 1.0 - mean], axis=1)
+
+    jitter = Augmentation(groups=("flips", "photometric"))
+    for view in ("clean", "same"):
+        x, images, targets = first_training_batch(
+            tmp_path,
+            jitter,
+            8,
+            teacher=brightness_teacher,
+            distill_from="a teacher double",
+            distill_weight=1.0,
+            distill_view=view,
+        )
+        shown = targets[:, 0]
+        student_seen = images.mean(axis=(1, 2, 3))
+        clean = np.sort((x / 255.0).mean(axis=(1, 2, 3)))
+        assert not np.allclose(np.sort(student_seen), clean, atol=1e-4)  # jitter acted
+        if view == "clean":
+            np.testing.assert_allclose(np.sort(shown), clean, atol=1e-5)
+        else:
+            np.testing.assert_allclose(shown, student_seen, atol=1e-5)
+    with pytest.raises(ConfigError, match="needs --distill-from"):
+        TrainConfig(tmp_path, tmp_path, distill_view="clean")
+    with pytest.raises(ConfigError, match="without --mixup"):
+        TrainConfig(
+            tmp_path,
+            tmp_path,
+            augmentation=Augmentation(mixup=0.2),
+            distill_from="t",
+            distill_view="clean",
+        )
+
+
+def first_training_batch(
+    tmp_path, augmentation, batch_size: int, crops: int = 8, teacher=None, **options
+):
     """Random crops of alternating classes, and the first batch the TF pipeline makes of
-    them for training with ``augmentation``."""
+    them for training with ``augmentation`` (and a distillation ``teacher``, with config
+    ``options``)."""
     import numpy as np
     import tensorflow as tf
 
@@ -176,10 +225,11 @@ def first_training_batch(tmp_path, augmentation, batch_size: int, crops: int = 8
         out=tmp_path,
         augmentation=augmentation,
         schedule=Schedule(batch_size=batch_size),
+        **options,
     )
     # TensorFlow's draws seeded here: the same batch whatever ran before in this process
     # (test order and workers vary; unseeded, a mixup share near 0 or 1 came out 1 run in 5)
     tf.random.set_seed(0)
-    dataset = make_dataset(tf, x, y, 2, config, training=True, rng=rng)
+    dataset = make_dataset(tf, x, y, 2, config, training=True, rng=rng, teacher=teacher)
     images, targets = (np.asarray(t) for t in next(iter(dataset)))
     return x, images, targets
