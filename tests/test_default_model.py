@@ -114,6 +114,19 @@ def test_recorded_out_of_fold_metrics_follow_from_the_kept_predictions():
     assert min(specificity) == pytest.approx(recorded["worst_specificity"], abs=1e-3)
 
 
+def test_the_model_card_states_the_shift_suites_sample_size():
+    """The shift suite takes up to ``crops_per_donor`` crops of each donor (an audit found
+    the card claiming 40 of every donor): the stated count follows from the kept reports."""
+    per_donor = json.loads((KEPT / "shift.json").read_text())["crops_per_donor"]
+    cells: dict[str, int] = {}
+    for row in rows(KEPT / "oof_predictions.csv"):
+        cells[row["patient"]] = cells.get(row["patient"], 0) + 1
+    sampled = sum(min(count, per_donor) for count in cells.values())
+    card = (ROOT / "docs" / "model-card.md").read_text()
+    assert f"Up to {per_donor} crops per donor ({sampled:,} crops" in card
+    assert sampled < per_donor * len(cells)  # some donors have fewer
+
+
 RUNS = sorted(p.parent for p in (ROOT / "export" / "ablation_runs").glob("*/oof_predictions.csv"))
 
 
