@@ -30,6 +30,29 @@ SHARED_CNMC = ROOT.parent / "shared" / "data" / "cnmc"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 #: the tiny training of the train tests: width 1/16, 3 folds, 8 draws per donor
 TINY = ["--width", "0.0625", "--folds", "3", "--batch-size", "8", "--quiet", "--per-patient", "8"]
+#: The test files that take longest (measured, most first): the workers start on them, so
+#: that no long file is left to run alone at the end (longest first; xdist's own order is
+#: by number of tests, which put the four-test README retraining file last)
+LONGEST_FIRST = (
+    "test_retraining.py",
+    "test_cross_validation.py",
+    "test_augment_parity.py",
+    "test_train_export.py",
+    "test_ray.py",
+    "test_hostile.py",
+    "test_qc.py",
+    "test_incremental.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long files first (see :data:`LONGEST_FIRST`); every file keeps its own order."""
+
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(autouse=True)

@@ -28,3 +28,11 @@ def test_click_lives_only_in_the_cli_package():
     )
     assert users == []
     assert "click" in _imports(package / "cli" / "commands.py")  # the check can see it
+
+
+def test_the_suites_longest_files_exist():
+    """``conftest.LONGEST_FIRST`` orders the workers' files; a renamed file would silently
+    drop out of it and run last again."""
+    from conftest import LONGEST_FIRST
+
+    assert all((ROOT / "tests" / name).is_file() for name in LONGEST_FIRST)
