@@ -96,17 +96,32 @@ def plumbing_model(monkeypatch) -> Path:
     return TINY_2CLASS
 
 
-def smearscan_command(*args: str) -> list[str]:
-    """``python -m smearscan ARGS`` with this interpreter: the CLI as its own process."""
-    return [sys.executable, "-m", "smearscan", *args]
+def smearscan_command(*args: str, max_file_size: int | None = None) -> list[str]:
+    """``python -m smearscan ARGS`` with this interpreter: the CLI as its own process. With
+    ``max_file_size`` (bytes), the child first limits the files it may write (a full disk)
+    and then becomes the CLI: a ``preexec_fn`` would run Python in a fork of the
+    multi-threaded test process, which can deadlock."""
+    if max_file_size is None:
+        return [sys.executable, "-m", "smearscan", *args]
+    limited = (
+        "import os, resource, signal, sys; "
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({max_file_size}, {max_file_size})); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'smearscan', *sys.argv[1:]])"
+    )
+    return [sys.executable, "-c", limited, *args]
 
 
 def smearscan(
-    *args: str, timeout: float = 300, env: dict[str, str] | None = None, **kwargs
+    *args: str,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+    max_file_size: int | None = None,
+    **kwargs,
 ) -> subprocess.CompletedProcess:
     """Run the CLI in its own process from the repository root; text output captured."""
     return subprocess.run(
-        smearscan_command(*args),
+        smearscan_command(*args, max_file_size=max_file_size),
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -26,7 +26,6 @@ import pytest
 from conftest import (
     IN_CI,
     ROOT,
-    clean_env,
     fixture_images,
     image_files,
     make_share,
@@ -798,22 +797,7 @@ def test_evaluate_stopped_before_any_row_keeps_the_previous_record(tmp_path):
 
 def test_a_full_disk_still_ends_with_the_final_line_and_exit_1(tmp_path, slide_tree):
     out = tmp_path / "r.csv"
-    # the child limits itself and then becomes the CLI (a preexec_fn would run Python in a
-    # fork of this multi-threaded test process, which can deadlock: JAX warns of it)
-    limited = (
-        "import os, resource, signal, sys; "
-        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-        "resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300)); "
-        "os.execv(sys.executable, [sys.executable, '-m', 'smearscan', *sys.argv[1:]])"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", limited, "scan", str(slide_tree), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-        env=clean_env(),
-    )
+    done = smearscan("scan", str(slide_tree), "--out", str(out), max_file_size=300)
     assert done.returncode == ExitStatus.ERROR, done.stderr
     line = last_line(done.stderr)
     assert line.startswith("smearscan failed: 8 files") and "exit 1" in line
