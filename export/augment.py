@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from smearscan.colour import ColourStats, colour_stats, colour_transfer
+
 GROUPS = ("flips", "scale", "photometric", "stain", "focus")
 #: Groups outside ``full`` (asked for by name, e.g. ``full,jpeg``): ``jpeg`` saves half the
 #: drawn raw crops as JPEG at a random quality and reads them back, the codec many labs
@@ -131,41 +133,6 @@ def jpeg_roundtrip(image: np.ndarray, quality: int) -> np.ndarray:
     if decoded is None:
         raise ValueError("JPEG decoding failed")
     return decoded
-
-
-ColourStats = tuple[np.ndarray, np.ndarray]  # Lab mean and standard deviation of cell pixels
-
-
-def cell_mask(image: np.ndarray) -> np.ndarray:
-    """The cell's pixels of a decoded uint8 crop (``BACKGROUND`` on the 8-bit scale)."""
-    return image.max(axis=2) > round(BACKGROUND * 255)
-
-
-def cell_lab(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The crop in Lab (float32, OpenCV's 8-bit scaling) and its cell mask."""
-    import cv2
-
-    lab = cv2.cvtColor(image, cv2.COLOR_BGR2LAB).astype(np.float32)
-    return lab, cell_mask(image)
-
-
-def colour_stats(images: list[np.ndarray]) -> ColourStats:
-    """Per-channel Lab mean and spread of the cell pixels of several crops (one donor)."""
-    pixels = np.concatenate([lab[mask] for lab, mask in map(cell_lab, images)])
-    return pixels.mean(axis=0), pixels.std(axis=0) + 1e-6
-
-
-def colour_transfer(image: np.ndarray, source: ColourStats, target: ColourStats) -> np.ndarray:
-    """Reinhard's colour transfer on the cell pixels of a decoded BGR crop: source
-    statistics to target ones; the background stays black."""
-    import cv2
-
-    # per channel an affine map of 8-bit Lab values: a lookup table of the 256 values
-    values = np.arange(256, dtype=np.float32)[:, None]
-    mapped = (values - source[0]) / source[1] * target[1] + target[0]
-    table = np.clip(np.round(mapped), 0, 255).astype(np.uint8)[:, None, :]
-    lab = cv2.LUT(cv2.cvtColor(image, cv2.COLOR_BGR2LAB), table)
-    return cv2.cvtColor(lab, cv2.COLOR_LAB2BGR) * cell_mask(image)[..., np.newaxis]
 
 
 class DonorColours:

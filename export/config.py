@@ -61,6 +61,7 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "split": "donors",
     "warmup_epochs": 0,
     "consistency": 0.0,
+    "slide_colour": False,
 }
 
 
@@ -290,6 +291,7 @@ class TrainConfig:
     distill_from: str | None = None
     distill_weight: float = 0.5
     distill_view: str = "same"
+    slide_colour: bool = False
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     cache_dir: Path = Path(".cache/arrays")
     quiet: bool = False
@@ -306,6 +308,17 @@ class TrainConfig:
                 not self.augmentation.mixup and not self.augmentation.consistency,
                 "--distill-view clean works without --mixup and --consistency (the teacher "
                 "would need the blended or turned crop's clean twin)",
+            )
+        if self.slide_colour:
+            _check(
+                "colour" not in self.augmentation.groups,
+                "--slide-colour maps every donor to one reference colour; the colour "
+                "augmentation group would have nothing left to vary",
+            )
+            _check(
+                not self.init_from and not self.distill_from,
+                "--slide-colour trains from scratch: a parent or teacher saw crops in their "
+                "donors' own colour",
             )
         _check(self.workers >= 1, "--workers must be at least 1")
 
@@ -362,6 +375,7 @@ class TrainConfig:
             "distill_from": self.distill_from,
             "distill_weight": self.distill_weight,
             "distill_view": self.distill_view,
+            "slide_colour": self.slide_colour,
             "freeze_batch_norm": self.freeze_batch_norm,
             "workers": self.workers,
             "cache_dir": str(self.cache_dir),
@@ -425,6 +439,7 @@ class TrainConfig:
             distill_from=values["distill_from"],
             distill_weight=float(values["distill_weight"]),
             distill_view=values["distill_view"],
+            slide_colour=bool(values["slide_colour"]),
             workers=int(values["workers"]),
             cache_dir=Path(values["cache_dir"]),
             quiet=bool(values["quiet"]),
@@ -668,6 +683,13 @@ def add_training_options(p: argparse.ArgumentParser, data_required: bool = True)
         "(clean), so that the student learns the clean crop's answer under every shift",
     )
     p.add_argument(
+        "--slide-colour",
+        action="store_true",
+        help="per-slide colour normalisation: every donor's cell pixels (measured on up to "
+        "40 of its crops) mapped to the training donors' mean Lab statistics before "
+        "preprocessing (smearscan/colour.py); an ablation: the scanner does not run it yet",
+    )
+    p.add_argument(
         "--freeze-batch-norm",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -745,6 +767,7 @@ def config_from_options(options: argparse.Namespace) -> TrainConfig:
         distill_from=options.distill_from,
         distill_weight=options.distill_weight,
         distill_view=options.distill_view,
+        slide_colour=options.slide_colour,
         workers=options.workers,
         cache_dir=options.cache_dir,
         quiet=options.quiet,

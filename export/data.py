@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from smearscan.names import is_image_path
-from smearscan.preprocess import ImageDecodeError, Recipe, load_and_preprocess, stored_uint8
+from smearscan.preprocess import (
+    ImageDecodeError,
+    Recipe,
+    load_and_preprocess,
+    preprocess,
+    read_image,
+    stored_uint8,
+)
 
 log = logging.getLogger(__name__)
 
@@ -167,16 +175,25 @@ def split_by_patient(
 
 
 def load_arrays(
-    samples: list[Sample], recipe: Recipe, workers: int = 2
+    samples: list[Sample],
+    recipe: Recipe,
+    workers: int = 2,
+    normalise: Callable[[str, np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, list[int]]:
     """Preprocess samples into a uint8 array (N, S, S, 3); returns it and the kept indices.
+    With ``normalise`` (donor, decoded BGR crop -> crop), each crop passes through it first
+    (per-slide colour normalisation).
 
     Unreadable images are skipped and counted in the log rather than stopping training.
     """
 
     def one(sample: Sample) -> np.ndarray | None:
         try:
-            image = load_and_preprocess(sample.path, recipe)
+            if normalise is None:
+                image = load_and_preprocess(sample.path, recipe)
+            else:
+                decoded = normalise(sample.patient, read_image(sample.path, order="bgr"))
+                image = preprocess(decoded, recipe, order="bgr")
         except ImageDecodeError as exc:
             log.warning("skipping %s: %s", sample.path, exc)
             return None

@@ -4,7 +4,9 @@ cached), crops decoded again for raw-crop augmentation, and the batches a traine
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,23 +15,74 @@ import numpy as np
 from export.augment import DonorColours, make_augmenter, mixup_blend, turned_copy
 from export.config import TrainConfig
 from export.data import Sample, discover_dataset, load_arrays, split_by_patient
-from smearscan.preprocess import Recipe
+from smearscan.colour import ColourStats, SlideColour, colour_stats, slide_sample
+from smearscan.preprocess import Recipe, read_image
+
+
+@dataclass(frozen=True)
+class DonorNormaliser:
+    """Per-slide colour normalisation in training, where a donor is a slide: each donor's
+    crops mapped from its own statistics to the reference (``SlideColour``)."""
+
+    colour: SlideColour
+    stats: dict[str, ColourStats]
+
+    @classmethod
+    def measure(cls, samples: list[Sample], workers: int, per_slide: int = 40) -> dict:
+        """Every donor's statistics, from up to ``per_slide`` of its crops (in path order,
+        :func:`smearscan.colour.slide_sample`): its own unlabelled pixels, as a scan of the
+        slide would measure them."""
+        by_donor: dict[str, list[Path]] = {}
+        for sample in samples:
+            by_donor.setdefault(sample.patient, []).append(sample.path)
+
+        def one(paths: list[Path]) -> ColourStats:
+            chosen = slide_sample(sorted(paths), per_slide)
+            return colour_stats(read_image(path, order="bgr") for path in chosen)
+
+        donors = sorted(by_donor)
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            return dict(zip(donors, pool.map(one, [by_donor[d] for d in donors]), strict=True))
+
+    @classmethod
+    def of_run(cls, stored: dict, samples: list[Sample], workers: int) -> DonorNormaliser | None:
+        """The normalisation a run (its ``config.json``) was trained with, for the donors
+        of ``samples``; None for a run without one."""
+        colour = SlideColour.from_record(stored.get("slide_colour"))
+        if colour is None:
+            return None
+        return cls(colour, cls.measure(samples, workers, colour.per_slide))
+
+    def __call__(self, donor: str, image: np.ndarray) -> np.ndarray:
+        return self.colour.normalise(image, self.stats[donor])
+
+    def key(self) -> str:
+        """What the normalised arrays depend on (part of their cache key)."""
+        stats = {d: [np.round(v, 4).tolist() for v in s] for d, s in sorted(self.stats.items())}
+        return json.dumps([self.colour.to_record(), stats])
 
 
 def cached_arrays(
-    samples: list[Sample], recipe: Recipe, cache_dir: Path, workers: int
+    samples: list[Sample],
+    recipe: Recipe,
+    cache_dir: Path,
+    workers: int,
+    normalise: DonorNormaliser | None = None,
 ) -> tuple[np.ndarray, list[int]]:
-    """Preprocess once per (file list, recipe) and keep the uint8 arrays on disk."""
+    """Preprocess once per (file list, recipe, normalisation) and keep the uint8 arrays on
+    disk."""
     key = hashlib.sha256(
         (
-            recipe.to_json() + "\n".join(f"{s.path}:{s.path.stat().st_size}" for s in samples)
+            recipe.to_json()
+            + (normalise.key() if normalise else "")
+            + "\n".join(f"{s.path}:{s.path.stat().st_size}" for s in samples)
         ).encode()
     ).hexdigest()[:20]
     path = cache_dir / f"{key}.npz"
     if path.exists():
         with np.load(path) as cached:
             return cached["x"], cached["kept"].tolist()
-    x, kept = load_arrays(samples, recipe, workers=workers)
+    x, kept = load_arrays(samples, recipe, workers=workers, normalise=normalise)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, x=x, kept=np.asarray(kept, np.int64))
@@ -49,11 +102,14 @@ class SplitArrays:
     y_train: np.ndarray
     x_val: np.ndarray
     y_val: np.ndarray
+    normalise: DonorNormaliser | None = None
 
 
 def load_split(config: TrainConfig) -> SplitArrays:
     """Discover, split by patient and preprocess (cached) a training folder; fold -1 puts
-    every patient in training."""
+    every patient in training. With ``slide_colour``, every donor (validating ones
+    included: a scan measures each slide's own pixels) is normalised to the mean of the
+    training donors' statistics."""
     data, split, recipe = config.data, config.split, config.recipe
     cache_dir, workers = config.cache_dir, config.workers
     samples = discover_dataset(data)
@@ -65,8 +121,13 @@ def load_split(config: TrainConfig) -> SplitArrays:
         train_samples, val_samples = split_by_patient(
             samples, split.folds, split.fold, split.seed, split.method, data
         )
-    x_train, kept_train = cached_arrays(train_samples, recipe, cache_dir, workers)
-    x_val, kept_val = cached_arrays(val_samples, recipe, cache_dir, workers)
+    normalise = None
+    if config.slide_colour:
+        stats = DonorNormaliser.measure(samples, workers)
+        training = sorted({s.patient for s in train_samples})
+        normalise = DonorNormaliser(SlideColour.fitted([stats[d] for d in training]), stats)
+    x_train, kept_train = cached_arrays(train_samples, recipe, cache_dir, workers, normalise)
+    x_val, kept_val = cached_arrays(val_samples, recipe, cache_dir, workers, normalise)
     train_samples = [train_samples[i] for i in kept_train]
     val_samples = [val_samples[i] for i in kept_val]
     return SplitArrays(
@@ -78,6 +139,7 @@ def load_split(config: TrainConfig) -> SplitArrays:
         np.array([labels.index(s.label) for s in train_samples], dtype=np.int64),
         x_val,
         np.array([labels.index(s.label) for s in val_samples], dtype=np.int64),
+        normalise,
     )
 
 
@@ -87,8 +149,9 @@ class RawRescaler:
     augmentation acts where a different magnification would. With ``jpeg``, half the draws
     are also saved as JPEG (quality drawn from ``augment.JPEG_QUALITY``) and read back
     first, as a lab's export would. With ``colours``, every draw first takes the colour of a
-    drawn training donor (the ``colour`` group). The encoded bytes stay in memory (about
-    25 kB a crop)."""
+    drawn training donor (the ``colour`` group); with ``normalise``, it is first put in the
+    reference colour (per-slide colour normalisation). The encoded bytes stay in memory
+    (about 25 kB a crop)."""
 
     def __init__(
         self,
@@ -97,6 +160,7 @@ class RawRescaler:
         scale_range,
         jpeg: bool = False,
         colours: DonorColours | None = None,
+        normalise: DonorNormaliser | None = None,
     ) -> None:
         self.data = [sample.path.read_bytes() for sample in samples]
         self.donors = [sample.patient for sample in samples]
@@ -104,6 +168,7 @@ class RawRescaler:
         self.low, self.high = np.log(scale_range[0]), np.log(scale_range[1])
         self.jpeg = jpeg
         self.colours = colours
+        self.normalise = normalise
 
     def __call__(self, index, seed) -> np.ndarray:
         from export.augment import JPEG_QUALITY, jpeg_roundtrip, rescale
@@ -111,6 +176,8 @@ class RawRescaler:
 
         rng = np.random.default_rng(int(seed))
         image = decode_image(self.data[int(index)], order="bgr")
+        if self.normalise is not None:
+            image = self.normalise(self.donors[int(index)], image)
         if self.colours is not None:
             image = self.colours.apply(image, self.donors[int(index)], rng)
         factor = float(np.exp(rng.uniform(self.low, self.high)))

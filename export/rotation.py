@@ -24,18 +24,29 @@ from pathlib import Path
 import numpy as np
 
 from export.data import discover_dataset, donor_sample
+from export.pipeline import DonorNormaliser
 from smearscan.inference import apply_temperature, tta_views
 from smearscan.metrics import roc_auc
 from smearscan.policy import DecisionPolicy
-from smearscan.preprocess import Recipe, load_and_preprocess, stored_uint8, unit_range
+from smearscan.preprocess import (
+    Recipe,
+    load_and_preprocess,
+    preprocess,
+    read_image,
+    stored_uint8,
+    unit_range,
+)
 
 log = logging.getLogger("export.rotation")
 PER_DONOR = 40  # the shift suite's sample
 
 
-def model_input(sample, recipe: Recipe) -> np.ndarray:
+def model_input(sample, recipe: Recipe, normalise: DonorNormaliser | None = None) -> np.ndarray:
     """One crop as the cross-validation evaluated it (its cached uint8 input)."""
-    return stored_uint8(load_and_preprocess(sample.path, recipe))
+    if normalise is None:
+        return stored_uint8(load_and_preprocess(sample.path, recipe))
+    image = normalise(sample.patient, read_image(sample.path, order="bgr"))
+    return stored_uint8(preprocess(image, recipe, order="bgr"))
 
 
 def rotation_report(cv_dir: Path, data: Path, workers: int = 2, per_donor: int = PER_DONOR):
@@ -54,10 +65,13 @@ def rotation_report(cv_dir: Path, data: Path, workers: int = 2, per_donor: int =
         config = json.loads((run / "config.json").read_text())
         labels = config["labels"]
         donors = set(config["split"]["val_patients"])
-        members = donor_sample([s for s in samples if s.patient in donors], per_donor)
+        own = [s for s in samples if s.patient in donors]
+        members = donor_sample(own, per_donor)
         recipe = Recipe(**config["recipe"])
+        normalise = DonorNormaliser.of_run(config, own, workers)
+        one = partial(model_input, recipe=recipe, normalise=normalise)
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            x = np.stack(list(pool.map(partial(model_input, recipe=recipe), members)))
+            x = np.stack(list(pool.map(one, members)))
         model = keras.models.load_model(run / "model.keras", compile=False)
         rules = cv["per_fold_rules"][fold]
         policy = DecisionPolicy(tuple(labels), positive, rules["threshold"])

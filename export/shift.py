@@ -32,18 +32,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from export.augment import (
-    HED_FROM_RGB,
-    RANGES,
-    RGB_FROM_HED,
-    ColourStats,
-    colour_stats,
-    colour_transfer,
-    jpeg_roundtrip,
-    rescale,
-)
+from export.augment import HED_FROM_RGB, RANGES, RGB_FROM_HED, jpeg_roundtrip, rescale
 from export.data import discover_dataset, donor_sample
 from export.donors import Predictions, donor_rows, number, summary_of
+from smearscan.colour import (
+    ColourMoments,
+    ColourStats,
+    SlideColour,
+    colour_stats,
+    colour_transfer,
+    mean_stats,
+    slide_sample,
+)
 from smearscan.inference import apply_temperature
 from smearscan.policy import DecisionPolicy
 from smearscan.preprocess import Recipe, preprocess, read_image, stored_uint8, unit_range
@@ -102,10 +102,7 @@ def colour_swap_targets(
         if not others:  # one class only: nothing to swap with
             targets[donor] = donor_stats[donor]
             continue
-        targets[donor] = (
-            np.mean([o[0] for o in others], axis=0),
-            np.mean([o[1] for o in others], axis=0),
-        )
+        targets[donor] = mean_stats(others)
     return targets
 
 
@@ -144,26 +141,65 @@ def shifts(seed: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     }
 
 
+Swap = tuple[ColourStats, ColourStats]  # a donor's colour statistics and its swap target
+
+
+def _shifts_with_swap(seed: int, swap: Swap | None) -> dict[str, Callable]:
+    named = dict(shifts(seed))
+    if swap is not None:
+        source, target = swap
+        named[COLOUR_SWAP] = lambda im: colour_transfer(im, source, target)
+    return named
+
+
+def shifted_slide_stats(
+    paths: list[str], swap: Swap | None, workers: int
+) -> dict[str, ColourStats]:
+    """Shift name -> the colour statistics of one slide's sampled crops under that shift:
+    what per-slide colour normalisation would measure on a slide shifted as a whole."""
+
+    def one(index_path: tuple[int, str]) -> dict[str, ColourMoments]:
+        index, path = index_path
+        image = read_image(path, order="bgr")
+        moments = {}
+        for name, shift in _shifts_with_swap(index, swap).items():
+            moments[name] = ColourMoments()
+            moments[name].add(shift(image))
+        return moments
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        per_crop = list(pool.map(one, enumerate(paths)))
+    totals = per_crop[0]
+    for moments in per_crop[1:]:
+        for name, part in moments.items():
+            totals[name].absorb(part)
+    return {name: moments.stats() for name, moments in totals.items()}
+
+
 def shifted_inputs(
     paths: list[str],
     recipe: Recipe,
     workers: int,
-    swaps: list[tuple[ColourStats, ColourStats]] | None = None,
+    swaps: list[Swap] | None = None,
+    colour: SlideColour | None = None,
+    slide_stats: list[dict[str, ColourStats]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Shift name -> uint8 model inputs (N, S, S, 3) of every path; ``swaps`` (source and
-    target colour statistics per path) adds the donor colour swap."""
+    target colour statistics per path) adds the donor colour swap. With ``colour``, each
+    shifted crop is normalised from its slide's statistics under that shift
+    (``slide_stats``, per path) before preprocessing, as the model was trained."""
 
     def one(index_path: tuple[int, str]) -> dict[str, np.ndarray]:
         index, path = index_path
         image = read_image(path, order="bgr")
-        named = dict(shifts(index))
-        if swaps is not None:
-            source, target = swaps[index]
-            named[COLOUR_SWAP] = lambda im: colour_transfer(im, source, target)
-        return {
-            name: stored_uint8(preprocess(shift(image), recipe, order="bgr"))
-            for name, shift in named.items()
-        }
+        named = _shifts_with_swap(index, None if swaps is None else swaps[index])
+        inputs = {}
+        for name, shift in named.items():
+            shifted = shift(image)
+            if colour is not None and slide_stats is not None:
+                shifted = colour.normalise(shifted, slide_stats[index][name])
+            inputs[name] = stored_uint8(preprocess(shifted, recipe, order="bgr"))
+        return inputs
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = list(pool.map(one, enumerate(paths)))
@@ -218,7 +254,25 @@ def run_suite(
             len(shifts(0)) + 1,
         )
         swaps = [(donor_stats[s.patient], targets[s.patient]) for s in members]
-        inputs = shifted_inputs([str(s.path) for s in members], recipe, workers, swaps)
+        colour = SlideColour.from_record(config.get("slide_colour"))
+        per_path = None
+        if colour is not None:  # each slide measured under each shift, as a scan would
+            slides: dict[str, list[str]] = {}
+            for sample in samples:
+                if sample.patient in donors:
+                    slides.setdefault(sample.patient, []).append(str(sample.path))
+            measured = {
+                donor: shifted_slide_stats(
+                    slide_sample(sorted(paths), colour.per_slide),
+                    (donor_stats[donor], targets[donor]),
+                    workers,
+                )
+                for donor, paths in slides.items()
+            }
+            per_path = [measured[s.patient] for s in members]
+        inputs = shifted_inputs(
+            [str(s.path) for s in members], recipe, workers, swaps, colour, per_path
+        )
         model = keras.models.load_model(run / "model.keras", compile=False)
         rules = cv["per_fold_rules"][fold]
         for name, x in inputs.items():

@@ -223,6 +223,11 @@ class Source:
             self.config = json.loads((run / "config.json").read_text())
             self.members = [run / "model.keras"]
             self.weights_config = None
+        if self.config.get("slide_colour"):
+            raise ExportError(
+                f"{run} was trained with per-slide colour normalisation (--slide-colour), "
+                "which the scanner does not run yet: its model file would be scanned without it"
+            )
         self.labels: list[str] = self.config["labels"]
         self.recipe = read_recipe(self.config)
         self.positive = (

@@ -164,6 +164,8 @@ def train(config: TrainConfig) -> dict:
         model.name, int(model.count_params())
     )
     stored = run_config(config, labels, architecture, parent, train_samples, val_samples)
+    if split.normalise is not None:  # the reference a scan would map each slide to
+        stored["slide_colour"] = split.normalise.colour.to_record()
     (out / "config.json").write_text(json.dumps(stored, indent=2))
 
     val_ds = make_dataset(tf, x_val, y_val, len(labels), config, training=False, rng=rng)
@@ -178,6 +180,7 @@ def train(config: TrainConfig) -> dict:
             augmentation.scale_range if augmentation.rescales_raw else (1, 1),
             jpeg="jpeg" in augmentation.groups,
             colours=colours,
+            normalise=split.normalise,
         )
     average = WeightAverage(model, schedule) if schedule.ema > 0 else None
     callbacks = [average.callback()] if average else []

@@ -618,6 +618,9 @@ def main(argv: list[str] | None = None) -> int:
             "other than donors"
         )
         return 2
+    if config.slide_colour:
+        log.error("the JAX trainer has no --slide-colour (a pack holds preprocessed inputs)")
+        return 2
     if config.schedule.ema <= 0:
         log.error("the JAX trainer keeps the weight average: --ema must be above 0")
         return 2
