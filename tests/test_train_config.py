@@ -80,6 +80,19 @@ def test_unusable_values_are_refused_by_the_type(change):
         Schedule(**change)
 
 
+def test_slide_colour_is_recorded_and_refused_where_it_would_mean_nothing():
+    config = train.parse_config(["--data", "d", "--out", "o", "--slide-colour"])
+    assert config.slide_colour and TrainConfig.from_record(config.to_record()) == config
+    assert TrainConfig(Path("d"), Path("o")).differences(config) == ["slide_colour"]
+    for argv, reason in [
+        (["--augment", "full,colour"], "colour augmentation"),
+        (["--init-from", "default"], "from scratch"),
+        (["--distill-from", "default"], "from scratch"),
+    ]:
+        with pytest.raises(ConfigError, match=reason):
+            train.parse_config(["--data", "d", "--out", "o", "--slide-colour", *argv])
+
+
 def test_a_newer_stored_config_is_refused():
     with pytest.raises(ConfigError, match="version 2"):
         TrainConfig.from_record(TrainConfig(Path("d"), Path("o")).to_record(), version=2)

@@ -165,6 +165,39 @@ def test_a_run_trains_with_the_donor_colour_group_and_records_it(tmp_path):
     assert (out / "model.keras").exists()
 
 
+def test_a_slide_colour_run_trains_on_normalised_crops_and_its_export_is_refused(tmp_path):
+    """--slide-colour: every donor, validating ones included, mapped from its own colour
+    statistics to the training donors' mean; the reference is kept; no model file is made
+    while the scanner cannot normalise slides."""
+    from export.config import TrainConfig
+    from export.pipeline import load_split
+    from smearscan.colour import SlideColour, mean_stats
+    from smearscan.preprocess import preprocess, read_image, stored_uint8
+
+    out, cache = tmp_path / "slide", tmp_path / "cache"
+    args = ["--data", str(CNMC), "--out", str(out), *TINY, "--epochs", "1", "--slide-colour"]
+    assert train.main([*args, "--cache-dir", str(cache)]) == 0
+    stored = json.loads((out / "config.json").read_text())
+    colour = SlideColour.from_record(stored["slide_colour"])
+    assert colour is not None
+    config = TrainConfig.of_run(out)
+    split = load_split(config)
+    stats = split.normalise.stats if split.normalise else {}
+    assert set(stats) == {s.patient for s in split.samples}  # validating donors too
+    reference = mean_stats(stats[d] for d in stored["split"]["train_patients"])
+    assert np.allclose(colour.mean, reference[0]) and np.allclose(colour.spread, reference[1])
+    first = split.val_samples[0]
+    normalised = colour.normalise(read_image(first.path, order="bgr"), stats[first.patient])
+    assert np.array_equal(
+        split.x_val[0], stored_uint8(preprocess(normalised, config.recipe, "bgr"))
+    )
+    assert not np.array_equal(
+        split.x_val[0], stored_uint8(load_and_preprocess(first.path, config.recipe))
+    )
+    assert to_onnx.main([str(out), "--out", str(tmp_path / "m.onnx")]) != 0
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_export_parity_metadata_and_scan(tiny_run, tmp_path, slide_tree):
     model_path = tmp_path / "model.onnx"
     assert to_onnx.main([str(tiny_run), "--out", str(model_path), "--parity-images", "8"]) == 0
