@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from smearscan.colour import ColourStats, colour_stats, colour_transfer
+from smearscan.colour import BACKGROUND_LEVEL, ColourStats, colour_stats, colour_transfer
 
 GROUPS = ("flips", "scale", "photometric", "stain", "focus")
 #: Groups outside ``full`` (asked for by name, e.g. ``full,jpeg``): ``jpeg`` saves half the
@@ -34,7 +34,7 @@ RGB_FROM_HED = np.array(
 HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED).astype(np.float32)
 #: Pixels darker than this (max channel, [0, 1]) are background, as the scanner's
 #: ``background_threshold`` of 12/255.
-BACKGROUND = 12.0 / 255.0
+BACKGROUND = BACKGROUND_LEVEL / 255.0
 
 
 @dataclass(frozen=True)

@@ -150,10 +150,6 @@ class SlideColour:
     def reference(self) -> ColourStats:
         return np.asarray(self.mean), np.asarray(self.spread)
 
-    def slide_stats(self, images: Iterable[np.ndarray]) -> ColourStats:
-        """A slide's statistics from its sampled crops (see :func:`slide_sample`)."""
-        return colour_stats(images)
-
     def normalise(self, image: np.ndarray, slide: ColourStats) -> np.ndarray:
         """A decoded BGR crop of a slide whose statistics are ``slide``, in the reference's
         colour."""
