@@ -28,6 +28,7 @@ from typing import Any
 
 from export.augment import EXTRA_GROUPS, GROUPS, RAW_GROUPS, parse_groups
 from export.data import SPLITS
+from smearscan.colour import EDGE_MARGIN
 from smearscan.preprocess import Recipe
 
 log = logging.getLogger("export.config")
@@ -62,6 +63,7 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "warmup_epochs": 0,
     "consistency": 0.0,
     "slide_colour": False,
+    "slide_colour_margin": 0,
 }
 
 
@@ -292,6 +294,7 @@ class TrainConfig:
     distill_weight: float = 0.5
     distill_view: str = "same"
     slide_colour: bool = False
+    slide_colour_margin: int = EDGE_MARGIN
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     cache_dir: Path = Path(".cache/arrays")
     quiet: bool = False
@@ -320,6 +323,7 @@ class TrainConfig:
                 "--slide-colour trains from scratch: a parent or teacher saw crops in their "
                 "donors' own colour",
             )
+        _check(self.slide_colour_margin >= 0, "--slide-colour-margin must be at least 0")
         _check(self.workers >= 1, "--workers must be at least 1")
 
     @property
@@ -376,6 +380,7 @@ class TrainConfig:
             "distill_weight": self.distill_weight,
             "distill_view": self.distill_view,
             "slide_colour": self.slide_colour,
+            "slide_colour_margin": self.slide_colour_margin,
             "freeze_batch_norm": self.freeze_batch_norm,
             "workers": self.workers,
             "cache_dir": str(self.cache_dir),
@@ -440,6 +445,7 @@ class TrainConfig:
             distill_weight=float(values["distill_weight"]),
             distill_view=values["distill_view"],
             slide_colour=bool(values["slide_colour"]),
+            slide_colour_margin=int(values["slide_colour_margin"]),
             workers=int(values["workers"]),
             cache_dir=Path(values["cache_dir"]),
             quiet=bool(values["quiet"]),
@@ -456,6 +462,8 @@ class TrainConfig:
         signatures train the same model (``cv.json`` keeps it as the recipe)."""
         record = {k: v for k, v in self.to_record().items() if k not in RUN_SETTINGS}
         record["freeze_batch_norm"] = self.freezes_batch_norm
+        # the margin means nothing without the normalisation
+        record["slide_colour_margin"] = self.slide_colour_margin if self.slide_colour else None
         return record
 
     def differences(self, other: TrainConfig) -> list[str]:
@@ -690,6 +698,14 @@ def add_training_options(p: argparse.ArgumentParser, data_required: bool = True)
         "preprocessing (smearscan/colour.py); an ablation: the scanner does not run it yet",
     )
     p.add_argument(
+        "--slide-colour-margin",
+        type=int,
+        default=EDGE_MARGIN,
+        help="with --slide-colour: crop pixels of the cell's rim left out of the statistics "
+        "(blur and compression move them) [default: %(default)s; 0 measures the whole cell, "
+        "as runs before it did]",
+    )
+    p.add_argument(
         "--freeze-batch-norm",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -768,6 +784,7 @@ def config_from_options(options: argparse.Namespace) -> TrainConfig:
         distill_weight=options.distill_weight,
         distill_view=options.distill_view,
         slide_colour=options.slide_colour,
+        slide_colour_margin=options.slide_colour_margin,
         workers=options.workers,
         cache_dir=options.cache_dir,
         quiet=options.quiet,

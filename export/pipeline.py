@@ -28,17 +28,19 @@ class DonorNormaliser:
     stats: dict[str, ColourStats]
 
     @classmethod
-    def measure(cls, samples: list[Sample], workers: int, per_slide: int = 40) -> dict:
+    def measure(
+        cls, samples: list[Sample], workers: int, per_slide: int = 40, margin: int = 0
+    ) -> dict:
         """Every donor's statistics, from up to ``per_slide`` of its crops (in path order,
-        :func:`smearscan.colour.slide_sample`): its own unlabelled pixels, as a scan of the
-        slide would measure them."""
+        :func:`smearscan.colour.slide_sample`) less their cells' rim ``margin`` pixels wide:
+        its own unlabelled pixels, as a scan of the slide would measure them."""
         by_donor: dict[str, list[Path]] = {}
         for sample in samples:
             by_donor.setdefault(sample.patient, []).append(sample.path)
 
         def one(paths: list[Path]) -> ColourStats:
             chosen = slide_sample(sorted(paths), per_slide)
-            return colour_stats(read_image(path, order="bgr") for path in chosen)
+            return colour_stats((read_image(path, order="bgr") for path in chosen), margin)
 
         donors = sorted(by_donor)
         with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -51,7 +53,7 @@ class DonorNormaliser:
         colour = SlideColour.from_record(stored.get("slide_colour"))
         if colour is None:
             return None
-        return cls(colour, cls.measure(samples, workers, colour.per_slide))
+        return cls(colour, cls.measure(samples, workers, colour.per_slide, colour.margin))
 
     def __call__(self, donor: str, image: np.ndarray) -> np.ndarray:
         return self.colour.normalise(image, self.stats[donor])
@@ -123,9 +125,11 @@ def load_split(config: TrainConfig) -> SplitArrays:
         )
     normalise = None
     if config.slide_colour:
-        stats = DonorNormaliser.measure(samples, workers)
+        margin = config.slide_colour_margin
+        stats = DonorNormaliser.measure(samples, workers, margin=margin)
         training = sorted({s.patient for s in train_samples})
-        normalise = DonorNormaliser(SlideColour.fitted([stats[d] for d in training]), stats)
+        reference = SlideColour.fitted([stats[d] for d in training], margin=margin)
+        normalise = DonorNormaliser(reference, stats)
     x_train, kept_train = cached_arrays(train_samples, recipe, cache_dir, workers, normalise)
     x_val, kept_val = cached_arrays(val_samples, recipe, cache_dir, workers, normalise)
     train_samples = [train_samples[i] for i in kept_train]

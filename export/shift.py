@@ -153,17 +153,18 @@ def _shifts_with_swap(seed: int, swap: Swap | None) -> dict[str, Callable]:
 
 
 def shifted_slide_stats(
-    paths: list[str], swap: Swap | None, workers: int
+    paths: list[str], swap: Swap | None, workers: int, margin: int = 0
 ) -> dict[str, ColourStats]:
-    """Shift name -> the colour statistics of one slide's sampled crops under that shift:
-    what per-slide colour normalisation would measure on a slide shifted as a whole."""
+    """Shift name -> the colour statistics of one slide's sampled crops under that shift
+    (less the cells' rim ``margin`` pixels wide): what per-slide colour normalisation would
+    measure on a slide shifted as a whole."""
 
     def one(index_path: tuple[int, str]) -> dict[str, ColourMoments]:
         index, path = index_path
         image = read_image(path, order="bgr")
         moments = {}
         for name, shift in _shifts_with_swap(index, swap).items():
-            moments[name] = ColourMoments()
+            moments[name] = ColourMoments(margin)
             moments[name].add(shift(image))
         return moments
 
@@ -266,6 +267,7 @@ def run_suite(
                     slide_sample(sorted(paths), colour.per_slide),
                     (donor_stats[donor], targets[donor]),
                     workers,
+                    colour.margin,
                 )
                 for donor, paths in slides.items()
             }

@@ -4,14 +4,19 @@ shift suite measuring a shifted slide again before normalising it."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import cv2
 import numpy as np
 import pytest
 from conftest import CNMC, read_bgr
 
 from smearscan.colour import (
+    EDGE_MARGIN,
     ColourMoments,
     SlideColour,
     cell_lab,
+    cell_mask,
     colour_stats,
     mean_stats,
     slide_sample,
@@ -68,8 +73,15 @@ def test_the_reference_writes_and_reads_its_own_record_and_refuses_nonsense():
         SlideColour((60.0, 150.0, 110.0), (12.0, 0.0, 4.0))
     with pytest.raises(ValueError, match="three Lab channels"):
         SlideColour((60.0, 150.0), (12.0, 3.0))  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="version 2"):
-        SlideColour.from_record({**colour.to_record(), "version": 2})
+    with pytest.raises(ValueError, match="version 3"):
+        SlideColour.from_record({**colour.to_record(), "version": 3})
+    with pytest.raises(ValueError, match="margin"):
+        SlideColour((60.0, 150.0, 110.0), (12.0, 3.5, 4.0), margin=-1)
+    rimless = SlideColour((60.0, 150.0, 110.0), (12.0, 3.5, 4.0), margin=8)
+    assert SlideColour.from_record(rimless.to_record()) == rimless
+    # a version 1 record (before the margin) measured the whole cell
+    first = {k: v for k, v in rimless.to_record().items() if k != "margin"} | {"version": 1}
+    assert SlideColour.from_record(first) == replace(rimless, margin=0, version=1)
 
 
 def test_a_slide_sample_is_evenly_spaced_and_the_same_whatever_else_a_run_holds():
@@ -92,6 +104,10 @@ def test_the_shift_suite_measures_each_shifted_slide_again_before_normalising_it
     paths = sorted(str(s.path) for s in samples if s.patient == donor)
     colour = SlideColour.fitted([colour_stats([read_bgr(p) for p in paths])])
     measured = shifted_slide_stats(paths, None, workers=2)
+    rimless = shifted_slide_stats(paths, None, workers=2, margin=EDGE_MARGIN)
+    plain_rimless = colour_stats([read_bgr(p) for p in paths], EDGE_MARGIN)
+    assert np.allclose(rimless["none"][0], plain_rimless[0])
+    assert np.allclose(rimless["none"][1], plain_rimless[1])
     assert set(measured) >= {"none", "brightness -15%", "blur sigma 2"}
     darker = measured["brightness -15%"][0][0]
     assert darker < measured["none"][0][0] - 3  # the darkened slide's lightness, measured
@@ -111,3 +127,25 @@ def test_the_shift_suite_measures_each_shifted_slide_again_before_normalising_it
         < gap(plain["brightness -15%"], plain["none"]) / 3
     )
     assert gap(inputs["blur sigma 2"], inputs["none"]) > 1
+
+
+def test_leaving_out_the_cells_rim_keeps_the_statistics_under_blur_and_compression():
+    """Blur and JPEG mix the rim with the black background: the whole cell's chroma spread
+    grows (so the transfer would fade the cell); without the rim it holds."""
+    from export.augment import jpeg_roundtrip
+
+    crops = [crop for donor in donor_crops().values() for crop in donor]
+    damaged = {
+        "blur sigma 2": [cv2.GaussianBlur(c, (0, 0), 2.0) for c in crops],
+        "jpeg quality 75": [jpeg_roundtrip(c, 75) for c in crops],
+    }
+    whole, rimless = colour_stats(crops), colour_stats(crops, EDGE_MARGIN)
+    assert (rimless[1] < whole[1]).all()  # the rim is where the spread came from
+    blurred = colour_stats(damaged["blur sigma 2"])
+    assert (blurred[1][1:] > 1.2 * whole[1][1:]).all()
+    for images in damaged.values():
+        mean, spread = colour_stats(images, EDGE_MARGIN)
+        assert np.abs(mean - rimless[0]).max() < 1.5
+        assert np.allclose(spread[1:], rimless[1][1:], rtol=0.08)
+    mask = cell_mask(crops[0], EDGE_MARGIN)
+    assert mask.sum() < cell_mask(crops[0]).sum() and (mask <= cell_mask(crops[0])).all()

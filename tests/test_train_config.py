@@ -11,6 +11,7 @@ from conftest import ROOT
 
 from export import train
 from export.config import LEGACY_DEFAULTS, ConfigError, Schedule, TrainConfig
+from smearscan.colour import EDGE_MARGIN
 
 pytestmark = pytest.mark.train
 
@@ -83,7 +84,18 @@ def test_unusable_values_are_refused_by_the_type(change):
 def test_slide_colour_is_recorded_and_refused_where_it_would_mean_nothing():
     config = train.parse_config(["--data", "d", "--out", "o", "--slide-colour"])
     assert config.slide_colour and TrainConfig.from_record(config.to_record()) == config
-    assert TrainConfig(Path("d"), Path("o")).differences(config) == ["slide_colour"]
+    assert config.slide_colour_margin == EDGE_MARGIN > 0
+    plain = TrainConfig(Path("d"), Path("o"))
+    assert plain.differences(config) == ["slide_colour", "slide_colour_margin"]
+    # the margin means nothing without the normalisation, so it does not split runs
+    assert plain.differences(replace(plain, slide_colour_margin=0)) == []
+    whole_cell = replace(config, slide_colour_margin=0)
+    assert config.differences(whole_cell) == ["slide_colour_margin"]
+    # runs made before the margin existed measured the whole cell
+    legacy = {k: v for k, v in whole_cell.to_record().items() if k != "slide_colour_margin"}
+    assert TrainConfig.from_record(legacy) == whole_cell
+    with pytest.raises(ConfigError, match="margin"):
+        train.parse_config(["--data", "d", "--out", "o", "--slide-colour-margin", "-1"])
     for argv, reason in [
         (["--augment", "full,colour"], "colour augmentation"),
         (["--init-from", "default"], "from scratch"),

@@ -171,7 +171,7 @@ def test_a_slide_colour_run_trains_on_normalised_crops_and_its_export_is_refused
     while the scanner cannot normalise slides."""
     from export.config import TrainConfig
     from export.pipeline import load_split
-    from smearscan.colour import SlideColour, mean_stats
+    from smearscan.colour import EDGE_MARGIN, SlideColour, colour_stats, mean_stats, slide_sample
     from smearscan.preprocess import preprocess, read_image, stored_uint8
 
     out, cache = tmp_path / "slide", tmp_path / "cache"
@@ -187,6 +187,11 @@ def test_a_slide_colour_run_trains_on_normalised_crops_and_its_export_is_refused
     reference = mean_stats(stats[d] for d in stored["split"]["train_patients"])
     assert np.allclose(colour.mean, reference[0]) and np.allclose(colour.spread, reference[1])
     first = split.val_samples[0]
+    # each donor measured without its cells' rim, as the reference was
+    assert colour.margin == config.slide_colour_margin == EDGE_MARGIN
+    sampled = slide_sample(sorted(s.path for s in split.samples if s.patient == first.patient), 40)
+    own = colour_stats([read_image(p, order="bgr") for p in sampled], EDGE_MARGIN)
+    assert np.allclose(stats[first.patient][1], own[1])
     normalised = colour.normalise(read_image(first.path, order="bgr"), stats[first.patient])
     assert np.array_equal(
         split.x_val[0], stored_uint8(preprocess(normalised, config.recipe, "bgr"))
