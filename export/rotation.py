@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from export.data import discover_dataset, donor_sample
+from export.keras_utils import predict_sets
 from export.pipeline import DonorNormaliser
 from smearscan.inference import apply_temperature, tta_views
 from smearscan.metrics import roc_auc
@@ -34,7 +35,6 @@ from smearscan.preprocess import (
     preprocess,
     read_image,
     stored_uint8,
-    unit_range,
 )
 
 log = logging.getLogger("export.rotation")
@@ -77,11 +77,8 @@ def rotation_report(cv_dir: Path, data: Path, workers: int = 2, per_donor: int =
         policy = DecisionPolicy(tuple(labels), positive, rules["threshold"])
         column = labels.index(positive)
         views = [
-            apply_temperature(
-                model.predict(unit_range(view), batch_size=128, verbose=0).astype(np.float64),
-                rules["temperature"],
-            )
-            for view in tta_views(x)
+            apply_temperature(raw.astype(np.float64), rules["temperature"])
+            for raw in predict_sets(model, list(tta_views(x)))
         ]
         mean = np.mean(views, axis=0)
         reference = policy.label_indices(mean)
