@@ -157,6 +157,8 @@ def make_crops(work: Path, minimum: int, log: Log) -> dict:
     decoded once and hard-linked into copies until there are at least ``minimum`` files."""
     import cv2
 
+    from smearscan.preprocess import read_image
+
     sources = sorted(CARRY.glob("c*/donor_*/*.webp"))
     base = {"webp": work / "base-webp", "bmp": work / "base-bmp"}
     for source in sources:
@@ -164,7 +166,7 @@ def make_crops(work: Path, minimum: int, log: Log) -> dict:
         for folder in base.values():
             (folder / donor).mkdir(parents=True, exist_ok=True)
         os.link(source, base["webp"] / donor / source.name)
-        image = cv2.imread(str(source), cv2.IMREAD_COLOR)
+        image = read_image(source, order="bgr")
         cv2.imwrite(str(base["bmp"] / donor / (source.stem + ".bmp")), image)
     copies = -(-minimum // len(sources))
     trees = {}
@@ -242,7 +244,7 @@ def cpu_stage(tree: str, log: Log) -> dict:
     """Decode + QC + preprocess alone over the tree: 16 threads vs 16 processes."""
     paths = sorted(str(p) for p in Path(tree).rglob("*.bmp"))
     chunks = [paths[i : i + 64] for i in range(0, len(paths), 64)]
-    result = {"files": len(paths)}
+    result: dict[str, object] = {"files": len(paths)}
     for kind, pool_type in (("threads", ThreadPoolExecutor), ("processes", ProcessPoolExecutor)):
         with pool_type(max_workers=WORKERS) as pool:
             list(pool.map(_prepare_paths, chunks[:WORKERS]))  # warm up (imports, model)
@@ -280,7 +282,9 @@ def model_only(inputs, work: Path, log: Log) -> dict:
     fp16 = work / "model-fp16.onnx"
     onnx.save(convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True), str(fp16))
     gpu = DEVICE["name"] == "cuda"
-    providers = [("CUDAExecutionProvider", {"device_id": 0})] if gpu else []
+    providers: list[str | tuple[str, dict]] = (
+        [("CUDAExecutionProvider", {"device_id": 0})] if gpu else []
+    )
     providers.append("CPUExecutionProvider")
     result: dict = {}
     for precision, path in (("fp32", fp32), ("fp16", fp16)):
@@ -318,12 +322,14 @@ def model_only(inputs, work: Path, log: Log) -> dict:
 
 def fp16_gate(inputs, work: Path, log: Log) -> dict:
     """fp16 against fp32 labels at the stored threshold, through the scanner's own classes."""
+    from typing import Any
+
     import numpy as np
 
     from smearscan.inference import load_classifier
     from smearscan.policy import policy_for_model
 
-    labels = {}
+    labels: dict[str, Any] = {}
     for precision, path in (("fp32", None), ("fp16", work / "model-fp16.onnx")):
         classifier = load_classifier(path, device=DEVICE["name"])
         info = classifier.info

@@ -78,6 +78,7 @@ def scan(share: Path, out: Path, engine: str, model: Path | None) -> tuple[float
         time.sleep(0.2)
     seconds = time.perf_counter() - started
     if child.returncode not in (0, 3):
+        assert child.stderr is not None  # piped above
         raise RuntimeError(child.stderr.read().decode()[-2000:])
     return seconds, peak
 

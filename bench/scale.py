@@ -23,6 +23,8 @@ from pathlib import Path
 
 import cv2
 
+from smearscan.preprocess import read_image
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "cnmc"
 FIXTURES = ROOT / "tests" / "fixtures" / "cnmc"
@@ -39,7 +41,8 @@ def build_share(root: Path, files: int, pool_size: int = 200) -> Path:
         sorted(SHARED.rglob("*.webp")) if SHARED.is_dir() else sorted(FIXTURES.rglob("*.webp"))
     )
     for i in range(pool_size):
-        cv2.imwrite(str(pool / f"crop_{i:04d}.bmp"), cv2.imread(str(sources[i * 7 % len(sources)])))
+        source = sources[i * 7 % len(sources)]
+        cv2.imwrite(str(pool / f"crop_{i:04d}.bmp"), read_image(source, order="bgr"))
     old = time.time() - 3600
     for i in range(files):
         slide = root / "slides" / f"slide_{i // 100:05d}"
@@ -55,6 +58,7 @@ def run(command: list[str]) -> tuple[float, int, str]:
     """Wall seconds, peak RSS (MB) of this one child (``wait4``) and its last stderr line."""
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert child.stderr is not None  # piped above
     stderr = child.stderr.read()
     _, _, usage = os.wait4(child.pid, 0)
     child.returncode = 0  # reaped above

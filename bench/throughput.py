@@ -68,7 +68,7 @@ def write_crops(target: Path, count: int) -> Path:
         source = sources[index]
         folder = target / source.parent.name
         folder.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(folder / f"{i:06d}_{source.stem}.bmp"), cv2.imread(str(source)))
+        cv2.imwrite(str(folder / f"{i:06d}_{source.stem}.bmp"), read_image(source, order="bgr"))
     marker.touch()
     return target
 
