@@ -15,11 +15,15 @@ import re
 from dataclasses import dataclass
 from importlib import metadata as package_metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from smearscan.modelfile import ModelFileError, ModelInfo, default_model_path, info_from_metadata
 from smearscan.qc import EMBEDDING_OUTPUT
+
+if TYPE_CHECKING:  # imported when a session opens: `smearscan --help` stays fast
+    import onnxruntime as ort
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +104,7 @@ class Classifier:
     """A loaded model: its metadata, its onnxruntime session and the provider really used."""
 
     info: ModelInfo
-    session: object
+    session: ort.InferenceSession
     provider: str
     device_note: str = ""
 
@@ -110,7 +114,7 @@ class Classifier:
 
     @property
     def input_name(self) -> str:
-        return self.session.get_inputs()[0].name  # type: ignore[attr-defined]
+        return self.session.get_inputs()[0].name
 
     @property
     def temperature(self) -> float:
@@ -134,7 +138,7 @@ class Classifier:
             padding = np.zeros((pad_to - count, *batch.shape[1:]), np.float32)
             batch = np.concatenate([batch, padding])
         names = _output_names(self.session)[:1] + ([EMBEDDING_OUTPUT] if distances else [])
-        outputs = self.session.run(names, {self.input_name: batch})  # type: ignore[attr-defined]
+        outputs = self.session.run(names, {self.input_name: batch})
         found = np.asarray(outputs[1][:count], np.float64).reshape(count) if distances else None
         return np.asarray(outputs[0][:count], np.float64), found
 

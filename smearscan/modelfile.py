@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from smearscan.preprocess import Recipe
 
@@ -61,8 +62,9 @@ class ModelInfo:
     def name(self) -> str:
         return self.path.name
 
-    def json_field(self, key: str) -> dict | list | None:
-        """A JSON-valued metadata entry, parsed; None when absent."""
+    def json_field(self, key: str) -> Any:
+        """A JSON-valued metadata entry, parsed (any JSON value: the caller knows its key's
+        shape, docs/model-file.md); None when absent."""
         text = self.metadata.get(key)
         return json.loads(text) if text else None
 

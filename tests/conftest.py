@@ -11,7 +11,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -64,10 +66,10 @@ def clean_environment(monkeypatch):
             monkeypatch.delenv(name, raising=False)
 
 
-def run(args: list[str], stdin: str | None = None, expect: int | set[int] | None = 0):
+def run(args: list[str], stdin: str | None = None, expect: int | Iterable[int] | None = 0) -> Any:
     """Run the CLI in-process; fail unless the exit code is ``expect`` (None: any)."""
     stderr = io.StringIO()
-    result = CliRunner().invoke(
+    result: Any = CliRunner().invoke(  # with the log added as .log
         cli, args, obj=Environment(stderr=stderr, stderr_isatty=False), input=stdin
     )
     result.log = stderr.getvalue()
@@ -153,8 +155,10 @@ def fixture_images() -> list[Path]:
     return sorted(CNMC.rglob("*.webp"))
 
 
-def read_bgr(path: Path) -> np.ndarray:
-    return cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
+def read_bgr(path: str | Path) -> np.ndarray:
+    image = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
+    assert image is not None, f"{path} does not decode"
+    return image
 
 
 @pytest.fixture

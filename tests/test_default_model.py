@@ -44,6 +44,13 @@ def test_default_model_describes_itself():
     assert model.temperature > 0
 
 
+def first_code_span(line: str) -> str:
+    """The first `name` of a Markdown table row."""
+    found = re.search(r"`([^`]+)`", line)
+    assert found, line
+    return found.group(1)
+
+
 def documented_keys() -> set[str]:
     """The keys of docs/model-file.md's table (the contract a lab's tools may rely on)."""
     text = (ROOT / "docs" / "model-file.md").read_text(encoding="utf-8")
@@ -165,11 +172,11 @@ def test_the_rotation_table_is_what_the_committed_reports_say():
     text = (ROOT / "docs" / "ablation.md").read_text()
     section = text[text.index("### Rotation consistency") :]
     table = [line for line in section.split("\n\n")[2].splitlines() if line.startswith("| `")]
-    named = {re.search(r"`([^`]+)`", line).group(1) for line in table}
+    named = {first_code_span(line) for line in table}
     committed = {p.parent.name for p in (ROOT / "export" / "ablation_runs").glob("*/rotation.json")}
     assert named == committed | {"cv-bbox-hue"}  # a row for every committed measurement
     for line in table:
-        name = re.search(r"`([^`]+)`", line).group(1)
+        name = first_code_span(line)
         folder = KEPT if name == "cv-bbox-hue" else ROOT / "export" / "ablation_runs" / name
         report = json.loads((folder / "rotation.json").read_text())
         cells = [c.strip() for c in line.strip("|").split("|")]

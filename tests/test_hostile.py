@@ -617,6 +617,7 @@ def _wait_for_progress(process: subprocess.Popen, needle: str = "progress:") -> 
     """Read stderr lines until ``needle`` appears (the scan is under way)."""
     seen = ""
     deadline = time.monotonic() + 120
+    assert process.stderr is not None  # piped
     while time.monotonic() < deadline:
         line = process.stderr.readline()
         if not line:

@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import CNMC, IN_CI, run
+from conftest import CNMC, IN_CI, read_bgr, run
 
 from smearscan.exitstatus import ExitStatus
 from smearscan.preprocess import Recipe
@@ -49,6 +49,7 @@ class Collector(HTMLParser):
 
 
 def chromium(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    assert CHROMIUM, "chromium is not installed"  # the module skips (or fails in CI) first
     profile = tmp_path / "profile"
     return subprocess.run(
         [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args],
@@ -73,7 +74,7 @@ def screenshot(page: Path, tmp_path: Path, height: int = 2400) -> np.ndarray:
         [f"--screenshot={shot}", f"--window-size=1200,{height}", page.as_uri()], tmp_path
     )
     assert result.returncode == 0 and shot.exists(), result.stderr[-2000:]
-    return cv2.imread(str(shot))
+    return read_bgr(shot)
 
 
 def test_report_renders_offline_with_rule_tables_thumbnails_and_problems(tmp_path, messy_tree):
@@ -157,13 +158,12 @@ def test_plot_labels_never_overlap():
         for node in root.iter(f"{ns}text"):
             size = float(node.get("font-size", 12))
             width = 0.6 * size * len(node.text or "")
-            if "rotate" in (node.get("transform") or ""):
-                x, y_ = map(
-                    float, re.findall(r"translate\(([\d.]+) ([\d.]+)\)", node.get("transform"))[0]
-                )
+            transform = node.get("transform") or ""
+            if "rotate" in transform:
+                x, y_ = map(float, re.findall(r"translate\(([\d.]+) ([\d.]+)\)", transform)[0])
                 boxes.append((x - size, y_ - width / 2, x, y_ + width / 2))
                 continue
-            x, y_ = float(node.get("x")), float(node.get("y"))
+            x, y_ = float(node.attrib["x"]), float(node.attrib["y"])
             anchor = node.get("text-anchor", "start")
             left = x - width / 2 if anchor == "middle" else x - width if anchor == "end" else x
             boxes.append((left, y_ - size, left + width, y_))
@@ -193,7 +193,8 @@ def test_thumbnails_stay_inside_the_scanned_folder(tmp_path, slide_tree):
     recipe = Recipe()
     crop = sorted(p for p in slide_tree.rglob("*.png"))[0]
     root = os.path.realpath(slide_tree)
-    assert thumbnail_data_uri(str(crop), recipe, inside=root).startswith("data:image/jpeg")
+    thumbnail = thumbnail_data_uri(str(crop), recipe, inside=root)
+    assert thumbnail is not None and thumbnail.startswith("data:image/jpeg")
     outside = tmp_path / "private.png"
     shutil.copy(crop, outside)
     crop.unlink()

@@ -256,7 +256,7 @@ def test_lock_of_a_killed_process_does_not_block(tmp_path, slide_tree):
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert holder.stdout.readline().strip() == "held"
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
     args = ["scan", str(slide_tree), "--out", str(tmp_path / "r.csv"), "--state", str(state)]
     run(args, expect=ExitStatus.LOCKED)
     holder.kill()

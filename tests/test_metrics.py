@@ -11,7 +11,8 @@ from smearscan.metrics import (
 
 
 def test_confusion_matrix_counts():
-    assert confusion_matrix([0, 0, 1, 1, 1], [0, 1, 1, 1, 0], 2).tolist() == [[1, 1], [1, 2]]
+    truth, called = np.array([0, 0, 1, 1, 1]), np.array([0, 1, 1, 1, 0])
+    assert confusion_matrix(truth, called, 2).tolist() == [[1, 1], [1, 2]]
 
 
 def test_binary_metrics_against_hand_computed_values():
@@ -34,12 +35,12 @@ def test_binary_metrics_against_hand_computed_values():
 
 
 def test_auc_ties_count_half_and_degenerate_is_nan():
-    assert roc_auc([1, 0], [0.5, 0.5]) == pytest.approx(0.5)
-    assert np.isnan(roc_auc([1, 1], [0.2, 0.3]))
+    assert roc_auc(np.array([1, 0]), np.array([0.5, 0.5])) == pytest.approx(0.5)
+    assert np.isnan(roc_auc(np.array([1, 1]), np.array([0.2, 0.3])))
 
 
 def test_three_classes():
-    y = [0, 1, 2, 2]
+    y = np.array([0, 1, 2, 2])
     probabilities = np.eye(3)[[0, 1, 2, 1]]
     m = classification_metrics(y, probabilities, ["a", "b", "c"], positive="c")
     assert m["accuracy"] == pytest.approx(0.75)
@@ -92,4 +93,6 @@ def test_wilson_intervals_match_the_published_formula():
 
     assert wilson_interval(10, 12) == pytest.approx([0.5520, 0.9530], abs=1e-4)
     assert wilson_interval(0, 5) == pytest.approx([0.0, 0.4345], abs=1e-4)  # never below 0
-    assert wilson_interval(5, 5)[1] == 1.0 and wilson_interval(0, 0) is None
+    everything = wilson_interval(5, 5)
+    assert everything is not None and everything[1] == 1.0
+    assert wilson_interval(0, 0) is None

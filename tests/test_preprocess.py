@@ -111,20 +111,27 @@ def test_preprocess_output(crop):
     assert out.min() >= 0.0 and out.max() <= 1.0 and out.max() > 0.2
 
 
+def box_of(rgb: np.ndarray) -> tuple[int, int, int, int]:
+    """The cell's box at the recipe's background threshold; the frame is not empty."""
+    box = cell_box(rgb, 12)
+    assert box is not None
+    return box
+
+
 def test_bbox_crop_fills_the_frame_with_the_cell():
     rgb = read_image(fixture_images()[0])
-    x, y, w, h = cell_box(rgb, 12)
+    x, y, w, h = box_of(rgb)
     assert w * h < 0.5 * rgb.shape[0] * rgb.shape[1]  # the crop has a black margin
     framed = preprocess(rgb, Recipe(crop="bbox", margin=0.0))
-    x2, y2, w2, h2 = cell_box((framed * 255).astype(np.uint8), 12)
+    x2, y2, w2, h2 = box_of((framed * 255).astype(np.uint8))
     assert max(w2, h2) >= 120  # the cell's long side spans the model input
 
 
 def test_window_crop_keeps_scale():
     rgb = read_image(fixture_images()[0])
-    _, _, w, h = cell_box(rgb, 12)
+    _, _, w, h = box_of(rgb)
     framed = preprocess(rgb, Recipe(crop="window", window=320))
-    _, _, w2, h2 = cell_box((framed * 255).astype(np.uint8), 12)
+    _, _, w2, h2 = box_of((framed * 255).astype(np.uint8))
     assert abs(w2 - w * 128 / 320) <= 3
 
 

@@ -251,6 +251,7 @@ def test_a_raylet_killed_mid_run_ends_the_scan_with_a_reason(tmp_path):
         try:
             seen = ""
             deadline = time.monotonic() + 120
+            assert process.stderr is not None  # piped
             while "progress:" not in seen and time.monotonic() < deadline:
                 line = process.stderr.readline()
                 if not line:

@@ -316,9 +316,12 @@ def test_discovery_is_lazy(tmp_path, monkeypatch):
         (folder / "cell.webp").write_bytes(source)
     listed = []
     real_scandir = os.scandir
-    monkeypatch.setattr(
-        discover_module.os, "scandir", lambda path: listed.append(path) or real_scandir(path)
-    )
+
+    def listing(path):
+        listed.append(path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(discover_module.os, "scandir", listing)
     first = next(discover_module.discover([tmp_path]))
     assert first.rel == "slide_00/cell.webp"
     assert len(listed) <= 2  # the root and the first slide, not all 31 folders
