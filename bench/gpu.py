@@ -37,6 +37,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "cnmc"
@@ -322,8 +323,6 @@ def model_only(inputs, work: Path, log: Log) -> dict:
 
 def fp16_gate(inputs, work: Path, log: Log) -> dict:
     """fp16 against fp32 labels at the stored threshold, through the scanner's own classes."""
-    from typing import Any
-
     import numpy as np
 
     from smearscan.inference import load_classifier

@@ -22,6 +22,7 @@ from click.testing import CliRunner
 
 from smearscan.cli import Environment, cli
 from smearscan.names import IMAGE_SUFFIXES
+from smearscan.preprocess import read_image
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CNMC = FIXTURES / "cnmc"
@@ -156,9 +157,8 @@ def fixture_images() -> list[Path]:
 
 
 def read_bgr(path: str | Path) -> np.ndarray:
-    image = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
-    assert image is not None, f"{path} does not decode"
-    return image
+    """A crop as OpenCV holds it, decoded as the scanner decodes (raises with the reason)."""
+    return read_image(path, order="bgr")
 
 
 @pytest.fixture
