@@ -16,13 +16,20 @@ import logging
 import os
 import re
 import stat
+from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, NamedTuple
+from typing import IO, ClassVar, NamedTuple
 
 from smearscan.files import is_inside
-from smearscan.names import display_name, is_image_name, is_image_path
+from smearscan.names import (
+    UNREAD_IMAGE_SUFFIXES,
+    display_name,
+    is_image_name,
+    is_image_path,
+    name_suffix,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +64,40 @@ def is_hidden(name: str, is_folder: bool) -> bool:
 
 @dataclass
 class Skipped:
-    """What a walk left out without a row, for the summary."""
+    """What a walk left out without a row, for the summary: hidden files and folders, and
+    files that are not of an image type smearscan reads, counted by extension (a crop saved
+    as GIF or JPEG 2000 must not vanish from a report without a trace)."""
 
     hidden_files: int = 0
     hidden_folders: int = 0
+    other_types: Counter[str] = field(default_factory=Counter)
+
+    #: how many extensions the summary lists (a share's odd names can have thousands)
+    SHOWN_TYPES: ClassVar[int] = 20
+
+    def add_other(self, name: str) -> None:
+        self.other_types[name_suffix(name)] += 1
+
+    def unread_images(self) -> dict[str, int]:
+        """The left-out files whose extension is an image or slide format smearscan does
+        not read (:data:`~smearscan.names.UNREAD_IMAGE_SUFFIXES`), by extension."""
+        return {
+            suffix: count
+            for suffix, count in sorted(self.other_types.items())
+            if suffix in UNREAD_IMAGE_SUFFIXES
+        }
 
     def to_dict(self) -> dict:
-        return {"hidden_files": self.hidden_files, "hidden_folders": self.hidden_folders}
+        return {
+            "hidden_files": self.hidden_files,
+            "hidden_folders": self.hidden_folders,
+            "other_files": sum(self.other_types.values()),
+            "other_types": {
+                suffix or "(none)": count
+                for suffix, count in self.other_types.most_common(self.SHOWN_TYPES)
+            },
+            "unread_images": self.unread_images(),
+        }
 
 
 def _slide_of(rel_parent: str, root_label: str, depth: int, prefix: str = "") -> str:
@@ -170,7 +204,11 @@ def walk_root(
                 if recursive:
                     subdirs.append((entry.path, rel))
                 continue
-            if not is_image_name(name) or (matches is not None and not matches(rel)):
+            if not is_image_name(name):
+                if skipped is not None and (matches is None or matches(rel)):
+                    skipped.add_other(name)
+                continue
+            if matches is not None and not matches(rel):
                 continue
             problem = ""
             try:

@@ -242,6 +242,7 @@ def merge_reports(parts: list[Path], out: Path, html: bool = True) -> MergeOutco
                 "versions",
                 "quality_control",
                 "tta",
+                "skipped",  # every part walks the whole input, so each counts the same
             )
             if key in first
         }

@@ -25,6 +25,14 @@ import re
 #: other name rules, so that walking a share never imports the image libraries.
 IMAGE_SUFFIXES = frozenset({".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"})
 
+#: Image and slide formats that discovery does not take (by extension): a crop saved as one
+#: of these is left out of the report, so a scan says how many it left out and of which type.
+UNREAD_IMAGE_SUFFIXES = frozenset(
+    {".gif", ".jp2", ".j2k", ".jpx", ".jpf", ".jxl", ".jfif", ".jpe", ".heic", ".heif", ".avif"}
+    | {".pgm", ".ppm", ".pbm", ".pnm", ".exr", ".hdr", ".tga", ".psd", ".ico"}
+    | {".dcm", ".dicom", ".svs", ".ndpi", ".czi", ".scn", ".mrxs", ".vsi"}  # DICOM, whole slides
+)
+
 _SIMPLE = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
 _UNSAFE = re.compile(
     r"[\x00-\x1f\x7f-\x9f\\\udc80-\udcff\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
@@ -74,12 +82,18 @@ def unescape_name(text: str) -> str:
     return os.fsdecode(b"".join(out))
 
 
-def is_image_name(name: str) -> bool:
-    """By the extension of a bare file name, case-insensitive (called for every file of a
-    share, so plain string work; leading dots are part of the name, as for ``splitext``)."""
+def name_suffix(name: str) -> str:
+    """The extension of a bare file name, lower-case, with its dot ("" if none; leading
+    dots are part of the name, as for ``splitext``)."""
     stripped = name.lstrip(".")
     dot = stripped.rfind(".")
-    return dot >= 0 and stripped[dot:].lower() in IMAGE_SUFFIXES
+    return stripped[dot:].lower() if dot >= 0 else ""
+
+
+def is_image_name(name: str) -> bool:
+    """By the extension of a bare file name, case-insensitive (called for every file of a
+    share, so plain string work)."""
+    return name_suffix(name) in IMAGE_SUFFIXES
 
 
 def is_image_path(path: str | os.PathLike) -> bool:

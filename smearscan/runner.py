@@ -564,6 +564,14 @@ def _report(
                 files,
                 measured,
             )
+        unread = skipped.unread_images()
+        if unread:
+            log.warning(
+                "%d files of image types smearscan does not read were left out (%s): save the "
+                "crops as PNG, TIFF, BMP or lossless WebP to have them scanned",
+                sum(unread.values()),
+                ", ".join(f"{count} {suffix}" for suffix, count in unread.items()),
+            )
         write_json(request.summary_path(), summary, reports)
         html_path = request.html_path()
         if html_path is not None:

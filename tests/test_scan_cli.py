@@ -495,10 +495,66 @@ def test_hidden_files_and_folders_are_skipped_counted_and_can_be_included(tmp_pa
     run(["scan", str(slide_tree), "--out", str(out)])
     assert len(rows(out)) == 8
     summary = json.loads(out.with_name("r.summary.json").read_text())
-    assert summary["skipped"] == {"hidden_files": 1, "hidden_folders": 3, "include_hidden": False}
+    assert summary["skipped"] == {
+        "hidden_files": 1,
+        "hidden_folders": 3,
+        "other_files": 0,
+        "other_types": {},
+        "unread_images": {},
+        "include_hidden": False,
+    }
     run(["scan", str(slide_tree), "--out", str(out), "--include-hidden"])
     assert len(rows(out)) == 12
     assert {str(p.relative_to(slide_tree)) for p in hidden} <= {r["path"] for r in rows(out)}
+
+
+@pytest.mark.usefixtures("plumbing_model")
+def test_crops_of_a_type_smearscan_does_not_read_are_counted_and_named(tmp_path, slide_tree):
+    """A crop saved as GIF or JPEG 2000 gets no row: the summary counts every file left out
+    by extension, and the log names the image types, so none vanishes without a trace."""
+    from PIL import Image
+
+    crop = sorted(image_files(slide_tree))[0]
+    slide = slide_tree / "patient_A"
+    with Image.open(crop) as image:
+        image.convert("RGB").save(slide / "cell.gif")
+        image.convert("RGB").save(slide_tree / "patient_B" / "cell.GIF")
+    (slide / "scanner.dcm").write_bytes(b"\0" * 128 + b"DICM")
+    (slide / "notes.txt").write_text("slide notes\n")
+    (slide / "README").write_text("no extension\n")
+    out = tmp_path / "r.csv"
+    result = run(["scan", str(slide_tree), "--out", str(out)])
+    assert len(rows(out)) == 8 and not any(r["path"].lower().endswith(".gif") for r in rows(out))
+    skipped = json.loads(out.with_name("r.summary.json").read_text())["skipped"]
+    assert skipped["other_files"] == 5
+    assert skipped["other_types"] == {".gif": 2, ".dcm": 1, ".txt": 1, "(none)": 1}
+    assert skipped["unread_images"] == {".dcm": 1, ".gif": 2}
+    assert "3 files of image types smearscan does not read were left out (1 .dcm, 2 .gif)" in (
+        result.log
+    )
+    # a --glob narrows what is counted too: files it excludes were not asked for
+    run(["scan", str(slide_tree), "--out", str(out), "--glob", "*.png"])
+    skipped = json.loads(out.with_name("r.summary.json").read_text())["skipped"]
+    assert skipped["other_files"] == 0
+    # parts of a sharded run each walk the whole share; their merge keeps the count
+    parts = [tmp_path / f"p{part}.csv" for part in range(2)]
+    for part, path in enumerate(parts):
+        run(
+            [
+                "scan",
+                str(slide_tree),
+                "--out",
+                str(path),
+                "--num-parts",
+                "2",
+                "--part-id",
+                str(part),
+            ]
+        )
+    merged = tmp_path / "m.csv"
+    run(["merge", *map(str, parts), "--out", str(merged)])
+    skipped = json.loads(merged.with_name("m.summary.json").read_text())["skipped"]
+    assert skipped["unread_images"] == {".dcm": 1, ".gif": 2}
 
 
 def test_max_qc_rate_lets_a_normal_night_exit_0(tmp_path, slide_tree):
