@@ -106,6 +106,16 @@ def compile_for_training(
         loss=consistency_loss(keras, consistency) if consistency else "categorical_crossentropy",
         metrics=["accuracy"],
     )
+    # The optimizer's slots and the loss and metric trackers are built here, eagerly, not
+    # inside the first traced train step: Keras on TensorFlow without a distribution strategy
+    # builds them there, and a tf.function that creates variables is traced twice.
+    model.optimizer.build(model.trainable_variables)
+    x = np.zeros((2, *model.input_shape[1:]), np.float32)  # a pair, for the consistency loss
+    y_pred = model(x, training=False)
+    y = np.zeros(y_pred.shape, np.float32)
+    model.compute_loss(x=x, y=y, y_pred=y_pred)
+    model.compute_metrics(x, y, y_pred, sample_weight=None)
+    model.reset_metrics()
 
 
 def evaluated_weights(
