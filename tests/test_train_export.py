@@ -386,6 +386,8 @@ def test_three_classes_from_folder_names_and_a_chosen_positive(tmp_path, slide_t
                 "0.0625",
                 "--batch-size",
                 "8",
+                "--per-patient",
+                "8",
                 "--quiet",
                 "--cache-dir",
                 str(tmp_path / "cache"),
