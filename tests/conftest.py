@@ -31,6 +31,15 @@ TINY_2CLASS = FIXTURES / "models" / "tiny-2class.onnx"
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CNMC = ROOT.parent / "shared" / "data" / "cnmc"
 IN_CI = os.environ.get("CI", "").lower() == "true"
+#: TensorFlow's thread pools get each xdist worker's share of the cores (the processes a test
+#: starts inherit it), not all of them: two workers each running TF on every core of a 2-core
+#: machine spent 23 s more of test time (478 s against 455 s, 2026-12-07). Every assertion
+#: compares within one setting or within a tolerance; a developer's own setting wins.
+_CORES_PER_WORKER = max(
+    1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+)
+for _pool in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+    os.environ.setdefault(_pool, str(_CORES_PER_WORKER))
 #: the tiny training of the train tests: width 1/16, 3 folds, 8 draws per donor
 TINY = ["--width", "0.0625", "--folds", "3", "--batch-size", "8", "--quiet", "--per-patient", "8"]
 #: The test files that take longest (measured, most first): the workers start on them, so
