@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import sys
 from dataclasses import asdict, dataclass
 
@@ -162,6 +163,13 @@ def decode_image(
         if header_size is not None and header_size[0] * header_size[1] > max_pixels:
             width, height = header_size
             raise ImageDecodeError(f"image too large ({width}x{height} > {max_pixels} pixels)")
+    if data[:4] in TIFF_MAGIC:
+        pages = tiff_pages(data)
+        if pages > 1:  # OpenCV would read the first and say nothing of the others
+            raise ImageDecodeError(
+                f"a TIFF of {pages} or more images: smearscan reads one cell per file; "
+                "save each as a file of its own"
+            )
     buffer = np.frombuffer(data, dtype=np.uint8)
     try:
         image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
@@ -201,6 +209,50 @@ def header_dimensions(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tupl
         return None
     except Exception:  # unknown or damaged header: let OpenCV decide and explain
         return None
+
+
+#: The first bytes of a TIFF (little- and big-endian, classic and BigTIFF).
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _links_a_second_directory(data: bytes) -> bool:
+    """Whether a TIFF's first image directory points to another (TIFF 6.0 section 2: the
+    entry count, the entries, then the next directory's offset, 0 for none; BigTIFF's
+    fields are wider). A damaged header reads as False: the decoder explains."""
+    order = "<" if data[:2] == b"II" else ">"
+    classic = data[2:4] in (b"*\x00", b"\x00*")
+    offset, count, entry = ("I", "H", 12) if classic else ("Q", "Q", 20)
+    try:
+        (first,) = struct.unpack_from(order + offset, data, 4 if classic else 8)
+        (entries,) = struct.unpack_from(order + count, data, first)
+        after = first + struct.calcsize(count) + entry * entries
+        (following,) = struct.unpack_from(order + offset, data, after)
+    except struct.error:
+        return False
+    return following != 0
+
+
+def tiff_pages(data: bytes, enough: int = 2) -> int:
+    """How many full-resolution images a TIFF holds, counting up to ``enough``: reduced-
+    resolution copies (thumbnails, pyramid levels: NewSubfileType bit 0) are not cells. 1
+    when the file cannot be walked; the decoder then has the last word."""
+    if not _links_a_second_directory(data):
+        return 1  # nearly every crop: a glance at the header, a tenth of Pillow's open
+    from PIL import Image
+
+    pages = 0
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            index = 0
+            while pages < enough:
+                image.seek(index)
+                pages += not int(image.tag_v2.get(254, 0)) & 1
+                index += 1
+    except EOFError:
+        pass  # no further page
+    except Exception:  # a damaged directory: let OpenCV decide and explain
+        return 1
+    return max(pages, 1)
 
 
 #: Bit depths cameras store in 16-bit files.

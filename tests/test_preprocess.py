@@ -1,4 +1,5 @@
 import hashlib
+import io
 import json
 
 import cv2
@@ -94,6 +95,33 @@ def test_decompression_bomb_is_refused_from_its_header():
     assert len(png) < 1_000_000
     with pytest.raises(ImageDecodeError, match="too large"):
         decode_image(png.tobytes())
+
+
+@pytest.mark.parametrize("big_tiff", [False, True])
+def test_a_tiff_of_several_cells_is_refused_and_a_thumbnail_is_not_a_cell(big_tiff):
+    """OpenCV decodes a TIFF's first image and says nothing of the others: a file of several
+    cells is an error row, not one cell's label. A reduced-resolution copy (a thumbnail,
+    NewSubfileType bit 0) is not a second cell."""
+    from PIL import Image, TiffImagePlugin
+
+    cells = [Image.fromarray(read_image(path)) for path in fixture_images()[:3]]
+
+    def tiff(first, *more) -> bytes:
+        out = io.BytesIO()
+        first.save(out, format="TIFF", big_tiff=big_tiff, save_all=True, append_images=more)
+        return out.getvalue()
+
+    assert tiff(cells[0])[:4] == (b"II+\x00" if big_tiff else b"II*\x00")
+    assert decode_image(tiff(cells[0])).shape == (450, 450, 3)
+    with pytest.raises(ImageDecodeError, match="a TIFF of 2 or more images"):
+        decode_image(tiff(*cells))
+    thumbnail = cells[0].resize((64, 64))
+    reduced = TiffImagePlugin.ImageFileDirectory_v2()
+    reduced[254] = 1  # NewSubfileType: a reduced-resolution version of the image
+    thumbnail.encoderinfo = {"tiffinfo": reduced}
+    with_thumbnail = tiff(cells[0], thumbnail)
+    assert Image.open(io.BytesIO(with_thumbnail)).n_frames == 2
+    np.testing.assert_array_equal(decode_image(with_thumbnail), read_image(fixture_images()[0]))
 
 
 def test_read_errors_have_reasons(tmp_path):
