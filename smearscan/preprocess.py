@@ -238,11 +238,11 @@ def tiff_pages(data: bytes, enough: int = 2) -> int:
     when the file cannot be walked; the decoder then has the last word."""
     if not _links_a_second_directory(data):
         return 1  # nearly every crop: a glance at the header, a tenth of Pillow's open
-    from PIL import Image
+    from PIL import TiffImagePlugin
 
     pages = 0
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with TiffImagePlugin.TiffImageFile(io.BytesIO(data)) as image:
             index = 0
             while pages < enough:
                 image.seek(index)

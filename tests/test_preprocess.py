@@ -120,7 +120,7 @@ def test_a_tiff_of_several_cells_is_refused_and_a_thumbnail_is_not_a_cell(big_ti
     reduced[254] = 1  # NewSubfileType: a reduced-resolution version of the image
     thumbnail.encoderinfo = {"tiffinfo": reduced}
     with_thumbnail = tiff(cells[0], thumbnail)
-    assert Image.open(io.BytesIO(with_thumbnail)).n_frames == 2
+    assert TiffImagePlugin.TiffImageFile(io.BytesIO(with_thumbnail)).n_frames == 2
     np.testing.assert_array_equal(decode_image(with_thumbnail), read_image(fixture_images()[0]))
 
 
