@@ -81,6 +81,7 @@ def test_report_renders_offline_with_rule_tables_thumbnails_and_problems(tmp_pat
     (messy_tree / "patient_A" / "blank.png").write_bytes(
         cv2.imencode(".png", np.full((450, 450, 3), 255, np.uint8))[1].tobytes()
     )
+    (messy_tree / "patient_A" / "cell.gif").write_bytes(b"GIF89a")  # a type not read
     out = tmp_path / "r.csv"
     run(["scan", str(messy_tree), "--out", str(out)], expect=ExitStatus.SOME_UNUSABLE)
     parsed = rendered(tmp_path / "r.html", tmp_path)
@@ -97,6 +98,7 @@ def test_report_renders_offline_with_rule_tables_thumbnails_and_problems(tmp_pat
     assert "failed quality control" in text and "grayscale or colourless" in text
     assert "Unreadable files (3)" in text and "empty.png" in text and "notes.jpg" in text
     assert "odd names" in text and "patient_A" in text
+    assert "1 files of image types smearscan does not read were left out (1 .gif)" in text
 
     pixels = screenshot(tmp_path / "r.html", tmp_path)
     assert pixels.shape[:2] == (2400, 1200)
