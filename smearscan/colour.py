@@ -28,6 +28,10 @@ BACKGROUND_LEVEL = Recipe().background_threshold
 #: spread measured over the whole cell (a: 3.3 -> 5.1 under blur sigma 2 on the C-NMC crops);
 #: 8 pixels in, the statistics hold within about 0.1 under blur and JPEG 75.
 EDGE_MARGIN = 8
+#: The least spread a statistic reports, in 8-bit Lab units. Real cells spread 2-5 in a and b
+#: and more in L; a colourless slide (grey cells, spread 0) would otherwise divide by almost
+#: nothing and map every pixel to 0 or 255, where with the floor it takes the target's mean.
+SPREAD_FLOOR = 1.0
 T = TypeVar("T")
 
 
@@ -73,12 +77,13 @@ class ColourMoments:
         self.squares += other.squares
 
     def stats(self) -> ColourStats:
-        """Mean and spread (population standard deviation) of the pixels added."""
+        """Mean and spread (population standard deviation, at least :data:`SPREAD_FLOOR`)
+        of the pixels added."""
         if not self.count:
             raise ValueError("no cell pixels: every crop was background")
         mean = self.total / self.count
         variance = np.maximum(self.squares / self.count - np.square(mean), 0.0)
-        return mean, np.sqrt(variance) + 1e-6
+        return mean, np.maximum(np.sqrt(variance), SPREAD_FLOOR)
 
 
 def colour_stats(images: Iterable[np.ndarray], margin: int = 0) -> ColourStats:

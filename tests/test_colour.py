@@ -13,6 +13,7 @@ from conftest import CNMC, read_bgr
 
 from smearscan.colour import (
     EDGE_MARGIN,
+    SPREAD_FLOOR,
     ColourMoments,
     SlideColour,
     cell_lab,
@@ -63,6 +64,23 @@ def test_every_slide_is_mapped_to_the_reference_and_its_background_stays_black()
     # before, the donors' means lay further apart than the rounding left them
     before = np.ptp([stats[d][0] for d in donors], axis=0).max()
     assert before > 3
+
+
+def test_a_colourless_slide_takes_the_references_mean_colour_not_saturated_noise():
+    """Grey cells have no chroma spread: without a floor the transfer divides by almost
+    nothing and paints every cell pixel 0 or 255 in a and b."""
+    crops = donor_crops()
+    colour = SlideColour.fitted([colour_stats(images) for images in crops.values()])
+    grey = [
+        cv2.cvtColor(cv2.cvtColor(c, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
+        for c in next(iter(crops.values()))
+    ]
+    stats = colour_stats(grey)
+    assert stats[1][1] == stats[1][2] == SPREAD_FLOOR  # a and b: no spread at all
+    normalised = [colour.normalise(image, stats) for image in grey]
+    mean, spread = colour_stats(normalised)
+    assert np.abs(mean[1:] - colour.mean[1:]).max() < 1.5
+    assert spread[1:].max() < 2  # the reference's mean colour, not a and b at 0 or 255
 
 
 def test_the_reference_writes_and_reads_its_own_record_and_refuses_nonsense():
