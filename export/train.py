@@ -166,6 +166,7 @@ def train(config: TrainConfig) -> dict:
     stored = run_config(config, labels, architecture, parent, train_samples, val_samples)
     if split.normalise is not None:  # the reference a scan would map each slide to
         stored["slide_colour"] = split.normalise.colour.to_record()
+    stored["trained_with"] = provenance()
     (out / "config.json").write_text(json.dumps(stored, indent=2))
 
     val_ds = make_dataset(tf, x_val, y_val, len(labels), config, training=False, rng=rng)
@@ -322,6 +323,48 @@ def run_config(
             "val_images": len(val_samples),
         },
         "data": str(config.data),
+    }
+
+
+def provenance() -> dict:
+    """The code and libraries that trained a run. The same options and seed give the same
+    weights only with the same code: a refactor that draws the augmentations in another
+    order, or another schedule's rounding, trains other weights (the shipped recipe's seed 1,
+    retrained on 2026-12-07 from d05e470, differs from its 2026-12-05 run). ``commit`` is
+    None outside a git checkout; ``modified`` says whether ``export/`` or ``smearscan/`` had
+    uncommitted changes."""
+    import platform
+    import subprocess
+    from pathlib import Path
+
+    import cv2
+    import keras
+    import tensorflow as tf
+
+    root = Path(__file__).resolve().parents[1]
+    commit, modified = None, None
+    try:
+
+        def git(*args: str) -> str:
+            done = subprocess.run(
+                ["git", *args], cwd=root, capture_output=True, text=True, timeout=20, check=True
+            )
+            return done.stdout.strip()
+
+        commit = git("rev-parse", "HEAD")
+        modified = bool(git("status", "--porcelain", "--", "export", "smearscan"))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {
+        "commit": commit,
+        "modified": modified,
+        "versions": {
+            "python": platform.python_version(),
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "numpy": np.__version__,
+            "opencv": cv2.__version__,
+        },
     }
 
 

@@ -48,6 +48,11 @@ def test_training_writes_the_run_folder(tiny_run):
     assert len(split["val_patients"]) == 2  # one patient per class in 3 folds of 3+3
     assert config["args"]["augment"] == "flips,scale,photometric,stain,focus"
     assert config["args"]["balance"] == "donors" and config["args"]["ema"] == 0.99
+    # the code that trained it: options and seed alone do not fix the weights
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    trained_with = config["trained_with"]
+    assert trained_with["commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert trained_with["versions"]["tensorflow"] and trained_with["versions"]["keras"]
     history = (tiny_run / "history.csv").read_text().splitlines()
     assert len(history) == 3 and history[0].startswith("epoch,loss,accuracy,val_loss")
     metrics = json.loads((tiny_run / "metrics.json").read_text())
