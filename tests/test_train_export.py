@@ -5,6 +5,7 @@ crops (TensorFlow: the [train] extra). One tiny model is trained once per sessio
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -53,6 +54,9 @@ def test_training_writes_the_run_folder(tiny_run):
     trained_with = config["trained_with"]
     assert trained_with["commit"] == (head.stdout.strip() if head.returncode == 0 else None)
     assert trained_with["versions"]["tensorflow"] and trained_with["versions"]["keras"]
+    # and the machine: another CPU's kernels train other weights from the same code
+    assert trained_with["machine"]["cores"] == os.cpu_count()
+    assert set(trained_with["machine"]["isa"]) <= {"avx2", "avx512f", "avx512_bf16", "amx_tile"}
     history = (tiny_run / "history.csv").read_text().splitlines()
     assert len(history) == 3 and history[0].startswith("epoch,loss,accuracy,val_loss")
     metrics = json.loads((tiny_run / "metrics.json").read_text())
