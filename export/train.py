@@ -330,13 +330,12 @@ def provenance() -> dict:
     """The code and libraries that trained a run. The same options and seed give the same
     weights only with the same code: a refactor that draws the augmentations in another
     order, or another schedule's rounding, trains other weights (the shipped recipe's seed 1,
-    retrained on 2026-12-07 from d05e470, differs from its 2026-12-05 run), and so does
-    another machine can: oneDNN picks its float kernels by instruction set (the same code
+    retrained on 2026-12-07 from d05e470, differs from its 2026-12-05 run), and so can
+    another machine: oneDNN picks its float kernels by instruction set (the same code
     trained seed 1's fold 0 to ROC AUC 0.744 on one machine and 0.782 on the next, one with
     AVX-512 and AMX; the first one's instruction sets and library versions were not kept).
     ``commit`` is None outside a git checkout; ``modified`` says whether ``export/`` or
     ``smearscan/`` had uncommitted changes."""
-    import os
     import platform
     import subprocess
     from pathlib import Path
@@ -362,7 +361,7 @@ def provenance() -> dict:
     return {
         "commit": commit,
         "modified": modified,
-        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "isa": _vector_isa()},
+        "machine": _machine(),
         "versions": {
             "python": platform.python_version(),
             "tensorflow": tf.__version__,
@@ -373,32 +372,26 @@ def provenance() -> dict:
     }
 
 
-def _cpu_flags() -> tuple[str, set[str]]:
-    """The CPU's model name and flags from /proc/cpuinfo (Linux); empty elsewhere."""
+def _machine() -> dict:
+    """The CPU (model name from /proc/cpuinfo on Linux), its cores and the vector instruction
+    sets oneDNN chooses its kernels by, as far as they differ between machines here."""
+    import os
+    import platform
     from pathlib import Path
 
+    fields: dict[str, str] = {}
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
-        return "", set()
-    fields = dict(
-        (key.strip(), value.strip())
-        for key, _, value in (line.partition(":") for line in text.splitlines())
-        if value
-    )
-    return fields.get("model name", ""), set(fields.get("flags", "").split())
-
-
-def _cpu_model() -> str | None:
-    import platform
-
-    return _cpu_flags()[0] or platform.processor() or None
-
-
-def _vector_isa() -> list[str]:
-    """The vector instruction sets oneDNN chooses its kernels by, as far as they differ here."""
-    flags = _cpu_flags()[1]
-    return [isa for isa in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if isa in flags]
+        pass
+    flags = set(fields.get("flags", "").split())
+    return {
+        "cpu": fields.get("model name") or platform.processor() or None,
+        "cores": os.cpu_count(),
+        "isa": [isa for isa in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if isa in flags],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
