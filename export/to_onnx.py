@@ -18,6 +18,7 @@ leaves no file, if ONNX differs from Keras by more than 1e-4 on real crops.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -40,7 +41,7 @@ from smearscan import __version__, qc
 from smearscan import modelfile as mf
 from smearscan.inference import apply_temperature, load_classifier
 from smearscan.metrics import classification_metrics
-from smearscan.policy import DecisionPolicy
+from smearscan.policy import SLIDE_RULES, DecisionPolicy
 from smearscan.preprocess import Recipe, framed_and_resized, gray_of, read_image, unit_range
 
 log = logging.getLogger("export.to_onnx")
@@ -60,7 +61,51 @@ class ExportError(RuntimeError):
     pass
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+DEFAULT_WORKERS = os.cpu_count() or 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    """What one export is asked to do: the library's input, so that a caller other than
+    the command line (a test, a lab's script) passes checked values, not a namespace."""
+
+    run: Path
+    out: Path
+    #: with a CV folder: 'ensemble' (the fold models averaged in one graph) or a run folder
+    #: trained on every donor with the same recipe
+    weights: str = "ensemble"
+    data: Path | None = None
+    positive: str | None = None
+    #: single runs only (a CV folder brings its own): 'balanced' or 'sensitivity:X'
+    operating_point: str = "balanced"
+    slide_rule: str = "mean"
+    min_cells: int = 10
+    int8: bool = False
+    calibration: Path | None = None
+    calibration_images: int = 256
+    int8_min_agreement: float = 0.995
+    parity_images: int = 64
+    qc_images: int = 0
+    description: str | None = None
+    workers: int = DEFAULT_WORKERS
+
+    def __post_init__(self) -> None:
+        parse_operating_point(self.operating_point)
+        checks = (
+            (self.slide_rule in SLIDE_RULES, f"slide_rule must be one of {SLIDE_RULES}"),
+            (self.min_cells >= 1, "min_cells must be at least 1"),
+            (self.calibration_images >= 1, "calibration_images must be at least 1"),
+            (0.0 <= self.int8_min_agreement <= 1.0, "int8_min_agreement must be in [0, 1]"),
+            (self.parity_images >= 1, "parity_images must be at least 1"),
+            (self.qc_images >= 0, "qc_images must be 0 (all) or more"),
+            (self.workers >= 1, "workers must be at least 1"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def parse_args(argv: list[str] | None = None) -> ExportOptions:
     p = argparse.ArgumentParser(
         prog="python -m export.to_onnx",
         description=__doc__.split("\n")[0],
@@ -70,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="ONNX file to write")
     p.add_argument(
         "--weights",
-        default="ensemble",
+        default=ExportOptions.weights,
         help="with a CV folder: 'ensemble' (the fold models averaged in one graph) or a run "
         "folder trained on every donor with the same recipe",
     )
@@ -78,33 +123,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--positive", help="the positive class (default: 'all' if present)")
     p.add_argument(
         "--operating-point",
-        default="balanced",
+        default=ExportOptions.operating_point,
         help="single runs: 'balanced' or 'sensitivity:X' (a CV folder brings its own)",
     )
     p.add_argument(
         "--slide-rule",
-        default="mean",
-        choices=("mean", "fraction"),
+        default=ExportOptions.slide_rule,
+        choices=SLIDE_RULES,
         help="single runs: the slide score (a CV folder brings its own)",
     )
-    p.add_argument("--min-cells", type=int, default=10, help="fewer usable cells: 'insufficient'")
+    p.add_argument(
+        "--min-cells",
+        type=int,
+        default=ExportOptions.min_cells,
+        help="fewer usable cells: 'insufficient'",
+    )
     p.add_argument("--int8", action="store_true", help="also write <out>.int8.onnx (static QDQ)")
     p.add_argument("--calibration", type=Path, help="images for INT8 calibration")
-    p.add_argument("--calibration-images", type=int, default=256)
+    p.add_argument("--calibration-images", type=int, default=ExportOptions.calibration_images)
     p.add_argument(
         "--int8-min-agreement",
         type=float,
-        default=0.995,
+        default=ExportOptions.int8_min_agreement,
         help="write the INT8 file only if, on every class of validation crops, at least this "
         "share get the label the fp32 model gives (calibrated, at the stored threshold)",
     )
-    p.add_argument("--parity-images", type=int, default=64)
+    p.add_argument("--parity-images", type=int, default=ExportOptions.parity_images)
     p.add_argument(
-        "--qc-images", type=int, default=0, help="training crops measured for QC limits (0 = all)"
+        "--qc-images",
+        type=int,
+        default=ExportOptions.qc_images,
+        help="training crops measured for QC limits (0 = all)",
     )
     p.add_argument("--description", help="training data description for the metadata")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    return p.parse_args(argv)
+    p.add_argument("--workers", type=int, default=ExportOptions.workers)
+    namespace = p.parse_args(argv)
+    try:
+        return ExportOptions(**vars(namespace))
+    except ValueError as exc:
+        p.error(str(exc))
 
 
 def convert(keras_model, input_size: int):
@@ -202,7 +259,7 @@ def read_recipe(config: dict) -> Recipe:
 class Source:
     """What an export starts from: weights, labels, recipe, rules and metrics."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: ExportOptions) -> None:
         run = args.run
         self.cv = (run / "cv.json").exists()
         if self.cv:
@@ -244,7 +301,7 @@ class Source:
         validation = set(config["split"]["val_patients"])
         return [s for s in samples if s.patient not in validation]
 
-    def rules_and_metrics(self, args) -> tuple[Rules, dict, str]:
+    def rules_and_metrics(self, args: ExportOptions) -> tuple[Rules, dict, str]:
         if self.cv:
             final = self.report["rules_on_all_donors"]
             rules = Rules(
@@ -296,7 +353,7 @@ class Source:
         return rules, metrics, "validation patients of one split"
 
 
-def export(args: argparse.Namespace) -> dict:
+def export(args: ExportOptions) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import onnx
 
@@ -509,7 +566,14 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> N
         )
 
 
-def export_int8(args, recipe, labels, train_samples, val_samples, rng) -> dict:
+def export_int8(
+    args: ExportOptions,
+    recipe: Recipe,
+    labels: list[str],
+    train_samples: list[Sample],
+    val_samples: list[Sample],
+    rng: np.random.Generator,
+) -> dict:
     """Write <out>.int8.onnx only if the scanner would report the same labels with it."""
     import onnx
 

@@ -4,6 +4,7 @@ crops (TensorFlow: the [train] extra). One tiny model is trained once per sessio
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -210,6 +211,28 @@ def test_a_slide_colour_run_trains_on_normalised_crops_and_its_export_is_refused
     )
     assert to_onnx.main([str(out), "--out", str(tmp_path / "m.onnx")]) != 0
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_options_are_checked_before_any_work(tmp_path, capsys):
+    """The library's export takes a typed, validated ExportOptions; the command line
+    builds one and refuses values the export could only fail on later."""
+    options = to_onnx.parse_args([str(tmp_path), "--out", str(tmp_path / "m.onnx")])
+    assert isinstance(options, to_onnx.ExportOptions)
+    assert options.weights == "ensemble" and options.min_cells == 10 and options.run == tmp_path
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.min_cells = 3  # type: ignore[misc]
+    for bad in (
+        {"min_cells": 0},
+        {"slide_rule": "median"},
+        {"operating_point": "sensitivity:2"},
+        {"int8_min_agreement": 1.5},
+    ):
+        with pytest.raises(ValueError):
+            dataclasses.replace(options, **bad)
+    with pytest.raises(SystemExit) as stopped:
+        to_onnx.parse_args([str(tmp_path), "--out", "m.onnx", "--operating-point", "best"])
+    assert stopped.value.code == 2
+    assert "operating point must be" in capsys.readouterr().err
 
 
 def test_export_parity_metadata_and_scan(tiny_run, tmp_path, slide_tree):
