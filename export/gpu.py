@@ -41,6 +41,9 @@ from smearscan.preprocess import unit_range
 
 log = logging.getLogger("export.gpu")
 
+#: WebP quality 101 is lossless: the only pack a model that ships may be trained on.
+LOSSLESS = 101
+
 
 def _decoded_rgb(encoded: bytes) -> np.ndarray:
     import cv2
@@ -51,9 +54,9 @@ def _decoded_rgb(encoded: bytes) -> np.ndarray:
     return image[:, :, ::-1]
 
 
-def pack(args: argparse.Namespace, config: TrainConfig) -> dict:
-    """Write the pack (``args``: where and how; ``config``: the crops' preprocessing and the
-    split); returns its metadata."""
+def pack(config: TrainConfig, quality: int = LOSSLESS, parts: int = 1) -> dict:
+    """Write the pack to ``config.out`` in ``parts`` files (``config``: the crops'
+    preprocessing and the split; ``quality``: WebP, 101 lossless); returns its metadata."""
     import cv2
 
     from smearscan.preprocess import cell_box, read_image
@@ -75,9 +78,7 @@ def pack(args: argparse.Namespace, config: TrainConfig) -> dict:
         return max(box[2], box[3]) * (1 + 2 * recipe.margin)
 
     def encode(image: np.ndarray) -> bytes:
-        ok, data = cv2.imencode(
-            ".webp", image[:, :, ::-1], [cv2.IMWRITE_WEBP_QUALITY, args.quality]
-        )
+        ok, data = cv2.imencode(".webp", image[:, :, ::-1], [cv2.IMWRITE_WEBP_QUALITY, quality])
         if not ok:
             raise ValueError("WebP encoding failed")
         return data.tobytes()
@@ -91,7 +92,7 @@ def pack(args: argparse.Namespace, config: TrainConfig) -> dict:
         "folds": split.folds,
         "split_seed": split.seed,
         "split": split.method,
-        "webp_quality": args.quality,
+        "webp_quality": quality,
         "crops": len(samples),
     }
     columns = {
@@ -102,8 +103,8 @@ def pack(args: argparse.Namespace, config: TrainConfig) -> dict:
         "fold_of": fold_of,
         "side": sides,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    files = pack_files(args.out, args.parts)
+    config.out.parent.mkdir(parents=True, exist_ok=True)
+    files = pack_files(config.out, parts)
     bounds = np.linspace(0, len(samples), len(files) + 1).round().astype(int)
     for path, start, stop in zip(files, bounds[:-1], bounds[1:], strict=True):
         part = encoded[start:stop]
@@ -187,22 +188,23 @@ def write_fold_config(config: TrainConfig, split: SplitArrays, params: int, orig
     (config.out / "config.json").write_text(json.dumps(stored, indent=2))
 
 
-def import_run(args: argparse.Namespace, config: TrainConfig) -> None:
-    """Turn an ``export.train_jax`` output folder into the folds of a CV folder."""
+def import_run(config: TrainConfig, source: Path, name: str) -> None:
+    """Turn run ``name`` of an ``export.train_jax`` output folder (``source``) into the folds
+    of a CV folder."""
     import keras
 
-    summary = json.loads((args.source / "summary.json").read_text())[args.name]
+    summary = json.loads((source / "summary.json").read_text())[name]
     gpu_predictions: dict[int, list[list[str]]] = {}
-    with open(args.source / "oof.csv", newline="") as handle:
+    with open(source / "oof.csv", newline="") as handle:
         reader = csv.reader(handle)
         header = next(reader)
         for row in reader:
-            if row[0] == args.name:
+            if row[0] == name:
                 gpu_predictions.setdefault(int(row[1]), []).append(row[2:])
     for fold in range(config.split.folds):
         fold_arguments = fold_config(config, config.out, fold)
         record = summary["folds"][str(fold)]
-        weights = weight_files(args.source, args.name, fold)
+        weights = weight_files(source, name, fold)
         split = load_split(fold_arguments)
         out = fold_arguments.out
         origin = {
@@ -251,7 +253,7 @@ def import_run(args: argparse.Namespace, config: TrainConfig) -> None:
                 indent=2,
             )
         )
-        log.info("fold %d: %s -> %s (%s)", fold, args.name, out, origin["predictions"])
+        log.info("fold %d: %s -> %s (%s)", fold, name, out, origin["predictions"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     packer.add_argument(
         "--quality",
         type=int,
-        default=101,
+        default=LOSSLESS,
         help="WebP quality; 101 is lossless. Lossy packs are not for models to ship: trained "
         "on quality 95, the GPU models' outputs moved by up to 0.05 on the real crops "
         "(docs/ablation.md)",
@@ -289,9 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_options(args)
         if args.command == "pack":
-            print(json.dumps(pack(args, config), indent=2))
+            print(json.dumps(pack(config, args.quality, args.parts), indent=2))
         else:
-            import_run(args, config)
+            import_run(config, args.source, args.name)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         log.error("%s", exc)
         return 2

@@ -39,7 +39,7 @@ def packed(tmp_path_factory):
             *RECIPE,
         ]
     )
-    meta = gpu.pack(args, config_from_options(args))
+    meta = gpu.pack(config_from_options(args), args.quality, args.parts)
     return out, meta
 
 
