@@ -225,7 +225,7 @@ def test_export_options_are_checked_before_any_work(tmp_path, capsys):
         {"min_cells": 0},
         {"slide_rule": "median"},
         {"operating_point": "sensitivity:2"},
-        {"int8_min_agreement": 1.5},
+        {"int8_min_agreement": -0.1},
     ):
         with pytest.raises(ValueError):
             dataclasses.replace(options, **bad)
