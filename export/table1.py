@@ -16,11 +16,13 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from export.config import Split, TrainConfig
+from export.augment import parse_groups
+from export.config import Augmentation, Network, Sampling, Schedule, Split, TrainConfig
 from export.pipeline import load_split
 from smearscan.metrics import classification_metrics
 from smearscan.preprocess import Recipe, log_enhance, unit_range
@@ -41,25 +43,83 @@ ORDER = ["KNN", "SVM", "VGG16", "VGG19", "VGG16+RF", "VGG13"]
 TABLE1_RECIPE = Recipe(crop="window", window=320)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class Table1Options:
+    """What one reproduction of the table runs: the split, and the VGG rows' width and
+    schedule (the KNN and SVM rows take only the split)."""
+
+    data: Path
+    out: Path
+    work: Path = Path("runs/table1")
+    width: float = 0.125
+    epochs: int = 10
+    per_patient: int = 100
+    folds: int = 4
+    fold: int = 0
+    seed: int = 0
+    only: tuple[str, ...] = tuple(ORDER)
+    vgg13_run: Path | None = None
+    cache_dir: Path = Path(".cache/arrays")
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.only) - set(ORDER))
+        if unknown:
+            raise ValueError(f"--only: unknown row(s) {unknown}; the rows are {ORDER}")
+
+    def vgg_config(self, depth: int) -> TrainConfig:
+        """The training of one VGG row, as the table was published (docs/table1.md): the
+        window crop, flips only, class weights, best epoch by validation weighted F1."""
+        return TrainConfig(
+            data=self.data,
+            out=self.work / f"vgg{depth}",
+            recipe=TABLE1_RECIPE,
+            network=Network(depth=depth, width=self.width, batch_norm=True),
+            augmentation=Augmentation(groups=parse_groups("flips")),
+            schedule=Schedule(
+                epochs=self.epochs, batch_size=32, lr=1e-3, ema=0.0, bn_recalibrate=0, select="best"
+            ),
+            sampling=Sampling("weights", self.per_patient),
+            split=Split(folds=self.folds, fold=self.fold, seed=self.seed),
+            seed=self.seed,
+            cache_dir=self.cache_dir,
+            quiet=True,
+        )
+
+
+def parse_args(argv: list[str] | None = None) -> Table1Options:
     p = argparse.ArgumentParser(
         prog="python -m export.table1",
         description=__doc__.split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    defaults = Table1Options(data=Path(), out=Path())
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path, help="Markdown table to write")
-    p.add_argument("--work", type=Path, default=Path("runs/table1"), help="resumable work dir")
-    p.add_argument("--width", type=float, default=0.125)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--per-patient", type=int, default=100)
-    p.add_argument("--folds", type=int, default=4)
-    p.add_argument("--fold", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", type=Path, default=defaults.work, help="resumable work dir")
+    p.add_argument("--width", type=float, default=defaults.width)
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--per-patient", type=int, default=defaults.per_patient)
+    p.add_argument("--folds", type=int, default=defaults.folds)
+    p.add_argument("--fold", type=int, default=defaults.fold)
+    p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--only", help="comma-separated subset of " + ",".join(ORDER))
     p.add_argument("--vgg13-run", type=Path, help="reuse this VGG13 training run folder")
-    p.add_argument("--cache-dir", type=Path, default=Path(".cache/arrays"))
-    return p.parse_args(argv)
+    p.add_argument("--cache-dir", type=Path, default=defaults.cache_dir)
+    args = p.parse_args(argv)
+    return Table1Options(
+        data=args.data,
+        out=args.out,
+        work=args.work,
+        width=args.width,
+        epochs=args.epochs,
+        per_patient=args.per_patient,
+        folds=args.folds,
+        fold=args.fold,
+        seed=args.seed,
+        only=tuple(args.only.split(",")) if args.only else tuple(ORDER),
+        vgg13_run=args.vgg13_run,
+        cache_dir=args.cache_dir,
+    )
 
 
 def handcrafted_features(x: np.ndarray) -> np.ndarray:
@@ -99,62 +159,14 @@ def sklearn_row(name: str, x_train, y_train, x_val, y_val, labels, seed: int) ->
     return classification_metrics(y_val, scores, labels, "all", y_pred=model.predict(features))
 
 
-def train_vgg(depth: int, args, work: Path) -> Path:
+def train_vgg(depth: int, options: Table1Options) -> Path:
+    """The VGG row's training run folder, trained unless a finished one is there."""
     from export import train
 
-    out = work / f"vgg{depth}"
-    if not (out / "metrics.json").exists():
-        code = train.main(
-            [
-                "--data",
-                str(args.data),
-                "--out",
-                str(out),
-                "--depth",
-                str(depth),
-                "--width",
-                str(args.width),
-                "--epochs",
-                str(args.epochs),
-                "--batch-norm",
-                "--lr",
-                "1e-3",
-                "--batch-size",
-                "32",
-                "--per-patient",
-                str(args.per_patient),
-                "--folds",
-                str(args.folds),
-                "--fold",
-                str(args.fold),
-                "--seed",
-                str(args.seed),
-                "--split-seed",
-                str(args.seed),
-                # the recipe of the table as published (docs/table1.md): window crop, flips,
-                # class weights, best epoch by validation weighted F1
-                "--crop",
-                "window",
-                "--window",
-                "320",
-                "--augment",
-                "flips",
-                "--balance",
-                "weights",
-                "--ema",
-                "0",
-                "--bn-recalibrate",
-                "0",
-                "--select",
-                "best",
-                "--cache-dir",
-                str(args.cache_dir),
-                "--quiet",
-            ]
-        )
-        if code != 0:
-            raise RuntimeError(f"training VGG{depth} failed")
-    return out
+    config = options.vgg_config(depth)
+    if not (config.out / "metrics.json").exists():
+        train.train(config)
+    return config.out
 
 
 def vgg_row(run: Path) -> tuple[dict, float]:
@@ -185,14 +197,14 @@ def results_json_path(out: Path) -> Path:
     return out.with_name(out.stem + "-results.json")
 
 
-def render(results: dict, args, split: dict) -> str:
+def render(results: dict, options: Table1Options, split: dict) -> str:
     lines = [
         "# Table I, reproduced on a patient-disjoint split",
         "",
-        f"Command: `python -m export.table1 --data {args.data} --out {args.out} "
-        f"--width {args.width} --epochs {args.epochs} --seed {args.seed}"
-        + (f" --vgg13-run {args.vgg13_run}" if args.vgg13_run else "")
-        + f"` (per-row results: `{results_json_path(args.out).name}`; copy it to "
+        f"Command: `python -m export.table1 --data {options.data} --out {options.out} "
+        f"--width {options.width} --epochs {options.epochs} --seed {options.seed}"
+        + (f" --vgg13-run {options.vgg13_run}" if options.vgg13_run else "")
+        + f"` (per-row results: `{results_json_path(options.out).name}`; copy it to "
         "`<work>/results.json` to resume or re-render without retraining)",
         "",
         f"Split: {split['method']}; {split['train_patients']} training patients "
@@ -221,8 +233,8 @@ def render(results: dict, args, split: dict) -> str:
         "",
         "KNN and SVM: LoG-enhanced crops (σ 1.5) downsampled to 32×32 RGB, standardised, PCA to "
         "100 components; KNN k=7 distance-weighted; SVM RBF C=3 with balanced class weights. "
-        f"VGG16/VGG19/VGG13: width {args.width}, batch norm, {args.epochs} epochs, "
-        f"{args.per_patient} images per patient per epoch, best epoch by validation weighted "
+        f"VGG16/VGG19/VGG13: width {options.width}, batch norm, {options.epochs} epochs, "
+        f"{options.per_patient} images per patient per epoch, best epoch by validation weighted "
         "F1 (so the CNN rows are slightly optimistic). VGG16+RF: random forest (300 trees, "
         "balanced) on the trained VGG16's pooled block-5 features.",
         "Seconds are wall time on the shared 2-core machine (other work ran beside some "
@@ -243,27 +255,26 @@ def render(results: dict, args, split: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    args = parse_args(argv)
-    args.work.mkdir(parents=True, exist_ok=True)
-    results_path = args.work / "results.json"
+    options = parse_args(argv)
+    options.work.mkdir(parents=True, exist_ok=True)
+    results_path = options.work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    wanted = args.only.split(",") if args.only else ORDER
 
     arrays = load_split(
         TrainConfig(
-            data=args.data,
-            out=args.work,
+            data=options.data,
+            out=options.work,
             recipe=TABLE1_RECIPE,
-            split=Split(folds=args.folds, fold=args.fold, seed=args.seed),
+            split=Split(folds=options.folds, fold=options.fold, seed=options.seed),
             workers=2,
-            cache_dir=args.cache_dir,
+            cache_dir=options.cache_dir,
         )
     )
     labels = arrays.labels
     x_train, y_train, x_val, y_val = arrays.x_train, arrays.y_train, arrays.x_val, arrays.y_val
     split = {
-        "method": f"patient-disjoint, stratified by class, {args.folds} folds, fold {args.fold} "
-        f"validates, seed {args.seed}",
+        "method": f"patient-disjoint, stratified by class, {options.folds} folds, "
+        f"fold {options.fold} validates, seed {options.seed}",
         "train_patients": len({s.patient for s in arrays.train_samples}),
         "val_patients": len({s.patient for s in arrays.val_samples}),
         "train_images": len(x_train),
@@ -275,28 +286,32 @@ def main(argv: list[str] | None = None) -> int:
         results_path.write_text(json.dumps(results, indent=2))
         log.info("%s: weighted F1 %.4f, AUC %.4f", name, metrics["weighted_f1"], metrics["roc_auc"])
 
-    for name in [n for n in ORDER if n in wanted and n not in results]:
+    for name in [n for n in ORDER if n in options.only and n not in results]:
         started = time.time()
         if name in ("KNN", "SVM"):
             save(
-                name, sklearn_row(name, x_train, y_train, x_val, y_val, labels, args.seed), started
+                name,
+                sklearn_row(name, x_train, y_train, x_val, y_val, labels, options.seed),
+                started,
             )
         elif name in ("VGG16", "VGG19"):
-            metrics, seconds = vgg_row(train_vgg(int(name[3:]), args, args.work))
+            metrics, seconds = vgg_row(train_vgg(int(name[3:]), options))
             save(name, metrics, started, seconds)
         elif name == "VGG16+RF":
-            run = train_vgg(16, args, args.work)
+            run = train_vgg(16, options)
             save(
-                name, vgg16_rf_row(run, x_train, y_train, x_val, y_val, labels, args.seed), started
+                name,
+                vgg16_rf_row(run, x_train, y_train, x_val, y_val, labels, options.seed),
+                started,
             )
         elif name == "VGG13":
-            run = args.vgg13_run or train_vgg(13, args, args.work)
+            run = options.vgg13_run or train_vgg(13, options)
             metrics, seconds = vgg_row(run)
             save(name, metrics, started, seconds)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(results, args, split))
-    results_json_path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    log.info("wrote %s and %s", args.out, results_json_path(args.out))
+    options.out.parent.mkdir(parents=True, exist_ok=True)
+    options.out.write_text(render(results, options, split))
+    results_json_path(options.out).write_text(json.dumps(results, indent=2) + "\n")
+    log.info("wrote %s and %s", options.out, results_json_path(options.out))
     return 0
 
 

@@ -563,6 +563,28 @@ def test_fine_tuning_starts_from_the_parent_and_records_it(tiny_run, tmp_path):
     )
 
 
+def test_table1_options_are_typed_and_train_as_published():
+    """The table's VGG rows train with the flags docs/table1.md publishes, and a row
+    the table does not have is refused before any work."""
+    from export import table1, train
+
+    options = table1.parse_args(
+        ["--data", "d", "--out", "t.md", "--width", "0.0625", "--epochs", "3", "--seed", "2"]
+    )
+    assert isinstance(options, table1.Table1Options) and options.only == tuple(table1.ORDER)
+    published = train.parse_config(
+        ["--data", "d", "--out", "runs/table1/vgg19", "--depth", "19", "--width", "0.0625"]
+        + ["--epochs", "3", "--batch-norm", "--lr", "1e-3", "--batch-size", "32"]
+        + ["--per-patient", "100", "--folds", "4", "--fold", "0", "--seed", "2"]
+        + ["--split-seed", "2", "--crop", "window", "--window", "320", "--augment", "flips"]
+        + ["--balance", "weights", "--ema", "0", "--bn-recalibrate", "0", "--select", "best"]
+        + ["--quiet"]
+    )
+    assert options.vgg_config(19) == published
+    with pytest.raises(ValueError, match="unknown row"):
+        table1.parse_args(["--data", "d", "--out", "t.md", "--only", "KNN,VGG11"])
+
+
 def test_table1_quick_path(tmp_path):
     from export import table1
 
