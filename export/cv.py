@@ -140,25 +140,14 @@ def averaged_predictions(folders: list[Path]) -> Predictions:
 
 def donor_cell_areas(data: Path, workers: int) -> dict[str, float]:
     """Median segmented cell area (pixels, the QC measurement) per donor."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from export.data import discover_dataset
-    from smearscan.preprocess import Recipe, framed_and_resized, gray_of, read_image
-    from smearscan.qc import measure
-
-    recipe = Recipe()
-
-    def area(path: Path) -> float:
-        image = read_image(path, order="bgr")
-        gray = gray_of(image, "bgr")
-        return measure(gray, framed_and_resized(image, recipe, "bgr", gray), 12).area
+    from export.size_reading import cell_areas
 
     samples = discover_dataset(data)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        areas = list(pool.map(area, [s.path for s in samples]))
+    areas = cell_areas([s.path for s in samples], workers)
     by_donor: dict[str, list[float]] = {}
     for sample, value in zip(samples, areas, strict=True):
-        by_donor.setdefault(sample.patient, []).append(value)
+        by_donor.setdefault(sample.patient, []).append(float(value))
     return {donor: float(np.median(values)) for donor, values in by_donor.items()}
 
 

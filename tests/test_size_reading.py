@@ -1,0 +1,65 @@
+"""export.size_reading: how a run's P(positive) follows the cell's size, on real crops."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import CNMC, ROOT, SHARED_CNMC
+
+pytest.importorskip("sklearn", reason="the training extra (pip install '.[train]')")
+
+from export.donors import Predictions  # noqa: E402
+from export.size_reading import cell_areas, size_reading  # noqa: E402
+
+RUNS = ROOT / "export" / "ablation_runs"
+
+
+def _predictions(labels: list[str], y: np.ndarray, positive_scores: np.ndarray) -> Predictions:
+    probabilities = np.zeros((len(y), len(labels)))
+    probabilities[:, 0] = positive_scores
+    probabilities[:, 1] = 1 - positive_scores
+    return Predictions(
+        labels,
+        [f"crop_{i}.webp" for i in range(len(y))],
+        np.array([f"donor_{label}_{i % 3}" for i, label in enumerate(y)]),
+        y,
+        np.zeros(len(y), dtype=int),
+        probabilities,
+    )
+
+
+def test_a_score_that_is_the_cells_size_is_read_as_size():
+    paths = sorted(CNMC.rglob("*.webp"))
+    areas = cell_areas(paths, workers=2)
+    assert len(areas) == 24 and areas.min() > 1000  # a 450-px crop's cell, not the frame
+    y = np.array([0 if path.parent.name == "all" else 1 for path in paths])
+    by_size = (areas - areas.min()) / (areas.max() - areas.min())
+    report = size_reading(_predictions(["all", "hem"], y, by_size), areas)
+    assert report["positive_class"] == "all"
+    for label in ("all", "hem"):
+        assert report["classes"][label]["pooled_spearman"] == pytest.approx(1.0)
+        assert report["classes"][label]["within_donor_spearman"] == pytest.approx(1.0)
+    against = size_reading(_predictions(["all", "hem"], y, 1 - by_size), areas)
+    assert against["classes"]["hem"]["within_donor_spearman"] == pytest.approx(-1.0)
+    larger_all = np.mean([a > h for a in areas[y == 0] for h in areas[y == 1]])
+    assert report["area_alone_roc_auc"] == pytest.approx(larger_all)
+
+
+def test_every_class_is_reported_not_two():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 6)
+    areas = rng.uniform(20_000, 40_000, size=len(y))
+    report = size_reading(_predictions(["all", "hem", "other"], y, rng.uniform(size=len(y))), areas)
+    assert set(report["classes"]) == {"all", "hem", "other"}
+    assert all(entry["cells"] == 6 for entry in report["classes"].values())
+
+
+@pytest.mark.skipif(not SHARED_CNMC.is_dir(), reason="needs ../shared/data/cnmc")
+def test_the_cross_validations_donor_areas_are_this_measurement():
+    """The large-cell check of every CV report reads its donors' sizes from here."""
+    from export.cv import donor_cell_areas
+
+    committed = json.loads((RUNS / "cv-distill-3seeds-clean-e20" / "cv.json").read_text())
+    assert donor_cell_areas(SHARED_CNMC, workers=2) == committed["donor_areas"]
