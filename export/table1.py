@@ -66,6 +66,11 @@ class Table1Options:
         if unknown:
             raise ValueError(f"--only: unknown row(s) {unknown}; the rows are {ORDER}")
 
+    @property
+    def split(self) -> Split:
+        """The one patient split every row of the table is measured on."""
+        return Split(folds=self.folds, fold=self.fold, seed=self.seed)
+
     def vgg_config(self, depth: int) -> TrainConfig:
         """The training of one VGG row, as the table was published (docs/table1.md): the
         window crop, flips only, class weights, best epoch by validation weighted F1."""
@@ -79,7 +84,7 @@ class Table1Options:
                 epochs=self.epochs, batch_size=32, lr=1e-3, ema=0.0, bn_recalibrate=0, select="best"
             ),
             sampling=Sampling("weights", self.per_patient),
-            split=Split(folds=self.folds, fold=self.fold, seed=self.seed),
+            split=self.split,
             seed=self.seed,
             cache_dir=self.cache_dir,
             quiet=True,
@@ -265,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             data=options.data,
             out=options.work,
             recipe=TABLE1_RECIPE,
-            split=Split(folds=options.folds, fold=options.fold, seed=options.seed),
+            split=options.split,
             workers=2,
             cache_dir=options.cache_dir,
         )
