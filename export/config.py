@@ -36,7 +36,7 @@ log = logging.getLogger("export.config")
 #: Version of the stored record (``config.json``'s ``config_version``); bump when a key
 #: changes meaning.
 CONFIG_VERSION = 1
-BALANCING = ("none", "weights", "oversample", "donors")
+BALANCING = ("none", "weights", "oversample", "donors", "donors-area")
 SELECTIONS = ("last", "best")
 SCALE_AT = ("raw", "input")
 POOLINGS = ("global", "avg2")
@@ -239,6 +239,11 @@ class Sampling:
 
     balance: str = "donors"
     per_patient: int = 100
+
+    @property
+    def needs_areas(self) -> bool:
+        """Whether the draws need each crop's cell area (``export.size_reading``)."""
+        return self.balance == "donors-area"
 
     def __post_init__(self) -> None:
         _check(self.balance in BALANCING, f"--balance must be one of {BALANCING}")
@@ -615,8 +620,9 @@ def add_training_options(p: argparse.ArgumentParser, data_required: bool = True)
         default=sampling.balance,
         choices=BALANCING,
         help="donors: each class gets the same draws per epoch, shared equally by its "
-        "donors (with replacement for small donors); weights: class weights in the loss; "
-        "oversample: resample the minority class",
+        "donors (with replacement for small donors); donors-area: as donors, drawn so that "
+        "the classes have the same distribution of cell area (size no longer tells the "
+        "class); weights: class weights in the loss; oversample: resample the minority class",
     )
     p.add_argument(
         "--per-patient",

@@ -7,7 +7,10 @@ through resolution (a small cell enlarged looks softer). In the C-NMC training r
 blasts are the larger cells, so size is a label cue here, and one that a batch where
 normal cells are larger would turn around. Per class, this reports the Spearman
 correlation of a cell's segmented area (the QC measurement) with P(positive), pooled and
-within donors (each donor's mean removed), and how well area alone ranks the cells.
+within donors (each donor's mean removed), how well area alone ranks the cells, and the
+run's ROC AUC with the cells weighted so that both classes have the same area distribution
+and every donor of a class the same weight (``area_matched_weights``: what the run tells
+apart beyond size; the ``donors-area`` training draws use the same weights).
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from export.donors import Predictions, read_predictions
 #: The out-of-fold predictions inside a run folder.
 OOF_FILE = "oof_predictions.csv"
 
+#: Area bins (quantiles of the crops weighed) within which the classes are made equal.
+AREA_BINS = 10
+
 
 def cell_area(path: str | Path) -> float:
     """The cell's segmented area in pixels of the decoded crop (as QC measures it)."""
@@ -42,6 +48,39 @@ def cell_area(path: str | Path) -> float:
 def cell_areas(paths: Sequence[str | Path], workers: int) -> np.ndarray:
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return np.array(list(pool.map(cell_area, paths)), dtype=float)
+
+
+def area_matched_weights(
+    patients: np.ndarray, y: np.ndarray, areas: np.ndarray, bins: int = AREA_BINS
+) -> np.ndarray:
+    """Per crop, a weight under which every donor of a class weighs the same and every
+    class has the same distribution of cell area, so that size no longer tells the class.
+
+    Areas are binned at the quantiles of all crops; the distribution every class is
+    brought to is the classes' common part (in each bin, the least of their donor-weighted
+    shares). A crop outside that common part weighs nothing. Each class sums to one.
+    """
+    edges = np.quantile(areas, np.linspace(0, 1, bins + 1)[1:-1])
+    bin_of = np.searchsorted(edges, areas, side="right")
+    donor_share = np.zeros(len(y))
+    for patient, label in set(zip(patients.tolist(), y.tolist(), strict=True)):
+        members = (patients == patient) & (y == label)
+        donor_share[members] = 1.0 / members.sum()
+    classes = np.unique(y)
+    shares = np.array(
+        [np.bincount(bin_of[y == c], donor_share[y == c], minlength=bins) for c in classes]
+    )
+    shares /= shares.sum(axis=1, keepdims=True)
+    common = shares.min(axis=0)
+    weights = np.zeros(len(y))
+    for c, share in zip(classes, shares, strict=True):
+        members = y == c
+        ratio = np.divide(common, share, out=np.zeros(bins), where=share > 0)
+        weights[members] = donor_share[members] * ratio[bin_of[members]]
+        total = weights[members].sum()
+        if total > 0:
+            weights[members] /= total
+    return weights
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -79,6 +118,16 @@ def size_reading(predictions: Predictions, areas: np.ndarray) -> dict:
             ),
         }
     report["area_alone_roc_auc"] = float(roc_auc_score(is_positive, areas))
+    # how well the run ranks cells when every donor of a class weighs the same, and when
+    # size moreover cannot tell the classes apart (one area bin: donor weights alone)
+    for key, bins in (("donor_weighted_roc_auc", 1), ("area_matched_roc_auc", AREA_BINS)):
+        weights = area_matched_weights(predictions.patients, predictions.y, areas, bins)
+        sides_weighed = weights[is_positive].sum() > 0 and weights[~is_positive].sum() > 0
+        report[key] = (
+            float(roc_auc_score(is_positive, scores, sample_weight=weights))
+            if sides_weighed
+            else float("nan")  # the classes share no area bin: nothing to rank
+        )
     return report
 
 

@@ -45,6 +45,7 @@ from export.keras_utils import (
 from export.parents import load_parent, load_teacher, parent_config_of, resolve_parent
 from export.pipeline import RawRescaler, load_split, make_dataset
 from export.sampling import epoch_indices
+from export.size_reading import cell_areas
 from smearscan.metrics import classification_metrics
 from smearscan.preprocess import Recipe
 
@@ -111,6 +112,15 @@ def train(config: TrainConfig) -> dict:
         len({s.patient for s in val_samples}),
     )
     patients_train = np.array([s.patient for s in train_samples])
+    areas_train = (
+        cell_areas([s.path for s in train_samples], config.workers)
+        if sampling.needs_areas
+        else None
+    )
+
+    def draws(generator: np.random.Generator) -> np.ndarray:
+        return epoch_indices(patients_train, y_train, sampling, generator, areas_train)
+
     if validating and len(set(y_val.tolist())) < 2:
         raise ValueError("validation patients cover fewer than two classes: use fewer --folds")
     positive = default_positive(labels)
@@ -149,8 +159,7 @@ def train(config: TrainConfig) -> dict:
                 layer.trainable = False  # Keras runs frozen batch norm in inference mode
     steps_per_epoch = max(
         1,
-        len(epoch_indices(patients_train, y_train, sampling, np.random.default_rng(0)))
-        // schedule.batch_size,
+        len(draws(np.random.default_rng(0))) // schedule.batch_size,
     )
     compile_for_training(keras, model, schedule, steps_per_epoch, augmentation.consistency)
     class_weight = None
@@ -187,14 +196,14 @@ def train(config: TrainConfig) -> dict:
     callbacks = [average.callback()] if average else []
     # a donor-balanced draw of clean crops (epoch_indices shuffles: the first N are a random
     # sample of every donor, not the first donors on disk)
-    drawn = epoch_indices(patients_train, y_train, sampling, np.random.default_rng(1))
+    drawn = draws(np.random.default_rng(1))
     recalibration = x_train[drawn[: max(0, bn_recalibrate)]]
 
     history: list[dict] = []
     kept: dict = {}
     for epoch in range(1, schedule.epochs + 1):
         tick = time.time()
-        idx = epoch_indices(patients_train, y_train, sampling, rng)
+        idx = draws(rng)
         train_ds = make_dataset(
             tf,
             x_train[idx],

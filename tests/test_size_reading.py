@@ -11,7 +11,7 @@ from conftest import CNMC, ROOT, SHARED_CNMC
 pytest.importorskip("sklearn", reason="the training extra (pip install '.[train]')")
 
 from export.donors import Predictions  # noqa: E402
-from export.size_reading import cell_areas, size_reading  # noqa: E402
+from export.size_reading import area_matched_weights, cell_areas, size_reading  # noqa: E402
 
 RUNS = ROOT / "export" / "ablation_runs"
 
@@ -45,6 +45,30 @@ def test_a_score_that_is_the_cells_size_is_read_as_size():
     assert against["classes"]["hem"]["within_donor_spearman"] == pytest.approx(-1.0)
     larger_all = np.mean([a > h for a in areas[y == 0] for h in areas[y == 1]])
     assert report["area_alone_roc_auc"] == pytest.approx(larger_all)
+    # once the classes weigh the same in every area bin, a score that is the size ranks
+    # them no better than chance would
+    assert abs(report["area_matched_roc_auc"] - 0.5) < abs(report["donor_weighted_roc_auc"] - 0.5)
+
+
+def test_area_matched_weights_leave_size_no_cue_and_every_class_one():
+    rng = np.random.default_rng(0)
+    patients = np.repeat([f"donor_{i}" for i in range(9)], 200)
+    y = np.repeat([0, 0, 0, 1, 1, 1, 2, 2, 2], 200)  # three classes, three donors each
+    areas = rng.normal(24_000, 5_000, size=len(y)) * np.where(y == 1, 1.5, 1.0)
+    areas *= np.where(patients == "donor_7", 1.2, 1.0)  # one donor's cells larger
+    from sklearn.metrics import roc_auc_score
+
+    weights = area_matched_weights(patients, y, areas)
+    assert (weights >= 0).all()
+    for label in range(3):
+        assert weights[y == label].sum() == pytest.approx(1.0)
+    larger = y == 1
+    assert roc_auc_score(larger, areas) > 0.85
+    assert abs(roc_auc_score(larger, areas, sample_weight=weights) - 0.5) < 0.05
+    # one bin: no area matching, each donor of a class carries the same weight
+    donor_only = area_matched_weights(patients, y, areas, bins=1)
+    per_donor = [donor_only[patients == p].sum() for p in np.unique(patients)]
+    assert per_donor == pytest.approx([1 / 3] * 9)
 
 
 def test_every_class_is_reported_not_two():

@@ -109,6 +109,25 @@ def test_donor_balanced_epochs_give_every_donor_the_same_draws():
     assert (y[indices] == 0).sum() == (y[indices] == 1).sum()
 
 
+def test_area_matched_epochs_draw_the_classes_at_the_same_sizes():
+    from sklearn.metrics import roc_auc_score
+
+    from export.config import Sampling
+    from export.sampling import epoch_indices
+
+    rng = np.random.default_rng(0)
+    patients = np.repeat(["a", "b", "c", "d"], [300, 100, 200, 50])
+    y = np.repeat([0, 0, 1, 1], [300, 100, 200, 50])
+    areas = rng.normal(24_000, 5_000, size=len(y)) * np.where(y == 0, 1.5, 1.0)
+    matched = epoch_indices(patients, y, Sampling("donors-area", 20), rng, areas)
+    plain = epoch_indices(patients, y, Sampling("donors", 20), rng)
+    assert len(matched) == len(plain) == 80 and (y[matched] == 0).sum() == 40
+    assert roc_auc_score(y[plain] == 0, areas[plain]) > 0.8
+    assert roc_auc_score(y[matched] == 0, areas[matched]) < 0.7
+    with pytest.raises(ValueError, match="cell area"):
+        epoch_indices(patients, y, Sampling("donors-area", 20), rng)
+
+
 def test_jpeg_augmentation_is_asked_for_by_name_and_recompresses_raw_crops():
     from conftest import CNMC
 
