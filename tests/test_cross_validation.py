@@ -59,6 +59,14 @@ def test_cross_validation_predicts_every_donor_out_of_fold(tiny_cv):
     assert len(report["per_fold_rules"]) == 3
     assert 0 <= fitted["macro_specificity"] <= 1 and fitted["worst_negative_donor"]
     assert "| donor | truth | fold |" in (tiny_cv / "cv.md").read_text()
+    # every run says how far it reads the cells' size, from the crops it was scored on
+    reading = report["size_reading"]
+    assert set(reading["classes"]) == {"all", "hem"}
+    assert sum(c["cells"] for c in reading["classes"].values()) == len(
+        rows(tiny_cv / "oof_predictions.csv")
+    )
+    assert 0 <= reading["donor_weighted_roc_auc"] <= 1
+    assert "once the classes are also matched in area" in (tiny_cv / "cv.md").read_text()
 
 
 def test_recipes_table_ranks_by_shortfall_from_the_targets(tiny_cv, capsys):

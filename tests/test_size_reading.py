@@ -83,7 +83,8 @@ def test_every_class_is_reported_not_two():
 @pytest.mark.skipif(not SHARED_CNMC.is_dir(), reason="needs ../shared/data/cnmc")
 def test_the_cross_validations_donor_areas_are_this_measurement():
     """The large-cell check of every CV report reads its donors' sizes from here."""
-    from export.cv import donor_cell_areas
+    from export.cv import crop_cell_areas, donor_cell_areas
 
     committed = json.loads((RUNS / "cv-distill-3seeds-clean-e20" / "cv.json").read_text())
-    assert donor_cell_areas(SHARED_CNMC, workers=2) == committed["donor_areas"]
+    crops = crop_cell_areas(SHARED_CNMC, workers=2)
+    assert donor_cell_areas(crops) == committed["donor_areas"]
