@@ -88,3 +88,24 @@ def test_the_cross_validations_donor_areas_are_this_measurement():
     committed = json.loads((RUNS / "cv-distill-3seeds-clean-e20" / "cv.json").read_text())
     crops = crop_cell_areas(SHARED_CNMC, workers=2)
     assert donor_cell_areas(crops) == committed["donor_areas"]
+
+
+@pytest.mark.skipif(not SHARED_CNMC.is_dir(), reason="needs ../shared/data/cnmc")
+def test_the_model_cards_size_figures_are_the_shipped_predictions():
+    """The card's size figures, recomputed from the shipped run's out-of-fold predictions."""
+    import os
+
+    from export.cv import crop_cell_areas
+    from export.donors import read_predictions
+
+    predictions = read_predictions(ROOT / "export" / "default_model" / "oof_predictions.csv")
+    crops = crop_cell_areas(SHARED_CNMC, workers=2)
+    by_name = {os.path.basename(path): area for path, (_, area) in crops.items()}
+    areas = np.array([by_name[os.path.basename(path)] for path in predictions.paths])
+    report = size_reading(predictions, areas)
+    card = " ".join((ROOT / "docs" / "model-card.md").read_text().split())
+    assert f"ROC AUC {report['area_alone_roc_auc']:.3f}" in card
+    assert f"at ROC AUC {report['donor_weighted_roc_auc']:.3f} out of fold" in card
+    matched = report["area_matched_roc_auc"]
+    assert f"matched in cell area (`python -m export.size_reading`), at {matched:.3f}" in card
+    assert f"(Spearman {report['classes']['hem']['within_donor_spearman']:.2f} " in card
