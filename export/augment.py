@@ -54,16 +54,18 @@ class Ranges:
     focus_amount: tuple[float, float] = (-1.0, 1.5)  # < 0 blurs (-1: the Gaussian), > 0 sharpens
     focus_chance: float = 0.5  # the share of crops whose focus changes
 
-    def at(self, strength: float) -> Ranges:
-        """These ranges ``strength`` times as wide (the blur's smallest sigma stays)."""
+    def at(self, strength: float, stain: float | None = None) -> Ranges:
+        """These ranges ``strength`` times as wide (the blur's smallest sigma stays); the
+        stain group's (stain and hue) ``stain`` times as wide where given."""
         k = float(strength)
+        c = k if stain is None else float(stain)
         return Ranges(
             gain=self.gain * k,
             log_gamma=self.log_gamma * k,
             contrast=self.contrast * k,
-            stain_scale=self.stain_scale * k,
-            stain_shift=self.stain_shift * k,
-            hue_turn=self.hue_turn * k,
+            stain_scale=self.stain_scale * c,
+            stain_shift=self.stain_shift * c,
+            hue_turn=self.hue_turn * c,
             blur_sigma=(self.blur_sigma[0], self.blur_sigma[1] * k),
             focus_amount=(self.focus_amount[0] * k, self.focus_amount[1] * k),
             focus_chance=self.focus_chance,
@@ -256,15 +258,18 @@ def focus_tf(tf, image, sigma, amount):
 
 
 def make_augmenter(
-    tf, groups: tuple[str, ...], scale_range: tuple[float, float], size: int, strength: float = 1.0
+    tf,
+    groups: tuple[str, ...],
+    scale_range: tuple[float, float],
+    size: int,
+    ranges: Ranges = RANGES,
 ):
     """A function image -> image (one HWC float32 crop in [0, 1]) applying ``groups``.
 
-    ``strength`` scales every photometric, stain and focus range of :data:`RANGES` (1: as
-    defined; 0.5: half as wide); the scale range is given separately. ``scale`` here zooms
-    the model input (``--scale-at input``); by default training rescales the raw crop
-    instead (:func:`rescale`)."""
-    ranges = RANGES.at(strength)
+    ``ranges``: the photometric, stain and focus ranges (:data:`RANGES` at the run's
+    strengths, ``Augmentation.ranges``); the scale range is given separately. ``scale``
+    here zooms the model input (``--scale-at input``); by default training rescales the raw
+    crop instead (:func:`rescale`)."""
     low, high = np.log(scale_range[0]), np.log(scale_range[1])
 
     def uniform(lo, hi, shape=()):

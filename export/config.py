@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from export.augment import EXTRA_GROUPS, GROUPS, RAW_GROUPS, parse_groups
+from export.augment import EXTRA_GROUPS, GROUPS, RANGES, RAW_GROUPS, Ranges, parse_groups
 from export.data import SPLITS
 from smearscan.colour import EDGE_MARGIN
 from smearscan.preprocess import Recipe
@@ -55,6 +55,7 @@ PREPROCESSING_OPTIONS = ("crop", "window", "margin", "interpolation", "log_enhan
 LEGACY_DEFAULTS: dict[str, Any] = {
     "scale_at": "input",
     "augment_strength": 1.0,
+    "stain_strength": None,
     "freeze_batch_norm": None,
     "distill_from": None,
     "distill_weight": 0.5,
@@ -133,11 +134,13 @@ class Network:
 @dataclass(frozen=True)
 class Augmentation:
     """Which augmentation groups run (``export/augment.py`` says what each one does), how
-    wide their ranges are (``strength``), the cell rescaling, mixup and the weight of the
-    rotation-consistency term (``augment.consistency_loss``)."""
+    wide their ranges are (``strength``; the stain group's ``stain_strength`` where given),
+    the cell rescaling, mixup and the weight of the rotation-consistency term
+    (``augment.consistency_loss``)."""
 
     groups: tuple[str, ...] = parse_groups(DEFAULT_AUGMENT)
     strength: float = 1.0
+    stain_strength: float | None = None
     scale_range: tuple[float, float] = (0.8, 1.1)
     scale_at: str = "raw"
     mixup: float = 0.0
@@ -147,6 +150,11 @@ class Augmentation:
         unknown = set(self.groups) - set(GROUPS + EXTRA_GROUPS)
         _check(not unknown, f"unknown augmentation(s) {sorted(unknown)}")
         _check(self.strength >= 0 and math.isfinite(self.strength), "strength must be >= 0")
+        _check(
+            self.stain_strength is None
+            or (self.stain_strength >= 0 and math.isfinite(self.stain_strength)),
+            "--stain-strength must be >= 0",
+        )
         low, high = self.scale_range
         _check(0.2 <= low <= high <= 5, "--scale-range needs 0.2 <= low <= high <= 5")
         _check(self.scale_at in SCALE_AT, f"--scale-at must be one of {SCALE_AT}")
@@ -158,6 +166,11 @@ class Augmentation:
             not (self.consistency and self.mixup),
             "--consistency pairs each crop with its own turned copy; mixup would blend the pair",
         )
+
+    @property
+    def ranges(self) -> Ranges:
+        """The photometric, stain and focus ranges this run draws from."""
+        return RANGES.at(self.strength, stain=self.stain_strength)
 
     @property
     def rescales_raw(self) -> bool:
@@ -371,6 +384,7 @@ class TrainConfig:
             "augment": ",".join(aug.groups) or "none",
             "scale_at": aug.scale_at,
             "augment_strength": aug.strength,
+            "stain_strength": aug.stain_strength,
             "scale_range": list(aug.scale_range),
             "balance": self.sampling.balance,
             "per_patient": self.sampling.per_patient,
@@ -422,6 +436,9 @@ class TrainConfig:
             augmentation=Augmentation(
                 groups=parse_groups(values["augment"]),
                 strength=float(values["augment_strength"]),
+                stain_strength=(
+                    None if values["stain_strength"] is None else float(values["stain_strength"])
+                ),
                 scale_range=(float(values["scale_range"][0]), float(values["scale_range"][1])),
                 scale_at=values["scale_at"],
                 mixup=float(values["mixup"]),
@@ -469,6 +486,9 @@ class TrainConfig:
         record["freeze_batch_norm"] = self.freezes_batch_norm
         # the margin means nothing without the normalisation
         record["slide_colour_margin"] = self.slide_colour_margin if self.slide_colour else None
+        # a stain strength left out is the augmentation strength
+        stain = self.augmentation.stain_strength
+        record["stain_strength"] = self.augmentation.strength if stain is None else stain
         return record
 
     def differences(self, other: TrainConfig) -> list[str]:
@@ -608,6 +628,13 @@ def add_training_options(p: argparse.ArgumentParser, data_required: bool = True)
         type=float,
         default=aug.strength,
         help="scales the photometric, stain and focus ranges (0.5: half as wide)",
+    )
+    p.add_argument(
+        "--stain-strength",
+        type=float,
+        default=aug.stain_strength,
+        help="scales the stain group's ranges (stain and hue) instead (default: as "
+        "--augment-strength)",
     )
     p.add_argument(
         "--scale-range",
@@ -767,6 +794,7 @@ def config_from_options(options: argparse.Namespace) -> TrainConfig:
         augmentation=Augmentation(
             groups=tuple(options.augment),
             strength=options.augment_strength,
+            stain_strength=options.stain_strength,
             scale_range=tuple(options.scale_range),
             scale_at=options.scale_at,
             mixup=options.mixup,

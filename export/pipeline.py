@@ -213,7 +213,7 @@ def make_dataset(
     size = x.shape[1]
     augmentation = config.augmentation
     groups = augmentation.on_input  # jpeg, and scale at "raw", act on the raw crop
-    augment = make_augmenter(tf, groups, augmentation.scale_range, size, augmentation.strength)
+    augment = make_augmenter(tf, groups, augmentation.scale_range, size, augmentation.ranges)
 
     def scale(image, label):
         # smearscan.preprocess.unit_range, in TF

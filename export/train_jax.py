@@ -252,14 +252,14 @@ def make_augment(augmentation: Augmentation, size: int):
     import jax
     import jax.numpy as jnp
 
-    from export.augment import BACKGROUND, RANGES
+    from export.augment import BACKGROUND
 
     groups, scale_range, scale_at = (
         augmentation.groups,
         augmentation.scale_range,
         augmentation.scale_at,
     )
-    ranges = RANGES.at(augmentation.strength)
+    ranges = augmentation.ranges
     log_low, log_high = float(np.log(scale_range[0])), float(np.log(scale_range[1]))
 
     def one(key, image, side):

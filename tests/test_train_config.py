@@ -65,6 +65,27 @@ def test_differences_ignore_where_a_run_happens_and_name_what_it_trains():
     assert tuned.differences(replace(tuned, freeze_batch_norm=True)) == []
 
 
+def test_the_stain_strength_is_its_own_and_left_out_is_the_augmentation_strength():
+    from export.augment import RANGES
+    from export.config import Augmentation
+
+    split = train.parse_config(
+        ["--data", "d", "--out", "o", "--augment-strength", "1", "--stain-strength", "0.5"]
+    )
+    ranges = split.augmentation.ranges
+    assert ranges.gain == RANGES.gain and ranges.blur_sigma == RANGES.blur_sigma
+    assert ranges.gamma == pytest.approx(RANGES.gamma)
+    assert ranges.hue_degrees == pytest.approx(6.0)
+    assert ranges.stain_scale == pytest.approx(RANGES.stain_scale / 2)
+    assert TrainConfig.from_record(json.loads(json.dumps(split.to_record()))) == split
+    base = TrainConfig(Path("d"), Path("o"))
+    assert base.differences(split) == ["stain_strength"]
+    same = replace(base, augmentation=replace(base.augmentation, stain_strength=1.0))
+    assert base.differences(same) == []  # 1.0 is what leaving it out meant
+    with pytest.raises(ConfigError, match="stain-strength"):
+        Augmentation(stain_strength=-0.5)
+
+
 @pytest.mark.parametrize(
     "change",
     [
