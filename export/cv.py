@@ -313,9 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     crops = crop_cell_areas(args.data, args.workers)
     report["donor_areas"] = donor_cell_areas(crops)
     report["cell_size"] = large_cell_specificity(report, report["donor_areas"], "cross_fitted")
-    report["size_reading"] = size_reading(
-        predictions, np.array([crops[os.path.realpath(path)][1] for path in predictions.paths])
-    )
+    scored = [crops.get(os.path.realpath(path)) for path in predictions.paths]
+    if all(scored):
+        areas = np.array([area for _, area in filter(None, scored)])
+        report["size_reading"] = size_reading(predictions, areas)
+    else:  # predictions of crops outside --data: report the rest, not a KeyError at the end
+        log.warning("size reading left out: some predicted crops are not under %s", args.data)
     sources = args.average_of or [args.out]
     report["recipe"] = (
         {"average_of": [str(p) for p in args.average_of]}
