@@ -314,11 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     report["donor_areas"] = donor_cell_areas(crops)
     report["cell_size"] = large_cell_specificity(report, report["donor_areas"], "cross_fitted")
     scored = [crops.get(os.path.realpath(path)) for path in predictions.paths]
-    if all(scored):
-        areas = np.array([area for _, area in filter(None, scored)])
-        report["size_reading"] = size_reading(predictions, areas)
-    else:  # predictions of crops outside --data: report the rest, not a KeyError at the end
+    if None in scored:  # predictions of crops outside --data: report the rest, not a KeyError
         log.warning("size reading left out: some predicted crops are not under %s", args.data)
+    else:
+        areas = np.array([entry[1] for entry in scored if entry is not None])
+        report["size_reading"] = size_reading(predictions, areas)
     sources = args.average_of or [args.out]
     report["recipe"] = (
         {"average_of": [str(p) for p in args.average_of]}

@@ -69,6 +69,24 @@ def test_cross_validation_predicts_every_donor_out_of_fold(tiny_cv):
     assert "once the classes are also matched in area" in (tiny_cv / "cv.md").read_text()
 
 
+def test_predictions_of_crops_outside_data_leave_only_the_size_reading_out(
+    tiny_cv, tmp_path, caplog
+):
+    """An averaged report over a --data that lacks a predicted crop still writes every other
+    figure; the size reading, which needs each crop's area, is left out with a warning."""
+    data = tmp_path / "cnmc"
+    shutil.copytree(CNMC, data)
+    predicted = sorted(Path(r["path"]).name for r in rows(tiny_cv / "oof_predictions.csv"))
+    next(data.rglob(predicted[0])).unlink()
+    out = tmp_path / "averaged"
+    argv = ["--data", str(data), "--folds", "3", "--average-of", str(tiny_cv), str(tiny_cv)]
+    with caplog.at_level("WARNING", logger="export.cv"):
+        assert cv.main([*argv, "--out", str(out), "--quiet"]) == 0
+    assert "size reading left out" in caplog.text
+    report = json.loads((out / "cv.json").read_text())
+    assert "size_reading" not in report and report["cross_fitted"]["donors"] == 6
+
+
 def test_recipes_table_ranks_by_shortfall_from_the_targets(tiny_cv, capsys):
     assert summarize_runs.target_shortfall(0.85, 0.95, 0.91) == 0.0
     assert summarize_runs.target_shortfall(0.80, 0.85, 0.70) == pytest.approx(0.30)
