@@ -228,9 +228,12 @@ class StateStore:
         self.labels = labels  # the model's, to describe a pending file's previous result
         companions = [path.with_name(path.name + suffix) for suffix in ("-wal", "-shm")]
         try:
-            create_private(path)  # before SQLite creates it (and its WAL files) 0644
+            # before SQLite opens them: it creates new WAL files with the database's mode
+            create_private(path)
             for companion in companions:  # SQLite opens these by name: no link, no device
                 check_private(companion)
+                if companion.exists():  # a killed run's (older versions made them 0644)
+                    os.close(open_private(companion, os.O_RDONLY))
         except TargetError as exc:
             raise StateError(f"cannot use state file {path}: {exc}") from None
         try:
@@ -250,9 +253,9 @@ class StateStore:
             self.db.execute("SELECT count(*) FROM files").fetchone()
         except sqlite3.DatabaseError as exc:
             raise StateError(f"cannot use state file {path}: {exc}") from None
-        for companion in companions:
-            if companion.exists():
-                os.close(open_private(companion, os.O_RDONLY))  # owner-only, no link
+        # never open (and close) the database or its companions from here on: closing any
+        # descriptor of a file drops this process's POSIX locks on it, and a reader that then
+        # finds itself the first to attach resets the -shm this run has mapped (SIGBUS)
         self.run_id = self.db.execute(
             "INSERT INTO runs (started, fingerprint) VALUES (?, ?)", (time.time(), fingerprint)
         ).lastrowid

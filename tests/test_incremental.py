@@ -24,7 +24,7 @@ from conftest import (
 )
 
 from smearscan.exitstatus import ExitStatus
-from smearscan.state import RunLock
+from smearscan.state import RunLock, StateStore
 
 # files, state, signals and reports, not predictions: the tiny two-class model
 pytestmark = pytest.mark.usefixtures("plumbing_model")
@@ -483,6 +483,69 @@ def test_state_lock_and_wal_files_are_private(tmp_path, slide_tree):
         assert path.stat().st_mode & 0o077 == 0, path.name
     with sqlite3.connect(state) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from smearscan.state import StateStore
+store = StateStore(Path(sys.argv[1]), "fingerprint")
+print("open", flush=True)
+until = time.monotonic() + 3
+while time.monotonic() < until:
+    store.db.execute("INSERT INTO runs (started, fingerprint) VALUES (?, 'x')", (time.time(),))
+store.close()
+"""
+
+
+def test_wal_files_are_private_while_the_state_is_open(tmp_path):
+    """The -wal and -shm exist only while a run holds its state: new ones take the
+    database's owner-only mode, and ones a killed older smearscan left readable are made
+    private before SQLite reads them."""
+    state = tmp_path / "state.db"
+    killed = subprocess.Popen(
+        [sys.executable, "-c", WRITER.replace("+ 3", "+ 600"), str(state)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert killed.stdout is not None and killed.stdout.readline().strip() == "open"
+    killed.kill()
+    killed.wait()
+    for suffix in ("-wal", "-shm"):
+        left_behind = state.with_name("state.db" + suffix)
+        assert left_behind.stat().st_size > 0
+        os.chmod(left_behind, 0o644)
+    umask = os.umask(0o022)
+    try:
+        store = StateStore(state, "fingerprint")
+    finally:
+        os.umask(umask)
+    try:
+        for suffix in ("-wal", "-shm"):
+            companion = state.with_name("state.db" + suffix)
+            assert companion.stat().st_mode & 0o077 == 0, companion.name
+    finally:
+        store.close()
+
+
+def test_a_reader_of_the_state_does_not_crash_the_run_holding_it(tmp_path):
+    """CI, 2026-12-08: a scan died of SIGBUS while a test polled its state. The run had
+    closed a descriptor of its -shm after SQLite opened it, which drops the process's POSIX
+    locks; each new reader then took itself for the first and reset the -shm the run had
+    mapped. A lab's script watching the state must be harmless to the run."""
+    state = tmp_path / "state.db"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(state)], stdout=subprocess.PIPE, text=True
+    )
+    assert writer.stdout is not None and writer.stdout.readline().strip() == "open"
+    readers, until = 0, time.monotonic() + 1.5
+    while time.monotonic() < until and writer.poll() is None:
+        reader = sqlite3.connect(state, timeout=5)
+        reader.execute("SELECT COUNT(*) FROM runs").fetchone()
+        reader.close()
+        readers += 1
+    assert writer.wait(timeout=60) == 0  # -7 (SIGBUS) before the fix, within milliseconds
+    assert readers > 10
 
 
 def test_a_run_removes_only_provably_dead_temporaries(tmp_path, slide_tree):
