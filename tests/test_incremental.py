@@ -485,13 +485,14 @@ def test_state_lock_and_wal_files_are_private(tmp_path, slide_tree):
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+#: a process holding a state and writing to it for argv[2] seconds
 WRITER = """
 import sys, time
 from pathlib import Path
 from smearscan.state import StateStore
 store = StateStore(Path(sys.argv[1]), "fingerprint")
 print("open", flush=True)
-until = time.monotonic() + 3
+until = time.monotonic() + float(sys.argv[2])
 while time.monotonic() < until:
     store.db.execute("INSERT INTO runs (started, fingerprint) VALUES (?, 'x')", (time.time(),))
 store.close()
@@ -504,7 +505,7 @@ def test_wal_files_are_private_while_the_state_is_open(tmp_path):
     private before SQLite reads them."""
     state = tmp_path / "state.db"
     killed = subprocess.Popen(
-        [sys.executable, "-c", WRITER.replace("+ 3", "+ 600"), str(state)],
+        [sys.executable, "-c", WRITER, str(state), "600"],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -535,7 +536,7 @@ def test_a_reader_of_the_state_does_not_crash_the_run_holding_it(tmp_path):
     mapped. A lab's script watching the state must be harmless to the run."""
     state = tmp_path / "state.db"
     writer = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(state)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", WRITER, str(state), "3"], stdout=subprocess.PIPE, text=True
     )
     assert writer.stdout is not None and writer.stdout.readline().strip() == "open"
     readers, until = 0, time.monotonic() + 1.5
